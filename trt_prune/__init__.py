@@ -1,0 +1,1 @@
+"""trt_prune: prune, sparsify, export, clean, build and profile PyTorch models for TensorRT."""

@@ -1,0 +1,245 @@
+"""Model specs: how a model is named on the command line and in the API, and how weights load.
+
+``builtin:NAME``, ``torchvision:NAME``, ``timm:NAME``, ``path/to/file.py:factory``, or a model folder written
+by ``prune``/``sparsify``. Weights load from ``.safetensors`` or from a state dict through
+``torch.load(weights_only=True)``; a file that needs real unpickling is refused unless the caller opts in.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..artifacts import MODEL_FORMAT, MODEL_JSON, MODEL_VERSION, MODEL_WEIGHTS, is_model_folder
+from ..errors import ModelSpecError, WeightsError
+
+
+@dataclass
+class BuiltinModel:
+    factory: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    weights: str | None  # file name inside trt_prune/models/weights
+    description: str
+    task: str = "detection"
+
+
+BUILTINS: dict[str, BuiltinModel] = {}
+
+
+def register_builtin(name: str, factory, input_shape, weights=None, description="", task="detection"):
+    """Add a model reachable as ``builtin:NAME``."""
+    BUILTINS[name] = BuiltinModel(factory, tuple(input_shape), weights, description, task)
+
+
+def _demo_detector():
+    from .demo_detector import DemoDetector
+
+    return DemoDetector()
+
+
+register_builtin("demo-detector", _demo_detector, (1, 3, 320, 320), "demo_detector.safetensors",
+                 "anchor-free CSP/PAN detector, 4 road classes, 3.0 M parameters")
+
+
+@dataclass
+class LoadedModel:
+    """A model plus what the stages need to know about it."""
+
+    model: nn.Module
+    spec: str  # what the user named
+    source: str  # the spec of the unpruned architecture (a folder's source, else ``spec``)
+    input_shape: tuple[int, ...]
+    meta: dict = field(default_factory=dict)  # model.json of a folder: recipe, sparsity, history
+
+    @property
+    def task(self) -> str:
+        return self.meta.get("task", "classification")
+
+
+SPEC_HELP = ("builtin:NAME (" + ", ".join(f"builtin:{n}" for n in sorted(BUILTINS)) + "), torchvision:NAME, "
+             "timm:NAME, path/to/file.py:factory, or a folder written by 'trt-prune prune' or 'sparsify'")
+
+
+def builtin_weights_path(name: str) -> Path | None:
+    entry = BUILTINS[name]
+    if entry.weights is None:
+        return None
+    return Path(str(resources.files("trt_prune.models") / "weights" / entry.weights))
+
+
+def load_weights(model: nn.Module, path: str | Path, allow_pickle: bool = False) -> nn.Module:
+    """Load a state dict into ``model`` from ``.safetensors`` or a ``torch.save``'d state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file '{path}' does not exist; check the path given to --weights")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WeightsError(f"weights file '{path}' is not a readable safetensors file ({exc}); "
+                               "re-export it or pass another file") from exc
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError… for bad files
+            text = str(exc)
+            if not allow_pickle:
+                if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+                    raise WeightsError(
+                        f"weights file '{path}' contains pickled Python objects, which can run arbitrary code; "
+                        "save a state dict (or .safetensors) instead, or pass --allow-pickle if you trust it"
+                    ) from exc
+                raise WeightsError(f"weights file '{path}' could not be read ({type(exc).__name__}: "
+                                   f"{text[:200]}); it may be corrupt") from exc
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as exc2:
+                raise WeightsError(f"weights file '{path}' could not be read even with --allow-pickle "
+                                   f"({type(exc2).__name__}: {str(exc2)[:200]})") from exc2
+        if isinstance(state, nn.Module):
+            state = state.state_dict()
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise WeightsError(f"weights file '{path}' does not hold a state dict (name -> tensor)")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with other shapes (e.g. {k}: file {tuple(state[k].shape)}, "
+                         f"model {tuple(own[k].shape)})")
+        raise WeightsError(f"weights file '{path}' does not match the model: {', '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _from_file(spec: str) -> nn.Module:
+    file, _, factory = spec.rpartition(":")
+    path = Path(file)
+    if not path.is_file():
+        raise ModelSpecError(f"model file '{file}' does not exist (spec '{spec}'); expected path/to/file.py:factory")
+    mod_name = f"_trt_prune_user_{abs(hash(str(path.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(mod_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[mod_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise ModelSpecError(f"importing '{file}' failed ({type(exc).__name__}: {exc})") from exc
+    fn = getattr(module, factory, None)
+    if not callable(fn):
+        names = sorted(n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_"))
+        raise ModelSpecError(f"'{file}' has no callable '{factory}'; callables there: {names}")
+    model = fn()
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"'{spec}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _build(spec: str) -> tuple[nn.Module, tuple[int, ...], str]:
+    """Build the architecture named by a non-folder spec, without weights."""
+    kind, sep, name = spec.partition(":")
+    if not sep or not name:
+        raise ModelSpecError(f"unknown model spec '{spec}'; use {SPEC_HELP}")
+    if kind == "builtin":
+        entry = BUILTINS.get(name)
+        if entry is None:
+            raise ModelSpecError(f"unknown built-in model '{name}'; built-ins: {sorted(BUILTINS)}")
+        return entry.factory(), entry.input_shape, entry.task
+    if kind == "torchvision":
+        import torchvision
+
+        try:
+            builder = torchvision.models.get_model_builder(name)
+        except ValueError:
+            raise ModelSpecError(f"torchvision has no model '{name}'; e.g. resnet18, resnet50, mobilenet_v3_large "
+                                 "(torchvision.models.list_models() lists them)") from None
+        detection = name in torchvision.models.list_models(module=torchvision.models.detection)
+        kwargs = {"weights": None, "weights_backbone": None} if detection else {"weights": None}
+        return builder(**kwargs), (1, 3, 224, 224), "detection" if detection else "classification"
+    if kind == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise ModelSpecError("timm:… specs need timm: pip install timm (or the dev extra)") from None
+        try:
+            model = timm.create_model(name, pretrained=False)
+        except RuntimeError as exc:
+            raise ModelSpecError(f"timm has no model '{name}' ({exc})") from None
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        shape = (1, *cfg.get("input_size", (3, 224, 224)))
+        return model, shape, "classification"
+    if spec.rpartition(":")[0].endswith(".py"):
+        return _from_file(spec), (1, 3, 224, 224), "custom"
+    raise ModelSpecError(f"unknown model spec '{spec}'; use {SPEC_HELP}")
+
+
+def _load_folder(folder: Path, allow_pickle: bool) -> LoadedModel:
+    from ..pruning import apply_recipe
+
+    try:
+        meta = json.loads((folder / MODEL_JSON).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelSpecError(f"'{folder / MODEL_JSON}' is not readable JSON ({exc})") from exc
+    if meta.get("format") != MODEL_FORMAT or meta.get("version") != MODEL_VERSION:
+        raise ModelSpecError(f"'{folder / MODEL_JSON}' is not a trt_prune model folder of version {MODEL_VERSION}")
+    source = meta.get("source")
+    if not source:
+        raise ModelSpecError(f"'{folder / MODEL_JSON}' names no source model")
+    model, default_shape, task = _build(source)
+    if meta.get("recipe"):
+        model = apply_recipe(model, meta["recipe"])
+    load_weights(model, folder / MODEL_WEIGHTS, allow_pickle=False)
+    shape = tuple(meta.get("input_shape") or default_shape)
+    meta.setdefault("task", task)
+    return LoadedModel(model.eval(), str(folder), source, shape, meta)
+
+
+def load_model(spec: str, weights: str | Path | None = None, allow_pickle: bool = False,
+               pretrained: bool = True) -> LoadedModel:
+    """Resolve ``spec`` to a model in eval mode.
+
+    Built-in models come with their shipped weights unless ``weights`` is given or ``pretrained`` is False.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ModelSpecError(f"empty model spec; use {SPEC_HELP}")
+    path = Path(spec)
+    if path.is_dir():
+        if not is_model_folder(path):
+            raise ModelSpecError(f"folder '{spec}' holds no {MODEL_JSON}; pass a folder written by "
+                                 "'trt-prune prune' or 'sparsify', or a spec: " + SPEC_HELP)
+        loaded = _load_folder(path, allow_pickle)
+        if weights is not None:
+            load_weights(loaded.model, weights, allow_pickle)
+        return loaded
+    model, shape, task = _build(spec)
+    meta: dict = {"task": task}
+    if weights is not None:
+        load_weights(model, weights, allow_pickle)
+        meta["weights"] = str(weights)
+    elif pretrained and spec.startswith("builtin:"):
+        shipped = builtin_weights_path(spec.partition(":")[2])
+        if shipped is not None and shipped.is_file():
+            load_weights(model, shipped)
+            meta["weights"] = f"shipped:{shipped.name}"
+    return LoadedModel(model.eval(), spec, spec, tuple(shape), meta)

@@ -1,0 +1,609 @@
+"""Channel dependency graph, traced once with ``torch.export``.
+
+Every channel of every activation is an *element*. Convolutions and Linear layers create fresh elements for
+their output channels; ops that keep channels in place (BatchNorm, activations, pooling, upsampling) pass
+them through; ops that add tensors (residuals) *unify* elements position by position; ``cat`` concatenates
+element lists and ``split``/``chunk`` slice them. After the trace, each union-find class of elements is one
+prunable channel, and classes sharing a producer layer form one :class:`ChannelGroup` that is pruned
+together. Every parameter axis that indexes channels is recorded as a :class:`Slot` (a list of elements), so
+surgery only has to keep the slot positions whose class survives.
+
+Every ATen op that touches a tracked channel needs an explicit rule in :data:`CHANNEL_RULES`; an op without one
+is an error naming the op and the module, never a silent pass-through. Users add rules with
+:func:`register_channel_rule`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import PruneError
+
+
+class UnionFind:
+    """Union-find over integer elements with path halving."""
+
+    def __init__(self):
+        self.parent: list[int] = []
+
+    def make(self, n: int) -> list[int]:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return list(range(start, start + n))
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            # keep the older element as root so class ids are stable across traces of the same model
+            if ra < rb:
+                self.parent[rb] = ra
+            else:
+                self.parent[ra] = rb
+
+
+@dataclass
+class Channels:
+    """The tracked channel axis of one activation: which dim it is and the element at each index."""
+
+    dim: int
+    elements: list[int]
+
+
+@dataclass
+class Slot:
+    """One parameter axis of a module that indexes channels.
+
+    ``kind``: ``out`` (a producer's output channels), ``in`` (a consumer's input channels), ``norm`` (per-channel
+    parameters and buffers such as BatchNorm's), ``depthwise`` (a depthwise conv: its output channels are its
+    input channels).
+    """
+
+    module: str
+    kind: str
+    elements: list[int]
+
+
+@dataclass
+class ComputeNode:
+    """A conv or linear call, kept to count MACs before and after pruning without re-tracing."""
+
+    module: str
+    macs: int
+    in_elements: list[int] | None  # None: input channels not tracked (fixed)
+    out_elements: list[int] | None  # None: output channels follow the input (depthwise)
+
+
+@dataclass
+class SplitRecord:
+    module: str
+    segments: list[list[int]]
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that must be pruned together: every class here shares producer layers."""
+
+    key: str
+    producers: list[str]
+    classes: list[int]
+    slots: list[Slot] = field(default_factory=list)
+    segments: list[list[int]] | None = None  # positions into ``classes`` that must keep equal counts
+    pinned: str | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.classes)
+
+
+class TraceState:
+    """What the channel rules read and write while walking the exported graph."""
+
+    def __init__(self, model: nn.Module, param_names: dict[str, str]):
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.param_names = param_names
+        self.uf = UnionFind()
+        self.slots: dict[tuple[str, str], Slot] = {}
+        self.pinned: dict[int, str] = {}
+        self.splits: list[SplitRecord] = []
+        self.compute: list[ComputeNode] = []
+        self.other_macs = 0
+
+    # -- helpers the rules use -------------------------------------------------------------------------
+    def module_of_param(self, node) -> tuple[str, nn.Module]:
+        """Module path and module owning the parameter placeholder ``node``."""
+        name = self.param_names.get(getattr(node, "name", None))
+        if name is None:
+            raise PruneError(f"weight input {node} of a layer is not a parameter of the model; "
+                             "computed or shared weights cannot be pruned yet: ignore that module")
+        path = name.rsplit(".", 1)[0] if "." in name else ""
+        return path, self.modules[path]
+
+    def fresh(self, n: int) -> list[int]:
+        return self.uf.make(n)
+
+    def unify(self, a: list[int], b: list[int], where: str) -> None:
+        if len(a) != len(b):
+            raise PruneError(f"{where}: cannot couple {len(a)} channels with {len(b)}")
+        for x, y in zip(a, b):
+            self.uf.union(x, y)
+
+    def record_slot(self, module: str, kind: str, elements: list[int]) -> None:
+        key = (module, kind)
+        old = self.slots.get(key)
+        if old is None:
+            self.slots[key] = Slot(module, kind, list(elements))
+        else:
+            # the same module called twice (shared weights): its channels are the same parameters
+            self.unify(old.elements, elements, f"module '{module}' called twice")
+
+
+ChannelRule = Callable[[TraceState, "torch.fx.Node", list], object]
+CHANNEL_RULES: dict[str, ChannelRule] = {}
+
+
+def register_channel_rule(*op_names: str):
+    """Register how an ATen op (by overload-packet name, e.g. ``"conv2d"``) maps channels in to out.
+
+    The rule gets ``(state, node, args)`` where ``args`` mirrors ``node.args`` with every tensor replaced by its
+    :class:`Channels` (or None when it carries no tracked channel axis) and returns the output's channels:
+    a :class:`Channels`, a list of them for multi-output ops, or None.
+    """
+
+    def deco(fn: ChannelRule) -> ChannelRule:
+        for name in op_names:
+            CHANNEL_RULES[name] = fn
+        return fn
+
+    return deco
+
+
+def _shape(node) -> tuple[int, ...]:
+    val = node.meta.get("val")
+    return tuple(int(s) for s in val.shape)
+
+
+def _module_path(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<top level>"
+    return list(stack.values())[-1][0] or "<top level>"
+
+
+def _tracked(args) -> list[Channels]:
+    return [a for a in args if isinstance(a, Channels)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rules
+# ----------------------------------------------------------------------------------------------------------
+
+@register_channel_rule("conv1d", "conv2d", "conv3d", "convolution")
+def _conv(state: TraceState, node, args):
+    inp = args[0]
+    module, conv = state.module_of_param(node.args[1])
+    if node.target._overloadpacket.__name__ == "convolution":
+        transposed, groups = bool(node.args[6]), int(node.args[8])
+    else:
+        transposed, groups = False, int(node.args[6]) if len(node.args) > 6 else 1
+    weight_shape = tuple(conv.weight.shape)
+    out_shape = _shape(node)
+    kernel = math.prod(weight_shape[2:])
+    if transposed:
+        raise PruneError(f"transposed convolution in '{module}' has no pruning rule yet; "
+                         f"pass ignore=['{module}'] (CLI: --ignore {module})")
+    c_in = weight_shape[1] * groups
+    k_out = weight_shape[0]
+    macs = math.prod(out_shape[2:]) * k_out * weight_shape[1] * kernel
+    if inp is not None and inp.dim != 1:
+        raise PruneError(f"convolution '{module}' reads channels from dim {inp.dim}, expected 1")
+    if groups == 1:
+        out = state.fresh(k_out)
+        if inp is not None:
+            state.record_slot(module, "in", inp.elements)
+        state.record_slot(module, "out", out)
+        state.compute.append(ComputeNode(module, macs, inp.elements if inp else None, out))
+        return Channels(1, out)
+    if groups == c_in == k_out and inp is not None:
+        state.record_slot(module, "depthwise", inp.elements)
+        state.compute.append(ComputeNode(module, macs, inp.elements, None))
+        return Channels(1, list(inp.elements))
+    raise PruneError(f"grouped convolution '{module}' (groups={groups}, in={c_in}, out={k_out}) has no pruning "
+                     f"rule yet; pass ignore=['{module}'] (CLI: --ignore {module})")
+
+
+@register_channel_rule("linear")
+def _linear(state: TraceState, node, args):
+    inp = args[0]
+    module, lin = state.module_of_param(node.args[1])
+    out_shape = _shape(node)
+    if inp is not None and inp.dim != len(_shape(node.args[0])) - 1:
+        raise PruneError(f"linear '{module}' reads features from dim {inp.dim}, expected the last dim")
+    out = state.fresh(lin.weight.shape[0])
+    if inp is not None:
+        state.record_slot(module, "in", inp.elements)
+    state.record_slot(module, "out", out)
+    state.compute.append(ComputeNode(module, math.prod(out_shape) // out_shape[0] * lin.weight.shape[1],
+                                     inp.elements if inp else None, out))
+    return Channels(len(out_shape) - 1, out)
+
+
+@register_channel_rule("batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
+                       "native_batch_norm")
+def _batch_norm(state: TraceState, node, args):
+    inp = args[0]
+    if inp is None:
+        return None
+    module, _ = state.module_of_param(node.args[1])
+    state.record_slot(module, "norm", inp.elements)
+    out = Channels(inp.dim, list(inp.elements))
+    # the decomposed variants return (out, mean, rstd)
+    return [out, None, None] if node.target._overloadpacket.__name__.startswith(("_native", "native")) else out
+
+
+_UNARY = ("silu", "silu_", "relu", "relu_", "sigmoid", "sigmoid_", "hardswish", "hardswish_", "hardsigmoid",
+          "hardsigmoid_", "gelu", "tanh", "tanh_", "leaky_relu", "leaky_relu_", "elu", "elu_", "relu6",
+          "hardtanh", "hardtanh_", "mish", "mish_", "dropout", "dropout_", "clone", "contiguous", "alias",
+          "detach", "neg", "exp", "abs", "softplus", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d",
+          "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+          "adaptive_max_pool2d", "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+          "upsample_bilinear2d", "upsample_bicubic2d", "_upsample_nearest_exact2d", "constant_pad_nd", "pad",
+          "reflection_pad2d", "replication_pad2d", "mul_scalar", "_to_copy", "to", "type_as", "clamp",
+          "clamp_", "clamp_min", "clamp_max", "pow", "sqrt", "rsqrt", "square")
+
+
+@register_channel_rule(*_UNARY)
+def _pass_through(state: TraceState, node, args):
+    inp = args[0]
+    if inp is None:
+        return None
+    return Channels(inp.dim, list(inp.elements))
+
+
+@register_channel_rule("max_pool2d_with_indices", "max_pool3d_with_indices")
+def _pool_with_indices(state: TraceState, node, args):
+    inp = args[0]
+    return [Channels(inp.dim, list(inp.elements)) if inp else None] * 2
+
+
+@register_channel_rule("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum")
+def _binary(state: TraceState, node, args):
+    a, b = args[0], args[1] if len(args) > 1 else None
+    if a is None or b is None:
+        out = a or b
+        other = node.args[1] if a is not None else node.args[0]
+        if out is not None and isinstance(other, torch.fx.Node):
+            # a tensor with no tracked channels: fine only when it broadcasts over the channel axis
+            shape = _shape(other)
+            rank = len(_shape(node))
+            axis = out.dim - (rank - len(shape))
+            if 0 <= axis < len(shape) and shape[axis] != 1:
+                raise PruneError(f"'{node.target}' in '{_module_path(node)}' combines pruned channels with a "
+                                 f"fixed tensor of shape {shape}; ignore that module or register a rule")
+        return None if out is None else Channels(out.dim, list(out.elements))
+    ra, rb = len(_shape(node.args[0])), len(_shape(node.args[1]))
+    rank = len(_shape(node))
+    if a.dim + (rank - ra) != b.dim + (rank - rb):
+        raise PruneError(f"'{node.target}' in '{_module_path(node)}' adds tensors whose channels sit on different "
+                         "dims; register a rule for this pattern")
+    state.unify(a.elements, b.elements, f"'{node.target}' in '{_module_path(node)}'")
+    return Channels(a.dim + (rank - ra), list(a.elements))
+
+
+def _norm_dim(dim: int, rank: int) -> int:
+    return dim + rank if dim < 0 else dim
+
+
+@register_channel_rule("cat", "concat")
+def _cat(state: TraceState, node, args):
+    tensors = args[0]
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(_shape(node)))
+    tracked = [t for t in tensors if t is not None]
+    if not tracked:
+        return None
+    if len(tracked) != len(tensors):
+        if any(t.dim == dim for t in tracked):
+            raise PruneError(f"cat in '{_module_path(node)}' joins pruned channels with fixed ones; "
+                             "ignore that module or register a rule")
+        return Channels(tracked[0].dim, list(tracked[0].elements))
+    if tracked[0].dim == dim:
+        if any(t.dim != dim for t in tracked):
+            raise PruneError(f"cat in '{_module_path(node)}' joins tensors with channels on different dims")
+        return Channels(dim, list(itertools.chain.from_iterable(t.elements for t in tracked)))
+    for t in tracked[1:]:
+        state.unify(tracked[0].elements, t.elements, f"cat in '{_module_path(node)}'")
+    return Channels(tracked[0].dim, list(tracked[0].elements))
+
+
+@register_channel_rule("chunk", "split", "split_with_sizes", "tensor_split", "unsafe_split")
+def _split(state: TraceState, node, args):
+    inp = args[0]
+    vals = node.meta["val"]
+    if inp is None:
+        return [None] * len(vals)
+    rank = len(_shape(node.args[0]))
+    dim = _norm_dim(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), rank)
+    if dim != inp.dim:
+        return [Channels(inp.dim, list(inp.elements)) for _ in vals]
+    pieces, start = [], 0
+    for v in vals:
+        n = int(v.shape[dim])
+        pieces.append(inp.elements[start:start + n])
+        start += n
+    state.splits.append(SplitRecord(_module_path(node), pieces))
+    return [Channels(dim, p) for p in pieces]
+
+
+@register_channel_rule("flatten")
+def _flatten(state: TraceState, node, args):
+    inp = args[0]
+    if inp is None:
+        return None
+    in_shape = _shape(node.args[0])
+    rank = len(in_shape)
+    start = _norm_dim(node.args[1] if len(node.args) > 1 else 0, rank)
+    end = _norm_dim(node.args[2] if len(node.args) > 2 else -1, rank)
+    if inp.dim < start:
+        return Channels(inp.dim, list(inp.elements))
+    if inp.dim > end:
+        return Channels(inp.dim - (end - start), list(inp.elements))
+    if inp.dim == start and math.prod(in_shape[start + 1:end + 1]) == 1:
+        return Channels(start, list(inp.elements))
+    raise PruneError(f"flatten in '{_module_path(node)}' merges the channel axis with spatial axes "
+                     f"{in_shape}; this needs an index-mapping rule (not yet supported): ignore the consumer")
+
+
+@register_channel_rule("view", "reshape", "_unsafe_view")
+def _reshape(state: TraceState, node, args):
+    inp = args[0]
+    if inp is None:
+        return None
+    in_shape, out_shape = _shape(node.args[0]), _shape(node)
+    prefix = math.prod(in_shape[:inp.dim])
+    for j in range(len(out_shape)):
+        if math.prod(out_shape[:j]) == prefix and out_shape[j] == in_shape[inp.dim]:
+            return Channels(j, list(inp.elements))
+    raise PruneError(f"reshape {in_shape} -> {out_shape} in '{_module_path(node)}' splits or merges the channel "
+                     "axis; this needs an index-mapping rule (not yet supported): ignore that module")
+
+
+@register_channel_rule("permute")
+def _permute(state: TraceState, node, args):
+    inp = args[0]
+    if inp is None:
+        return None
+    dims = [_norm_dim(d, len(node.args[1])) for d in node.args[1]]
+    return Channels(dims.index(inp.dim), list(inp.elements))
+
+
+@register_channel_rule("transpose", "transpose_")
+def _transpose(state: TraceState, node, args):
+    inp = args[0]
+    if inp is None:
+        return None
+    rank = len(_shape(node))
+    a, b = _norm_dim(node.args[1], rank), _norm_dim(node.args[2], rank)
+    dim = b if inp.dim == a else a if inp.dim == b else inp.dim
+    return Channels(dim, list(inp.elements))
+
+
+@register_channel_rule("mean", "sum", "amax", "amin")
+def _reduce(state: TraceState, node, args):
+    inp = args[0]
+    if inp is None:
+        return None
+    rank = len(_shape(node.args[0]))
+    dims = node.args[1] if len(node.args) > 1 else None
+    keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+    if dims is None:
+        raise PruneError(f"full reduction in '{_module_path(node)}' consumes the channel axis; ignore that module")
+    dims = [_norm_dim(d, rank) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    if inp.dim in dims:
+        raise PruneError(f"reduction over the channel axis in '{_module_path(node)}' has no pruning rule; "
+                         "ignore that module")
+    shift = 0 if keepdim else sum(1 for d in dims if d < inp.dim)
+    return Channels(inp.dim - shift, list(inp.elements))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tracing
+# ----------------------------------------------------------------------------------------------------------
+
+def _map_args(args, env):
+    if isinstance(args, (list, tuple)):
+        return [_map_args(a, env) for a in args]
+    if isinstance(args, torch.fx.Node):
+        return env.get(args)
+    return None
+
+
+_NON_TENSOR_OPS = {"sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "_assert_scalar"}
+
+
+class ChannelGraph:
+    """The traced channel structure of a model for one example input."""
+
+    def __init__(self, model: nn.Module, state: TraceState, input_shape: tuple[int, ...]):
+        self.model = model
+        self.input_shape = input_shape
+        self.uf = state.uf
+        self.slots = state.slots
+        self.compute = state.compute
+        self.splits = state.splits
+        self.pinned = {self.uf.find(e): why for e, why in state.pinned.items()}
+        self.groups = self._build_groups()
+
+    def cls(self, element: int) -> int:
+        return self.uf.find(element)
+
+    def _build_groups(self) -> list[ChannelGroup]:
+        producers_of: dict[int, set[str]] = {}
+        for (module, kind), slot in self.slots.items():
+            if kind == "out":
+                for e in slot.elements:
+                    producers_of.setdefault(self.cls(e), set()).add(module)
+        # producers that share any class must be pruned together
+        module_uf = UnionFind()
+        ids: dict[str, int] = {}
+        for mods in producers_of.values():
+            for m in mods:
+                if m not in ids:
+                    ids[m] = module_uf.make(1)[0]
+            first = ids[next(iter(sorted(mods)))]
+            for m in mods:
+                module_uf.union(first, ids[m])
+        by_root: dict[int, list[str]] = {}
+        for m, i in ids.items():
+            by_root.setdefault(module_uf.find(i), []).append(m)
+
+        groups = []
+        class_group: dict[int, ChannelGroup] = {}
+        for mods in by_root.values():
+            mods = sorted(mods)
+            classes, seen = [], set()
+            for m in mods:
+                for e in self.slots[(m, "out")].elements:
+                    c = self.cls(e)
+                    if c not in seen:
+                        seen.add(c)
+                        classes.append(c)
+            g = ChannelGroup(key="+".join(mods), producers=mods, classes=classes)
+            pinned = sorted({self.pinned[c] for c in classes if c in self.pinned})
+            if pinned:
+                g.pinned = "; ".join(pinned)
+            groups.append(g)
+            for c in classes:
+                class_group[c] = g
+        for slot in self.slots.values():
+            touched = {id(class_group[self.cls(e)]) for e in slot.elements if self.cls(e) in class_group}
+            for g in groups:
+                if id(g) in touched:
+                    g.slots.append(slot)
+        for split in self.splits:
+            owners = {id(class_group.get(self.cls(e))) for seg in split.segments for e in seg}
+            if len(owners) != 1 or None in [class_group.get(self.cls(seg[0])) for seg in split.segments]:
+                for seg in split.segments:
+                    for e in seg:
+                        g = class_group.get(self.cls(e))
+                        if g is not None and g.pinned is None:
+                            g.pinned = f"split in '{split.module}' spans several channel groups (no rule yet)"
+                continue
+            g = class_group[self.cls(split.segments[0][0])]
+            pos = {c: i for i, c in enumerate(g.classes)}
+            segs = [[pos[self.cls(e)] for e in seg] for seg in split.segments]
+            if len({len(s) for s in segs}) != 1:
+                g.pinned = g.pinned or f"split in '{split.module}' has unequal parts (sizes would not follow)"
+                continue
+            covered = sorted(itertools.chain.from_iterable(segs))
+            if covered != list(range(g.size)) or (g.segments is not None and g.segments != segs):
+                g.pinned = g.pinned or f"split in '{split.module}' covers only part of its group (no rule yet)"
+                continue
+            g.segments = segs
+        return groups
+
+    def macs(self, kept_classes: set[int] | None = None) -> int:
+        """MACs per image at the traced shape, with only ``kept_classes`` left (None: unpruned)."""
+        total = 0
+        for node in self.compute:
+            frac = 1.0
+            if kept_classes is not None:
+                if node.in_elements is not None:
+                    frac *= self._kept_fraction(node.in_elements, kept_classes)
+                if node.out_elements is not None:
+                    frac *= self._kept_fraction(node.out_elements, kept_classes)
+            total += node.macs * frac
+        return int(round(total))
+
+    def _kept_fraction(self, elements: list[int], kept: set[int]) -> float:
+        return sum(1 for e in elements if self.cls(e) in kept) / max(1, len(elements))
+
+    def all_classes(self) -> set[int]:
+        return {self.cls(e) for slot in self.slots.values() for e in slot.elements} | set(self.pinned)
+
+
+def trace(model: nn.Module, example: torch.Tensor) -> ChannelGraph:
+    """Trace ``model`` on ``example`` (batch of 1 is enough) and build its channel graph."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, (example,), strict=False)
+    except Exception as exc:  # torch.export raises many types; the user needs one clear message
+        raise PruneError(f"torch.export could not trace the model ({type(exc).__name__}: {str(exc)[:300]}); "
+                         "prune a traceable sub-module instead") from exc
+    finally:
+        model.train(was_training)
+    sig = ep.graph_signature
+    param_names = dict(sig.inputs_to_parameters)
+    param_names.update(sig.inputs_to_buffers)
+    state = TraceState(model, param_names)
+    env: dict = {}
+    user_inputs = set(sig.user_inputs)
+    for node in ep.graph.nodes:
+        if node.op == "placeholder":
+            if node.name in user_inputs:
+                shape = _shape(node)
+                if len(shape) >= 2:
+                    elems = state.fresh(shape[1])
+                    for e in elems:
+                        state.pinned[e] = "input channels"
+                    env[node] = Channels(1, elems)
+            continue
+        if node.op == "output":
+            outs = []
+
+            def collect(a):
+                outs.append(a)
+                return a
+
+            torch.fx.node.map_arg(node.args, collect)
+            for a in outs:
+                ch = env.get(a)
+                if isinstance(ch, Channels):
+                    for e in ch.elements:
+                        state.pinned.setdefault(e, "coupled to a model output")
+            continue
+        if node.op != "call_function":
+            continue
+        if node.target is operator.getitem:
+            src = env.get(node.args[0])
+            env[node] = src[node.args[1]] if isinstance(src, list) else None
+            continue
+        args = _map_args(list(node.args), env)
+        flat_tracked = [a for a in _flatten_list(args) if isinstance(a, Channels)]
+        packet = getattr(node.target, "_overloadpacket", None)
+        name = packet.__name__ if packet is not None else getattr(node.target, "__name__", str(node.target))
+        if name in _NON_TENSOR_OPS:
+            continue
+        if not flat_tracked:
+            env[node] = None
+            continue
+        rule = CHANNEL_RULES.get(name)
+        if rule is None:
+            raise PruneError(f"no channel rule for op '{node.target}' in module '{_module_path(node)}': "
+                             f"ignore that module (ignore=['{_module_path(node)}'], CLI --ignore) or register a "
+                             "rule with trt_prune.pruning.register_channel_rule")
+        env[node] = rule(state, node, args)
+    return ChannelGraph(model, state, tuple(example.shape))
+
+
+def _flatten_list(args):
+    for a in args:
+        if isinstance(a, list):
+            yield from _flatten_list(a)
+        else:
+            yield a

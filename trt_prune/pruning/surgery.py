@@ -1,0 +1,88 @@
+"""Surgery: cut one channel axis of one module down to the kept indices.
+
+A handler per module type, found through the module's class hierarchy; register your own with
+:func:`register_surgery`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import PruneError
+
+SurgeryFn = Callable[[nn.Module, str, torch.Tensor], None]
+SURGERY: dict[type, SurgeryFn] = {}
+
+
+def register_surgery(*types: type):
+    """Register ``fn(module, kind, keep)`` cutting ``module``'s ``kind`` axis (out/in/norm/depthwise) to ``keep``."""
+
+    def deco(fn: SurgeryFn) -> SurgeryFn:
+        for t in types:
+            SURGERY[t] = fn
+        return fn
+
+    return deco
+
+
+def _cut(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
+    tensor = getattr(module, name, None)
+    if tensor is None:
+        return
+    new = tensor.detach().index_select(dim, keep.to(tensor.device)).clone()
+    if isinstance(tensor, nn.Parameter):
+        setattr(module, name, nn.Parameter(new, requires_grad=tensor.requires_grad))
+    else:
+        setattr(module, name, new)
+
+
+@register_surgery(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _conv(module, kind, keep):
+    n = int(keep.numel())
+    if kind == "out":
+        _cut(module, "weight", 0, keep)
+        _cut(module, "bias", 0, keep)
+        module.out_channels = n
+    elif kind == "in":
+        _cut(module, "weight", 1, keep)
+        module.in_channels = n
+    elif kind == "depthwise":
+        _cut(module, "weight", 0, keep)
+        _cut(module, "bias", 0, keep)
+        module.in_channels = module.out_channels = module.groups = n
+    else:
+        raise PruneError(f"convolution has no '{kind}' channel axis")
+
+
+@register_surgery(nn.Linear)
+def _linear(module, kind, keep):
+    if kind == "out":
+        _cut(module, "weight", 0, keep)
+        _cut(module, "bias", 0, keep)
+        module.out_features = int(keep.numel())
+    elif kind == "in":
+        _cut(module, "weight", 1, keep)
+        module.in_features = int(keep.numel())
+    else:
+        raise PruneError(f"linear layer has no '{kind}' channel axis")
+
+
+@register_surgery(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def _batch_norm(module, kind, keep):
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        _cut(module, name, 0, keep)
+    module.num_features = int(keep.numel())
+
+
+def cut_axis(module: nn.Module, kind: str, keep: torch.Tensor, path: str) -> None:
+    """Apply the registered handler for ``module``'s type (its closest registered base class)."""
+    for t in type(module).__mro__:
+        fn = SURGERY.get(t)
+        if fn is not None:
+            fn(module, kind, keep)
+            return
+    raise PruneError(f"no surgery for module '{path}' of type {type(module).__name__}; ignore it or register one "
+                     "with trt_prune.pruning.register_surgery")
