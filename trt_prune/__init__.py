@@ -1,1 +1,47 @@
-"""trt_prune: prune, sparsify, export, clean, build and profile PyTorch models for TensorRT."""
+"""trt_prune: prune, sparsify, export, clean, build and profile PyTorch models for TensorRT.
+
+The stages are plain functions over artifacts; import them from here::
+
+    from trt_prune import load_model, prune, sparsify, export, clean, build, profile
+
+Names resolve lazily so that ``import trt_prune`` stays cheap and never needs onnx or TensorRT.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "load_model": ("trt_prune.models", "load_model"),
+    "load_weights": ("trt_prune.models", "load_weights"),
+    "prune": ("trt_prune.pruning", "prune"),
+    "apply_recipe": ("trt_prune.pruning", "apply_recipe"),
+    "PruneConfig": ("trt_prune.pruning", "PruneConfig"),
+    "sparsify": ("trt_prune.sparsity", "sparsify"),
+    "export": ("trt_prune.export", "export_onnx"),
+    "clean": ("trt_prune.clean", "clean_onnx"),
+    "build": ("trt_prune.stages", "build"),
+    "profile": ("trt_prune.profiling.profile", "profile_onnx"),
+    "report": ("trt_prune.stages", "report"),
+    "inspect_sparsity": ("trt_prune.sparsity.inspect", "inspect_sparsity"),
+    "run_demo": ("trt_prune.demo", "run_demo"),
+    "TrtPruneError": ("trt_prune.errors", "TrtPruneError"),
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    try:
+        module, attr = _PUBLIC[name]
+    except KeyError:
+        raise AttributeError(f"module 'trt_prune' has no attribute '{name}'") from None
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -1,0 +1,371 @@
+"""``trt-prune``: a thin command line over the stage functions.
+
+Every command writes its artifacts where ``-o/--out`` says, prints a table (or ``--json``), and exits 0 when
+done, 2 on bad input (one line on stderr saying what was wrong and what to do).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import TrtPruneError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _emit(data: dict, as_json: bool, table=None) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=_default))
+    elif table is not None:
+        from rich.console import Console
+
+        Console().print(table)
+
+
+def _default(obj):
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """``1x3x320x320`` → ``(1, 3, 320, 320)``."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(p) for p in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise click.BadParameter(f"'{text}' is not a shape; write it like 1x3x320x320") from None
+    if len(shape) < 2 or any(d < 1 for d in shape):
+        raise click.BadParameter(f"'{text}' is not a shape; write it like 1x3x320x320")
+    return shape
+
+
+class _Group(click.Group):
+    """Turns every :class:`TrtPruneError` into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TrtPruneError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+model_arg = click.argument("model", metavar="MODEL")
+weights_opt = click.option("--weights", type=click.Path(dir_okay=False), default=None,
+                           help="Weights: .safetensors, or a state dict loaded with weights_only=True.")
+pickle_opt = click.option("--allow-pickle", is_flag=True,
+                          help="Allow a weights file that needs full unpickling (runs code from the file).")
+shape_opt = click.option("--input-shape", default=None, metavar="NxCxHxW",
+                         help="Example input shape (default: the model's, e.g. 1x3x320x320).")
+json_opt = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
+
+
+def _load(model: str, weights, allow_pickle):
+    from .models import load_model
+
+    return load_model(model, weights=weights, allow_pickle=allow_pickle)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="trt_prune")
+def cli():
+    """Prune, sparsify, export, clean, build and profile PyTorch models for TensorRT.
+
+    MODEL is builtin:demo-detector, torchvision:NAME, timm:NAME, path/to/file.py:factory, or a folder written by
+    'prune' or 'sparsify'.
+    """
+
+
+@cli.command()
+@click.option("-o", "--out", default="out/demo", show_default=True, help="Output folder.")
+@click.option("--quick", is_flag=True, help="Fewer images, steps and rounds: under 3 minutes on 2 cores.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads (default: all).")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
+@json_opt
+def demo(out, quick, threads, exporter, as_json):
+    """Run prune → export → clean → build → profile on builtin:demo-detector and write a report."""
+    from .demo import run_demo
+
+    report = run_demo(out, quick=quick, threads=threads, console=_console(), exporter=exporter)
+    if as_json:
+        slim = {**report, "variants": [{k: v for k, v in r.items() if k != "latency_samples_ms"}
+                                       for r in report["variants"]]}
+        _emit(slim, True)
+
+
+@cli.command("prune")
+@model_arg
+@click.option("--ratio", type=float, default=0.5, show_default=True,
+              help="Fraction of channels to remove from each prunable group, in (0, 1).")
+@click.option("--target-macs", type=float, default=None,
+              help="Instead of --ratio: the fraction of MACs to keep (the ratio is searched for).")
+@click.option("--round-to", type=int, default=8, show_default=True, help="Kept channel counts are multiples of this.")
+@click.option("--importance", default="l1", show_default=True, help="l1, l2, bn_scale or random.")
+@click.option("--ignore", multiple=True, help="Module path to leave unpruned (repeatable).")
+@shape_opt
+@weights_opt
+@pickle_opt
+@click.option("-o", "--out", required=True, help="Output model folder (model.json + model.safetensors).")
+@json_opt
+def prune_cmd(model, ratio, target_macs, round_to, importance, ignore, input_shape, weights, allow_pickle, out,
+              as_json):
+    """Structured (channel) pruning; writes a model folder and its replayable recipe."""
+    from .artifacts import ensure_output_dir, save_model_folder, write_json
+    from .pruning import PruneConfig, prune
+
+    config = PruneConfig(ratio=ratio, round_to=round_to, importance=importance, ignore=tuple(ignore),
+                         target_macs=target_macs)
+    config.validate()
+    out_dir = ensure_output_dir(out)
+    loaded = _load(model, weights, allow_pickle)
+    if loaded.meta.get("recipe"):
+        raise TrtPruneError(f"'{model}' is already pruned; prune its source '{loaded.source}' again with a "
+                            "higher ratio instead (recipes do not stack yet)")
+    shape = parse_shape(input_shape) or loaded.input_shape
+    result = prune(loaded.model, shape, config)
+    meta = {"source": loaded.source, "input_shape": list(shape), "task": loaded.task, "recipe": result.recipe,
+            "sparsity": loaded.meta.get("sparsity"), "history": [*loaded.meta.get("history", []), "prune"]}
+    save_model_folder(out_dir, result.model, meta)
+    write_json(out_dir / "recipe.json", result.recipe)
+    summary = {k: result.report[k] for k in ("params_before", "params_after", "macs_before", "macs_after",
+                                             "effective_ratio", "groups_total", "groups_pruned")}
+    summary.update(out=str(out_dir), skipped_groups=result.report["skipped_groups"], layers=result.report["layers"])
+    from rich.table import Table
+
+    table = Table(title=f"pruned {model} → {out_dir}")
+    for col in ("", "before", "after", "×"):
+        table.add_column(col, justify="right")
+    for key in ("params", "macs"):
+        b, a = result.report[f"{key}_before"], result.report[f"{key}_after"]
+        table.add_row(key, f"{b:,}", f"{a:,}", f"{a / b:.3f}")
+    _emit(summary, as_json, table)
+
+
+@cli.command("sparsify")
+@model_arg
+@click.option("--min-channels", type=int, default=None,
+              help="Skip layers with fewer input or output channels (default 256: NVIDIA's guidance).")
+@weights_opt
+@pickle_opt
+@click.option("-o", "--out", required=True, help="Output model folder.")
+@json_opt
+def sparsify_cmd(model, min_channels, weights, allow_pickle, out, as_json):
+    """2:4 magnitude masks on TensorRT's axis for every eligible conv/linear layer; says why not for the rest."""
+    from .artifacts import ensure_output_dir, save_model_folder
+    from .sparsity import DEFAULT_MIN_CHANNELS, sparsify
+
+    out_dir = ensure_output_dir(out)
+    loaded = _load(model, weights, allow_pickle)
+    result = sparsify(loaded.model, min_channels=DEFAULT_MIN_CHANNELS if min_channels is None else min_channels)
+    meta = {"source": loaded.source, "input_shape": list(loaded.input_shape), "task": loaded.task,
+            "recipe": loaded.meta.get("recipe"),
+            "sparsity": {"pattern": "2:4", "axis": "input channels", "layers": result.sparse_layers},
+            "history": [*loaded.meta.get("history", []), "sparsify"]}
+    save_model_folder(out_dir, result.model, meta)
+    from rich.table import Table
+
+    table = Table(title=f"2:4 on {model}: {len(result.sparse_layers)} of {len(result.layers)} layers")
+    for col in ("module", "shape", "2:4", "reason"):
+        table.add_column(col)
+    for row in result.layers:
+        table.add_row(row["module"], "x".join(map(str, row["shape"])), "yes" if row["made_24"] else "no",
+                      row["reason"])
+    _emit({"out": str(out_dir), "sparse_layers": len(result.sparse_layers), "layers": result.layers}, as_json, table)
+
+
+@cli.command("export")
+@model_arg
+@shape_opt
+@weights_opt
+@pickle_opt
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
+              help="torch.export-based exporter (TorchScript as fallback) or TorchScript directly.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default chosen for TensorRT 10/11 and ORT).")
+@click.option("--static-batch", is_flag=True, help="Fix the batch axis instead of making it dynamic.")
+@click.option("--no-parity", is_flag=True, help="Skip the ONNX Runtime vs torch check (not recommended).")
+@click.option("-o", "--out", required=True, help="Output .onnx file.")
+@json_opt
+def export_cmd(model, input_shape, weights, allow_pickle, exporter, opset, static_batch, no_parity, out, as_json):
+    """Export to ONNX and check ONNX Runtime's outputs against torch."""
+    from .artifacts import ensure_output_file
+    from .export import export_onnx
+
+    ensure_output_file(out)
+    loaded = _load(model, weights, allow_pickle)
+    shape = parse_shape(input_shape) or loaded.input_shape
+    result = export_onnx(loaded.model, out, shape, exporter=exporter, opset=opset, dynamic_batch=not static_batch,
+                         check_parity=not no_parity)
+    data = result.to_dict()
+    first = next(iter(result.parity.values()), {})
+    data["parity_per_output"] = data.pop("parity")
+    data["parity"] = {"max_abs": first.get("max_abs"), "max_rel": first.get("max_rel")}
+    if len(result.parity) > 1:
+        data["parity"] = {"max_abs": max(p["max_abs"] for p in result.parity.values()),
+                          "max_rel": max(p["max_rel"] for p in result.parity.values())}
+    from rich.table import Table
+
+    table = Table(title=f"{model} → {result.path} ({result.exporter}, opset {result.opset})")
+    table.add_column("output")
+    table.add_column("max |Δ|", justify="right")
+    table.add_column("max rel", justify="right")
+    for name, p in result.parity.items():
+        table.add_row(name, f"{p['max_abs']:.2e}", f"{p['max_rel']:.2e}")
+    _emit(data, as_json, table)
+
+
+@cli.command("clean")
+@click.argument("onnx_file", metavar="FILE.onnx")
+@click.option("-o", "--out", required=True, help="Output .onnx file (the input is never modified).")
+@json_opt
+def clean_cmd(onnx_file, out, as_json):
+    """Shape inference, constant folding, dead-node removal… with onnx-graphsurgeon; parity checked."""
+    from .clean import clean_onnx
+
+    result = clean_onnx(onnx_file, out)
+    from rich.table import Table
+
+    table = Table(title=f"{onnx_file} → {out}: {result.nodes_before} → {result.nodes_after} nodes")
+    for col in ("pass", "nodes before", "nodes after", "detail"):
+        table.add_column(col)
+    for p in result.passes:
+        table.add_row(p["name"], str(p["nodes_before"]), str(p["nodes_after"]), str(p.get("detail", "")))
+    _emit(result.to_dict(), as_json, table)
+
+
+def _backend_option():
+    return click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime or tensorrt.")
+
+
+@cli.command("build")
+@click.argument("onnx_file", metavar="FILE.onnx")
+@_backend_option()
+@click.option("--fp16", is_flag=True, help="fp16 precision (TensorRT 10 flag; 11 needs an fp16 ONNX).")
+@click.option("--sparse", is_flag=True, help="Let TensorRT choose 2:4 sparse kernels where faster.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("-o", "--out", default=None,
+              help="Where to keep the built artifact: the engine/cache folder (TensorRT) or the optimised model "
+                   "(ONNX Runtime).")
+@json_opt
+def build_cmd(onnx_file, backend, fp16, sparse, batch, threads, out, as_json):
+    """Build a backend session from ONNX (checks it builds and runs once)."""
+    import time
+
+    from .backends import BuildConfig, get_backend
+    from .profiling.profile import make_feeds, resolve_input_shapes
+
+    chosen = get_backend(backend)
+    if not Path(onnx_file).is_file():
+        raise TrtPruneError(f"ONNX file '{onnx_file}' does not exist; export a model first")
+    extra = {}
+    if out is not None:
+        from .artifacts import ensure_output_dir, ensure_output_file
+
+        if backend == "onnxruntime":
+            extra["optimized_model_path"] = str(ensure_output_file(out))
+        else:
+            ensure_output_dir(out)
+    config = BuildConfig(threads=threads, batch=(batch, batch, batch), precision="fp16" if fp16 else "fp32",
+                         sparse_weights=sparse, cache_dir=out if backend != "onnxruntime" else None, extra=extra)
+    start = time.perf_counter()
+    with chosen.build(onnx_file, config) as session:
+        seconds = time.perf_counter() - start
+        shapes = resolve_input_shapes(session.inputs, batch, None)
+        outputs = session.run(make_feeds(session.inputs, shapes))
+        data = {"backend": backend, "onnx": onnx_file, "build_seconds": seconds, "env": session.env(),
+                "notes": session.notes, "inputs": {n: list(s) for n, s in shapes.items()},
+                "outputs": {k: list(v.shape) for k, v in outputs.items()}, "out": out}
+    if not as_json:
+        _console().print(f"built {onnx_file} on {backend} in {seconds:.2f} s; outputs "
+                         + ", ".join(f"{k} {list(v)}" for k, v in data["outputs"].items()))
+    _emit(data, as_json)
+
+
+@cli.command("profile")
+@click.argument("onnx_file", metavar="FILE.onnx")
+@_backend_option()
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@shape_opt
+@click.option("--iterations", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--warmup", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Warm-up seconds.")
+@click.option("--duration", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Keep timing at least this many seconds.")
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--layer-runs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Rows in the layer table.")
+@click.option("-o", "--out", default=None, help="Also write the result as JSON to this file.")
+@json_opt
+def profile_cmd(onnx_file, backend, batch, input_shape, iterations, warmup, duration, threads, layer_runs, top, out,
+                as_json):
+    """Latency percentiles, throughput and per-layer times mapped back to PyTorch modules."""
+    from .artifacts import ensure_output_file, write_json
+    from .profiling.profile import profile_onnx
+
+    if out:
+        ensure_output_file(out)
+    result = profile_onnx(onnx_file, backend=backend, batch=batch, input_shape=parse_shape(input_shape),
+                          warmup_s=warmup, iterations=iterations, min_duration_s=duration, threads=threads,
+                          layer_runs=layer_runs)
+    data = result.to_dict()
+    data.pop("samples_ms", None)
+    if out:
+        write_json(out, data)
+    from rich.table import Table
+
+    lat = result.latency_ms
+    table = Table(title=f"{onnx_file} on {backend}, batch {batch}: p50 {lat['p50']:.3f} ms, p90 {lat['p90']:.3f}, "
+                        f"p99 {lat['p99']:.3f}, mean {lat['mean']:.3f}; {result.throughput_ips:.1f} inferences/s; "
+                        f"layers sum {result.per_layer_sum_ms or 0:.3f} ms")
+    for col in ("layer", "op", "module", "ms"):
+        table.add_column(col, justify="right" if col == "ms" else "left")
+    for row in result.per_layer[:top]:
+        table.add_row(row["name"], row["op"], str(row.get("module") or ""), f"{row['ms']:.3f}")
+    if result.cv_warning:
+        _console().print(f"[yellow]warning:[/yellow] {result.cv_warning}")
+    _emit(data, as_json, table)
+
+
+@cli.group("inspect", cls=_Group)
+def inspect_group():
+    """Look inside ONNX files."""
+
+
+@inspect_group.command("sparsity")
+@click.argument("onnx_file", metavar="FILE.onnx")
+@json_opt
+def inspect_sparsity_cmd(onnx_file, as_json):
+    """Per weight of each Conv/Gemm/MatMul: does 2:4 hold on TensorRT's axis, and if not, why."""
+    from .sparsity.inspect import inspect_sparsity
+
+    records = inspect_sparsity(onnx_file)
+    data = [r.to_dict() for r in records]
+    from rich.table import Table
+
+    table = Table(title=f"2:4 in {onnx_file}: {sum(r.holds_24 for r in records)} of {len(records)} weights hold")
+    for col in ("weight", "op", "shape", "2:4", "eligible", "reason"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(r.name, r.op, "x".join(map(str, r.shape)), "yes" if r.holds_24 else "no",
+                      "yes" if r.eligible else "no", r.reason)
+    _emit(data, as_json, table)
+
+
+def main(argv=None) -> None:
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name="trt-prune")
+
+
+if __name__ == "__main__":
+    main()

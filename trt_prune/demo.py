@@ -1,0 +1,242 @@
+"""``trt-prune demo``: the whole pipeline on ``builtin:demo-detector``, four variants, one report.
+
+dense → structured (about half the MACs) → 2:4 → structured + 2:4; each scored (COCO mAP) before and after a
+short fine-tune, exported, cleaned, checked against torch, timed in ONNX Runtime with the variants
+interleaved (this machine is noisy), and profiled per layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .artifacts import ensure_output_dir, write_json
+from .errors import TrtPruneError
+
+MODEL_SPEC = "builtin:demo-detector"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    eval_images: int
+    finetune_steps: int
+    finetune_batch: int
+    finetune_img: int
+    finetune_lr: float
+    rounds: int
+    iterations_per_round: int
+    layer_runs: int
+    target_macs: float = 0.5  # fraction of dense MACs the structured variant keeps
+    round_to: int = 8
+    min_channels_24: int = 64  # below NVIDIA's ~256 on purpose: the demo shows 2:4's accuracy cost broadly
+
+
+QUICK = DemoSettings(eval_images=100, finetune_steps=12, finetune_batch=8, finetune_img=256, finetune_lr=5e-4,
+                     rounds=8, iterations_per_round=10, layer_runs=10)
+FULL = DemoSettings(eval_images=500, finetune_steps=60, finetune_batch=8, finetune_img=320, finetune_lr=5e-4,
+                    rounds=20, iterations_per_round=15, layer_runs=30)
+
+
+class _Log:
+    """Progress lines on stderr (stdout stays clean for --json)."""
+
+    def __init__(self, console=None):
+        self.console = console
+        self.start = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        if self.console is not None:
+            self.console.print(f"[dim]{time.perf_counter() - self.start:6.1f}s[/dim] {msg}")
+
+
+def _torch_predict(model):
+    model.eval()
+
+    def predict(images):
+        with torch.no_grad():
+            return model(images)
+
+    return predict
+
+
+def _session_predict(session, input_name: str, output_name: str):
+    def predict(images):
+        return session.run({input_name: images.numpy()})[output_name]
+
+    return predict
+
+
+def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | None = None, console=None,
+             settings: DemoSettings | None = None, exporter: str = "dynamo") -> dict:
+    """Run the demo, write its artifacts to ``out`` and return the report (also ``out/report.json``)."""
+    from .backends import BuildConfig, get_backend
+    from .clean import clean_onnx
+    from .data import RoadScenes
+    from .detection.metrics import evaluate
+    from .export import export_onnx
+    from .finetune import finetune_detector
+    from .models import load_model
+    from .profiling.layers import build_module_map
+    from .profiling.profile import interleaved_timings, machine_info
+    from .profiling.stats import cv_warning, summarize
+    from .pruning import count_params, macs_of, prune
+    from .report import plot_latency, plot_slowest_layers, rich_table, write_html
+    from .sparsity import sparsify
+
+    settings = settings or (QUICK if quick else FULL)
+    log = _Log(console)
+    out = ensure_output_dir(out)
+    loaded = load_model(MODEL_SPEC)
+    if "weights" not in loaded.meta:
+        raise TrtPruneError("the demo detector's shipped weights are missing from the package; "
+                            "train them with: python bench/train_demo_detector.py")
+    dense = loaded.model
+    shape = loaded.input_shape
+    val = RoadScenes("val", size=shape[-1])
+
+    def score(predict) -> dict:
+        return evaluate(predict, val, batch_size=16, limit=settings.eval_images)
+
+    variants: dict[str, dict] = {}
+
+    def add(name, model, masks=None, sparse_layers=0):
+        variants[name] = {"name": name, "model": model, "masks": masks, "sparse_layers": sparse_layers}
+
+    log("pruning: structured, keeping about "
+        f"{settings.target_macs:.0%} of MACs (channel counts rounded to {settings.round_to})")
+    pruned = prune(dense, shape, target_macs=settings.target_macs, round_to=settings.round_to)
+    write_json(out / "recipe.json", pruned.recipe)
+    add("dense", dense)
+    add("structured", pruned.model)
+    sp = sparsify(dense, min_channels=settings.min_channels_24)
+    add("sparse24", sp.model, sp.masks, len(sp.sparse_layers))
+
+    ft_info = {}
+    for name in ("dense", "structured", "sparse24", "structured+sparse24"):
+        if name == "structured+sparse24":
+            # structured first, 2:4 second: start from the fine-tuned structured model
+            both = sparsify(variants["structured"]["finetuned"], min_channels=settings.min_channels_24)
+            add(name, both.model, both.masks, len(both.sparse_layers))
+        v = variants[name]
+        v["map_before"] = score(_torch_predict(v["model"]))
+        log(f"{name}: mAP@[.5:.95] {v['map_before']['map50_95']:.3f} before fine-tune; fine-tuning "
+            f"{settings.finetune_steps} steps")
+        tuned = copy.deepcopy(v["model"])
+        ft_info[name] = finetune_detector(tuned, settings.finetune_steps, settings.finetune_batch,
+                                          settings.finetune_lr, settings.finetune_img, masks=v["masks"])
+        tuned.eval()
+        v["finetuned"] = tuned
+        v["map_after"] = score(_torch_predict(tuned))
+        log(f"{name}: mAP@[.5:.95] {v['map_after']['map50_95']:.3f} after fine-tune "
+            f"({ft_info[name]['seconds']:.0f} s)")
+
+    backend = get_backend("onnxruntime")
+    sessions, feeds, exports, cleans = {}, {}, {}, {}
+    onnx_dir = ensure_output_dir(out / "onnx")
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(shape, generator=gen).numpy()
+    try:
+        with tempfile.TemporaryDirectory(prefix="trt_prune_demo_") as tmp:
+            for name, v in variants.items():
+                raw_path = Path(tmp) / f"{name}.raw.onnx"
+                final = onnx_dir / f"{name.replace('+', '_')}.onnx"
+                exports[name] = export_onnx(v["finetuned"], raw_path, shape, exporter=exporter)
+                cleans[name] = clean_onnx(raw_path, final)
+                log(f"{name}: exported ({exports[name].exporter}) and cleaned "
+                    f"{cleans[name].nodes_before} → {cleans[name].nodes_after} nodes")
+                sessions[name] = backend.build(final, BuildConfig(threads=threads))
+                feeds[name] = {sessions[name].inputs[0].name: image}
+                ins, outs = sessions[name].inputs[0].name, sessions[name].outputs[0].name
+                v["map_onnx"] = score(_session_predict(sessions[name], ins, outs))
+            log(f"timing {len(sessions)} variants interleaved: {settings.rounds} rounds × "
+                f"{settings.iterations_per_round} iterations each")
+            samples = interleaved_timings(sessions, feeds, rounds=settings.rounds,
+                                          iterations_per_round=settings.iterations_per_round, warmup_s=1.0)
+            import onnx
+
+            for name, session in sessions.items():
+                mapping = build_module_map(onnx.load(str(onnx_dir / f"{name.replace('+', '_')}.onnx")))
+                variants[name]["per_layer"] = [r.to_dict() for r in
+                                               session.profile_layers(feeds[name], runs=settings.layer_runs,
+                                                                      module_map=mapping)]
+            env = {**machine_info(), **sessions["dense"].env()}
+    finally:
+        for s in sessions.values():
+            s.close()
+
+    rows = []
+    for name, v in variants.items():
+        lat = summarize(samples[name])
+        layers = sorted(v["per_layer"], key=lambda r: r["ms"], reverse=True)
+        parity = exports[name].parity.get(exports[name].output_names[0], {})
+        rows.append({
+            "name": name,
+            "params": count_params(v["finetuned"]),
+            "macs": macs_of(v["finetuned"], shape),
+            "sparse_layers": v["sparse_layers"],
+            "map50_95": v["map_before"]["map50_95"],
+            "map50": v["map_before"]["map50"],
+            "map50_95_finetuned": v["map_after"]["map50_95"],
+            "map50_finetuned": v["map_after"]["map50"],
+            "map50_95_onnx": v["map_onnx"]["map50_95"],
+            "map50_onnx": v["map_onnx"]["map50"],
+            "latency_ms": {k: lat[k] for k in ("p50", "p90", "p95", "p99", "mean", "std", "min", "max", "cv")},
+            "latency_samples_ms": [round(x, 4) for x in samples[name]],
+            "cv_warning": cv_warning(lat),
+            "throughput_ips": 1000.0 / lat["mean"],
+            "onnx": str(onnx_dir / f"{name.replace('+', '_')}.onnx"),
+            "parity": parity,
+            "export": exports[name].to_dict(),
+            "clean": cleans[name].to_dict(),
+            "finetune": ft_info[name],
+            "per_layer": [{"name": r["name"], "op": r["op"], "module": r.get("module"), "ms": r["ms"]}
+                          for r in layers],
+            "per_layer_sum_ms": sum(r["ms"] for r in layers),
+        })
+    dense_p50 = rows[0]["latency_ms"]["p50"]
+    for r in rows:
+        r["speedup_p50"] = dense_p50 / r["latency_ms"]["p50"]
+    report = {
+        "model": MODEL_SPEC,
+        "backend": "onnxruntime",
+        "batch": 1,
+        "input_shape": list(shape),
+        "quick": quick,
+        "settings": asdict(settings),
+        "eval_images": settings.eval_images,
+        "finetune_steps": settings.finetune_steps,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "env": {**env, "python": platform.python_version(), "torch": torch.__version__,
+                "threads": env.get("threads") or threads},
+        "prune": {k: pruned.report[k] for k in ("params_before", "params_after", "macs_before", "macs_after",
+                                                  "effective_ratio", "groups_total", "groups_pruned")},
+        "variants": rows,
+        "notes": [
+            f"structured: {pruned.report['groups_pruned']} of {pruned.report['groups_total']} channel groups "
+            f"pruned (L1, channel ratio {pruned.report['effective_ratio']:.3f}, counts rounded to "
+            f"{settings.round_to}); outputs kept whole",
+            f"2:4 on conv layers with at least {settings.min_channels_24} input and output channels and input "
+            "channels divisible by 4; ONNX Runtime on the CPU runs 2:4 weights dense, so 2:4 changes accuracy "
+            "here, not speed (TensorRT's sparse kernels need a GPU)",
+            "per-layer times come from a separate profiled run; their sum exceeds the end-to-end latency by "
+            "the profiler's own overhead",
+        ],
+    }
+    for r in rows:
+        if r["cv_warning"]:
+            report["notes"].append(f"{r['name']}: {r['cv_warning']}")
+    images = [plot_latency(report, out / "latency.png"),
+              plot_slowest_layers(rows[0]["per_layer"], rows[1]["per_layer"], out / "slowest_layers.png")]
+    write_json(out / "report.json", report)
+    write_html(report, out / "report.html", images)
+    if console is not None:
+        console.print(rich_table(report))
+        console.print(f"wrote {out / 'report.json'}, {out / 'report.html'}, plots and ONNX files in {onnx_dir}")
+    return report
