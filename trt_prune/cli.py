@@ -266,7 +266,12 @@ def build_cmd(onnx_file, backend, fp16, sparse, batch, threads, out, as_json):
     from .backends import BuildConfig, get_backend
     from .profiling.profile import make_feeds, resolve_input_shapes
 
+    from .errors import BackendUnavailableError
+
     chosen = get_backend(backend)
+    ok, reason = chosen.available()
+    if not ok:  # before any output is created
+        raise BackendUnavailableError(f"backend {backend!r} is unavailable: {reason}")
     if not Path(onnx_file).is_file():
         raise TrtPruneError(f"ONNX file '{onnx_file}' does not exist; export a model first")
     extra = {}

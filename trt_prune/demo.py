@@ -151,7 +151,7 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
                 cleans[name] = clean_onnx(raw_path, final)
                 log(f"{name}: exported ({exports[name].exporter}) and cleaned "
                     f"{cleans[name].nodes_before} → {cleans[name].nodes_after} nodes")
-                sessions[name] = backend.build(final, BuildConfig(threads=threads))
+                sessions[name] = backend.build(final, BuildConfig(threads=threads, extra={"allow_spinning": False}))
                 feeds[name] = {sessions[name].inputs[0].name: image}
                 ins, outs = sessions[name].inputs[0].name, sessions[name].outputs[0].name
                 v["map_onnx"] = score(_session_predict(sessions[name], ins, outs))

@@ -96,7 +96,7 @@ def load_weights(model: nn.Module, path: str | Path, allow_pickle: bool = False)
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError… for bad files
             text = str(exc)
             if not allow_pickle:
-                if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+                if "Unsupported global" in text:
                     raise WeightsError(
                         f"weights file '{path}' contains pickled Python objects, which can run arbitrary code; "
                         "save a state dict (or .safetensors) instead, or pass --allow-pickle if you trust it"

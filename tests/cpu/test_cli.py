@@ -1,0 +1,156 @@
+"""The command-line contract: every command, its --json keys, and one clear exit-2 error per bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from trt_prune.cli import cli
+
+COMMANDS = [["demo"], ["prune"], ["sparsify"], ["export"], ["clean"], ["build"], ["profile"], ["inspect"],
+            ["inspect", "sparsity"]]
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output + result.stderr
+    return result
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
+def test_every_help(cmd):
+    result = run(*cmd, "--help")
+    assert "Usage:" in result.output and "--help" in result.output
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """prune → sparsify → export → clean through model folders, as a user would chain them."""
+    out = tmp_path_factory.mktemp("chain")
+    pruned = json.loads(run("prune", "builtin:demo-detector", "--ratio", "0.5", "--round-to", "8",
+                            "--input-shape", "1x3x320x320", "--out", out / "pruned", "--json").stdout)
+    sparse = json.loads(run("sparsify", out / "pruned", "--min-channels", "32", "--out", out / "sparse",
+                            "--json").stdout)
+    exported = json.loads(run("export", out / "sparse", "-o", out / "model.onnx", "--json").stdout)
+    cleaned = json.loads(run("clean", out / "model.onnx", "-o", out / "clean.onnx", "--json").stdout)
+    return out, pruned, sparse, exported, cleaned
+
+
+def test_prune_json_contract(chain):
+    out, pruned, *_ = chain
+    assert pruned["params_after"] < pruned["params_before"]
+    assert pruned["macs_after"] < 0.5 * pruned["macs_before"]
+    meta = json.loads((out / "pruned" / "model.json").read_text())
+    assert meta["source"] == "builtin:demo-detector" and meta["input_shape"] == [1, 3, 320, 320]
+    assert meta["recipe"]["groups"] and (out / "pruned" / "model.safetensors").is_file()
+
+
+def test_sparsify_json_contract(chain):
+    _, _, sparse, *_ = chain
+    rows = sparse["layers"]
+    assert {"module", "made_24", "reason"} <= set(rows[0])
+    assert any(r["made_24"] for r in rows) and any(not r["made_24"] for r in rows)
+    assert all(r["reason"] for r in rows)
+
+
+def test_export_clean_inspect_profile(chain):
+    out, _, sparse, exported, cleaned = chain
+    assert exported["parity"]["max_abs"] < 1e-3 and exported["parity"]["max_rel"] < 1e-2
+    assert cleaned["nodes_after"] <= cleaned["nodes_before"]
+    records = json.loads(run("inspect", "sparsity", out / "clean.onnx", "--json").stdout)
+    assert {"name", "op", "holds_24", "eligible", "reason"} <= set(records[0])
+    holding = sum(r["holds_24"] for r in records)
+    assert holding == sparse["sparse_layers"] > 0  # the 2:4 layers survived export and cleaning
+    prof = json.loads(run("profile", out / "clean.onnx", "--backend", "onnxruntime", "--batch", "2",
+                          "--iterations", "5", "--warmup", "0.1", "--duration", "0", "--layer-runs", "2",
+                          "--json").stdout)
+    assert set(prof["latency_ms"]) >= {"p50", "p90", "p99", "mean"}
+    assert prof["latency_ms"]["p50"] > 0 and prof["throughput_ips"] > 0
+    assert {"name", "op", "module", "ms"} <= set(prof["per_layer"][0])
+    assert prof["per_layer_sum_ms"] == pytest.approx(sum(r["ms"] for r in prof["per_layer"]))
+    modules = {r["module"] for r in prof["per_layer"]}
+    assert any(m and m.startswith("backbone.") for m in modules) and any(m and m.startswith("head.")
+                                                                         for m in modules)
+
+
+def test_build_onnxruntime(chain):
+    out = chain[0]
+    data = json.loads(run("build", out / "clean.onnx", "--backend", "onnxruntime", "--json").stdout)
+    assert data["outputs"]["output"] == [1, 8, 2100]
+
+
+# --- bad input: one clear error, exit code 2, nothing written ------------------------------------------------
+
+def _assert_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    err = result.stderr
+    assert err.startswith("error: ") or "Error:" in err, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_unknown_model_spec(tmp_path):
+    result = run("prune", "builtin:nope", "--out", tmp_path / "o", ok=False)
+    _assert_error(result, "unknown built-in model 'nope'", "demo-detector")
+    result = run("export", "what:ever", "-o", tmp_path / "m.onnx", ok=False)
+    _assert_error(result, "unknown model spec")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.2"])
+def test_ratio_outside_unit_interval(tmp_path, ratio):
+    result = run("prune", "builtin:demo-detector", "--ratio", ratio, "--out", tmp_path / "o", ok=False)
+    _assert_error(result, "ratio must be in (0, 1)", ratio)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_corrupt_and_pickled_weights(tmp_path):
+    result = run("export", "builtin:demo-detector", "--weights", tmp_path / "nope.safetensors",
+                 "-o", tmp_path / "m.onnx", ok=False)
+    _assert_error(result, "does not exist")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"{corrupt" * 20)
+    result = run("prune", "builtin:demo-detector", "--weights", bad, "--out", tmp_path / "o", ok=False)
+    _assert_error(result, "not a readable safetensors")
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "obj": Path("x")}, evil)  # a pathlib object: needs real unpickling
+    result = run("sparsify", "builtin:demo-detector", "--weights", evil, "--out", tmp_path / "s", ok=False)
+    _assert_error(result, "--allow-pickle")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "evil.pt", "o", "s"]
+    assert not any((tmp_path / "o").iterdir()) and not any((tmp_path / "s").iterdir())
+
+
+def test_unwritable_output(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    result = run("prune", "builtin:demo-detector", "--out", blocker / "sub", ok=False)
+    _assert_error(result, "cannot write to output folder")
+    result = run("export", "builtin:demo-detector", "-o", blocker / "m.onnx", ok=False)
+    _assert_error(result, "cannot write")
+    assert blocker.read_text() == "a file, not a folder"
+
+
+def test_build_tensorrt_without_tensorrt(chain, tmp_path):
+    pytest.importorskip("onnxruntime")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here; this checks the message where it is missing")
+    except ImportError:
+        pass
+    result = run("build", chain[0] / "clean.onnx", "--backend", "tensorrt", "-o", tmp_path / "engine", ok=False)
+    _assert_error(result, "tensorrt")
+    assert not (tmp_path / "engine").exists()
+
+
+def test_clean_refuses_corrupt_onnx(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage")
+    before = bad.read_bytes()
+    result = run("clean", bad, "-o", tmp_path / "out.onnx", ok=False)
+    _assert_error(result)
+    assert bad.read_bytes() == before and not (tmp_path / "out.onnx").exists()

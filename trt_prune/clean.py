@@ -1,0 +1,435 @@
+"""Clean an exported ONNX graph for TensorRT: a pipeline of named passes over onnx-graphsurgeon.
+
+Passes, in the default order (each is a function ``(graph) -> (graph, detail)`` in :data:`PASSES`):
+
+- ``shape_inference``: ONNX shape inference with data propagation, so that ``fold_constants`` can fold
+  ``Shape`` nodes of static axes (on a YOLO-style head this is the difference between 10 and 7 nodes).
+- ``fold_constants``: onnx-graphsurgeon's folding (evaluates constant subgraphs in ONNX Runtime).
+- ``simplify_reshape``: a Reshape whose target shape is computed from its own input's dynamic shape
+  (``x.flatten(2)``, ``x.view(x.size(0), -1)`` under a dynamic batch) gets a constant shape with ``0``
+  ("copy this dimension") in place of the Shape/Slice/Gather/Concat arithmetic, which folding cannot remove
+  because the batch is unknown.
+- ``remove_identity``: Identity, inference Dropout, Cast to the type it already has, Reshape to the shape it
+  already has.
+- ``dedup_initializers``: identical initializers (dtype, shape and bytes) become one.
+- ``cleanup``: nodes and tensors that no output depends on.
+- ``toposort``: nodes in dependency order.
+
+The result is checked with ``onnx.checker`` and, by default, against the input graph in ONNX Runtime.
+onnx-graphsurgeon drops the nodes' ``metadata_props`` (where the dynamo exporter keeps module scopes); they
+are copied back by node name so :func:`trt_prune.onnx_io.node_module` still works on cleaned graphs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from trt_prune.errors import CleanError, TrtPruneError
+from trt_prune.onnx_io import compare_outputs, load_onnx, random_feeds, run_onnxruntime, save_onnx
+
+DEFAULT_PASSES = ("shape_inference", "fold_constants", "simplify_reshape", "remove_identity", "dedup_initializers",
+                  "cleanup", "toposort")
+
+
+@dataclass
+class CleanResult:
+    """What :func:`clean_onnx` did: node counts overall and per pass, and the parity of the result.
+
+    ``passes`` holds ``{"name", "nodes_before", "nodes_after", "detail"}`` per pass, in order. ``parity``
+    maps each output to ``{"max_abs", "max_rel"}`` of the cleaned graph against the input graph in ONNX
+    Runtime (empty when the check was off).
+    """
+
+    src: str
+    dst: str
+    nodes_before: int
+    nodes_after: int
+    passes: list[dict] = field(default_factory=list)
+    parity: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of every field."""
+        return asdict(self)
+
+
+def clean_onnx(src, dst, *, passes: Sequence[str] | None = None, check_parity: bool = True, atol: float = 1e-4,
+               rtol: float = 1e-3, seed: int = 0) -> CleanResult:
+    """Run the cleaning ``passes`` (default :data:`DEFAULT_PASSES`) on the ONNX file ``src``, write ``dst``.
+
+    ``src`` is only read. ``dst`` is written atomically, and only once the result passes ``onnx.checker``
+    and (unless ``check_parity=False``) matches ``src`` in ONNX Runtime on seeded random inputs within
+    ``|clean - src| <= atol + rtol * |src|``. Raises :class:`CleanError` for a missing or invalid ``src``, an
+    unknown pass, a failing check; :class:`OutputError` when ``dst`` cannot be written.
+    """
+    try:
+        import onnx_graphsurgeon as gs
+    except ImportError as exc:
+        raise CleanError("clean needs onnx-graphsurgeon; install it with `pip install onnx-graphsurgeon`") from exc
+
+    names = list(DEFAULT_PASSES if passes is None else passes)
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise CleanError(f"unknown clean pass(es) {unknown}; valid passes: {', '.join(PASSES)}")
+    src_path, dst_path = Path(src), Path(dst)
+    if dst_path.exists() and src_path.exists() and dst_path.resolve() == src_path.resolve():
+        raise CleanError(f"dst {str(dst_path)!r} is the source file itself; clean never overwrites its input, "
+                         "give another output path")
+    original = load_onnx(src_path, error=CleanError)
+    try:
+        onnx.checker.check_model(original)
+    except onnx.checker.ValidationError as exc:
+        raise CleanError(f"{str(src_path)!r} is not a valid ONNX model ({_one_line(exc)}); re-export it") from exc
+
+    try:
+        graph = gs.import_onnx(original)
+    except Exception as exc:
+        raise CleanError(f"onnx-graphsurgeon cannot import {str(src_path)!r} ({_one_line(exc)})") from exc
+    nodes_before = len(graph.nodes)
+    records = []
+    for name in names:
+        before = len(graph.nodes)
+        try:
+            graph, detail = PASSES[name](graph)
+        except TrtPruneError:
+            raise
+        except Exception as exc:
+            raise CleanError(f"clean pass {name!r} failed on {str(src_path)!r} ({_one_line(exc)}); leave it out "
+                             f"with passes=[...] (valid: {', '.join(PASSES)})") from exc
+        records.append({"name": name, "nodes_before": before, "nodes_after": len(graph.nodes), "detail": detail})
+
+    cleaned = _export(graph, original)
+    try:
+        onnx.checker.check_model(cleaned)
+    except onnx.checker.ValidationError as exc:
+        raise CleanError(f"the cleaned graph fails onnx.checker ({_one_line(exc)}); nothing was written") from exc
+    parity = _parity(original, cleaned, atol, rtol, seed) if check_parity else {}
+    written = save_onnx(cleaned, dst_path)
+    return CleanResult(src=str(src_path), dst=str(written), nodes_before=nodes_before,
+                       nodes_after=len(cleaned.graph.node), passes=records, parity=parity)
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _export(graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    import onnx_graphsurgeon as gs
+
+    model = gs.export_onnx(graph)
+    # keep what graphsurgeon does not carry: who made the model, and the per-node module scopes
+    model.ir_version = original.ir_version
+    model.producer_name, model.producer_version = original.producer_name, original.producer_version
+    model.doc_string = original.doc_string
+    model.metadata_props.extend(original.metadata_props)
+    scopes = {n.name: n.metadata_props for n in original.graph.node if n.name and n.metadata_props}
+    for node in model.graph.node:
+        if node.name in scopes and not node.metadata_props:
+            node.metadata_props.extend(scopes[node.name])
+    return model
+
+
+def _parity(original, cleaned, atol: float, rtol: float, seed: int) -> dict[str, dict[str, float]]:
+    # batch 2 as well when the batch is symbolic: at batch 1 a wrongly copied dimension can go unnoticed
+    dynamic = any(not v.type.tensor_type.shape.dim[0].HasField("dim_value")
+                  for v in original.graph.input if v.type.tensor_type.shape.dim)
+    parity: dict[str, dict[str, float]] = {}
+    failing = []
+    for batch in (1, 2) if dynamic else (1,):
+        feeds = random_feeds(original, batch=batch, seed=seed + batch)
+        try:
+            expected = run_onnxruntime(original, feeds)
+        except Exception as exc:
+            raise CleanError(f"ONNX Runtime cannot run the source graph ({_one_line(exc)}), so parity cannot be "
+                             "checked; pass check_parity=False to clean without it") from exc
+        try:
+            got = run_onnxruntime(cleaned, feeds)
+        except Exception as exc:
+            raise CleanError(f"ONNX Runtime cannot run the cleaned graph ({_one_line(exc)}); nothing was "
+                             "written. Leave out passes to find the one at fault") from exc
+        for name, reference in expected.items():
+            if name not in got:
+                raise CleanError(f"output {name!r} disappeared from the cleaned graph; nothing was written")
+            try:
+                error = compare_outputs(got[name], reference, atol=atol, rtol=rtol)
+            except TrtPruneError as exc:
+                raise CleanError(f"output {name!r} at batch {batch}: {exc}; nothing was written") from exc
+            entry = parity.setdefault(name, {"max_abs": 0.0, "max_rel": 0.0})
+            entry["max_abs"] = max(entry["max_abs"], error["max_abs"])
+            entry["max_rel"] = max(entry["max_rel"], error["max_rel"])
+            if error["mismatched"]:
+                failing.append(f"{name} at batch {batch}: {error['mismatched']} element(s) off, "
+                               f"max_abs {error['max_abs']:.3g}")
+    if failing:
+        raise CleanError(f"cleaning changed what the graph computes beyond atol={atol}, rtol={rtol} "
+                         f"({'; '.join(failing)}); nothing was written. Leave out passes to find the one at fault")
+    return parity
+
+
+# ------------------------------------------------------------------------------------------------ passes
+def shape_inference(graph):
+    """ONNX shape inference (with data propagation) on the whole graph."""
+    import onnx_graphsurgeon as gs
+
+    known_before = _known_shapes(graph)
+    model = gs.export_onnx(graph, do_type_check=False)
+    if model.ByteSize() > 2**31 - 1:
+        return graph, "skipped: the model is over protobuf's 2 GiB, in-memory shape inference cannot run"
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    graph = gs.import_onnx(inferred)
+    return graph, f"shapes known for {_known_shapes(graph)} of {len(graph.tensors())} tensors (was {known_before})"
+
+
+def _known_shapes(graph) -> int:
+    return sum(1 for t in graph.tensors().values() if t.shape is not None)
+
+
+def fold_constants(graph):
+    """Fold constant subgraphs with onnx-graphsurgeon (ONNX Runtime evaluates them); dead nodes go at once."""
+    before = Counter(n.op for n in graph.nodes)
+    # fold_constants needs a topological order; cleanup right after makes the node count show its effect
+    graph.toposort().fold_constants(partitioning="basic").cleanup()
+    after = Counter(n.op for n in graph.nodes)
+    removed = before - after
+    return graph, "folded: " + (", ".join(f"{op} {n}" for op, n in removed.most_common()) or "nothing")
+
+
+def simplify_reshape(graph):
+    """Replace shape arithmetic on a Reshape's own input by ``0`` entries (copy the input's dimension).
+
+    Hand-written because neither onnx-graphsurgeon's folding nor Polygraphy's sanitize does it: with a dynamic
+    batch, ``Concat(Slice(Shape(x), 0, 2), [-1])`` is not a constant, but ``Reshape(x, [0, 0, -1])`` (with
+    ``allowzero=0``) means exactly the same, and TensorRT then needs no shape tensors for it.
+    """
+    import onnx_graphsurgeon as gs
+
+    changed = 0
+    for node in graph.nodes:
+        if node.op != "Reshape" or node.attrs.get("allowzero", 0) or len(node.inputs) < 2:
+            continue
+        data, shape = node.inputs[0], node.inputs[1]
+        if isinstance(shape, gs.Constant) or not shape.inputs or data.shape is None:
+            continue
+        concat = shape.inputs[0]
+        if concat.op != "Concat" or concat.attrs.get("axis") not in (0, -1):
+            continue
+        values = _copy_shape(concat.inputs, data, len(data.shape))
+        if values is None or values.count(-1) > 1:
+            continue
+        node.inputs[1] = gs.Constant(f"{node.name or 'reshape'}_shape_{changed}", np.array(values, np.int64))
+        changed += 1
+    graph.cleanup()
+    return graph, f"constant shape for {changed} Reshape(s)"
+
+
+def _copy_shape(parts, data, rank: int) -> list[int] | None:
+    """The target shape with copied dimensions as 0, or None when some part is not understood."""
+    import onnx_graphsurgeon as gs
+
+    values: list[int] = []
+    for part in parts:
+        if isinstance(part, gs.Constant):
+            array = np.asarray(part.values).reshape(-1)
+            if array.dtype.kind != "i":
+                return None
+            values.extend(int(v) for v in array)  # a constant 0 already means "copy" here
+            continue
+        span = _shape_span(part, data, rank)
+        # dimension i of the input may only be copied into position i of the output
+        if span is None or span[0] != len(values):
+            return None
+        values.extend([0] * (span[1] - span[0]))
+    return values
+
+
+def _shape_span(tensor, data, rank: int) -> tuple[int, int] | None:
+    """(start, end) when ``tensor`` is ``Shape(data)[start:end]`` (via Shape, Slice or Unsqueeze(Gather))."""
+    import onnx_graphsurgeon as gs
+
+    if not tensor.inputs:
+        return None
+    producer = tensor.inputs[0]
+
+    def ints(t):
+        return [int(v) for v in np.asarray(t.values).reshape(-1)] if isinstance(t, gs.Constant) else None
+
+    def clip(index):
+        return min(max(index + rank if index < 0 else index, 0), rank)
+
+    if producer.op == "Shape" and producer.inputs[0] is data:
+        start, end = clip(producer.attrs.get("start", 0)), clip(producer.attrs.get("end", rank))
+        return (start, end) if end > start else None
+    if producer.op == "Slice":
+        full = _shape_span(producer.inputs[0], data, rank)
+        starts, ends = ints(producer.inputs[1]), ints(producer.inputs[2])
+        axes = ints(producer.inputs[3]) if len(producer.inputs) > 3 else [0]
+        steps = ints(producer.inputs[4]) if len(producer.inputs) > 4 else [1]
+        if full != (0, rank) or not starts or not ends or axes not in ([0], [-1]) or steps != [1]:
+            return None
+        start, end = clip(starts[0]), clip(ends[0])
+        return (start, end) if end > start else None
+    if producer.op == "Unsqueeze":
+        axes = ints(producer.inputs[1]) if len(producer.inputs) > 1 else producer.attrs.get("axes")
+        gather = producer.inputs[0].inputs[0] if producer.inputs[0].inputs else None
+        if list(axes or []) != [0] or gather is None or gather.op != "Gather" or gather.attrs.get("axis", 0) != 0:
+            return None
+        index = ints(gather.inputs[1])
+        if _shape_span(gather.inputs[0], data, rank) != (0, rank) or index is None or len(index) != 1 \
+                or np.asarray(gather.inputs[1].values).ndim != 0:
+            return None
+        start = clip(index[0])
+        return (start, start + 1) if start < rank else None
+    return None
+
+
+def remove_identity(graph):
+    """Remove nodes that pass their input through: Identity, inference Dropout, no-op Cast and Reshape."""
+    removed = Counter()
+    for node in list(graph.nodes):
+        if _is_passthrough(node) and _bypass(graph, node):
+            removed[node.op] += 1
+    graph.cleanup()
+    return graph, "removed: " + (", ".join(f"{op} {n}" for op, n in removed.most_common()) or "nothing")
+
+
+def _is_passthrough(node) -> bool:
+    import onnx_graphsurgeon as gs
+
+    if not node.inputs or not node.outputs:
+        return False
+    if node.op == "Identity":
+        return True
+    if node.op == "Dropout":
+        # an inference Dropout copies its input; keep it when the mask is used or training_mode may be true
+        mask_used = len(node.outputs) > 1 and bool(node.outputs[1].outputs)
+        training = node.inputs[2] if len(node.inputs) > 2 else None
+        training_off = training is None or training.name == "" or (
+            isinstance(training, gs.Constant) and not bool(np.asarray(training.values).any()))
+        return not mask_used and training_off
+    if node.op == "Cast":
+        return _same_dtype(node.inputs[0].dtype, node.attrs.get("to"))
+    if node.op == "Reshape":
+        return _noop_reshape(node)
+    return False
+
+
+def _same_dtype(dtype, to) -> bool:
+    if dtype is None or to is None:
+        return False
+    try:
+        source = dtype if isinstance(dtype, int) else onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        target = to if isinstance(to, int) else onnx.helper.np_dtype_to_tensor_dtype(np.dtype(to))
+    except (TypeError, KeyError, ValueError):
+        return False
+    return int(source) == int(target)
+
+
+def _noop_reshape(node) -> bool:
+    import onnx_graphsurgeon as gs
+
+    data, shape = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
+    if not isinstance(shape, gs.Constant) or data.shape is None:
+        return False
+    dims = list(data.shape)
+    if not all(isinstance(d, (int, np.integer)) for d in dims):
+        return False
+    target = [int(v) for v in np.asarray(shape.values).reshape(-1)]
+    if len(target) != len(dims):
+        return False
+    allow_zero = bool(node.attrs.get("allowzero", 0))
+    resolved = [dims[i] if (t == 0 and not allow_zero) else t for i, t in enumerate(target)]
+    if resolved.count(-1) == 1:
+        known = int(np.prod([d for d in resolved if d != -1]))
+        total = int(np.prod(dims))
+        if known == 0 or total % known:
+            return False
+        resolved[resolved.index(-1)] = total // known
+    return resolved == [int(d) for d in dims]
+
+
+def _bypass(graph, node) -> bool:
+    """Wire the node's consumers to its input; returns False when the node must stay."""
+    import onnx_graphsurgeon as gs
+
+    source, result = node.inputs[0], node.outputs[0]
+    if result in graph.outputs:
+        # A graph output keeps its name: let the input's producer write the output tensor directly. Not
+        # possible when the input is a graph input, a constant, or itself an output.
+        if (isinstance(source, gs.Constant) or source in graph.inputs or source in graph.outputs
+                or not source.inputs):
+            return False
+        for consumer in list(source.outputs):
+            if consumer is not node:
+                _replace_input(consumer, source, result)
+        producer = source.inputs[0]
+        producer.outputs[producer.outputs.index(source)] = result
+        node.inputs.clear()
+        node.outputs.clear()
+        if result.dtype is None:
+            result.dtype = source.dtype
+        if result.shape is None:
+            result.shape = source.shape
+        return True
+    for consumer in list(result.outputs):
+        _replace_input(consumer, result, source)
+    node.inputs.clear()
+    node.outputs.clear()
+    return True
+
+
+def _replace_input(node, old, new) -> None:
+    for index, tensor in enumerate(node.inputs):
+        if tensor is old:
+            node.inputs[index] = new
+
+
+def dedup_initializers(graph):
+    """Make identical initializers (same dtype, shape and bytes) one tensor used by all their consumers."""
+    import onnx_graphsurgeon as gs
+
+    keep: dict[tuple, object] = {}
+    merged = saved = 0
+    constants = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    for tensor in constants:
+        values = np.ascontiguousarray(tensor.values)
+        key = (str(values.dtype), values.shape, hashlib.sha256(values.tobytes()).digest())
+        first = keep.setdefault(key, tensor)
+        if first is tensor or tensor in graph.outputs:
+            continue
+        for consumer in list(tensor.outputs):
+            _replace_input(consumer, tensor, first)
+        merged += 1
+        saved += values.nbytes
+    graph.cleanup()
+    return graph, f"merged {merged} duplicate initializer(s) ({saved} bytes) into their first copy"
+
+
+def cleanup(graph):
+    """Remove nodes and tensors that no graph output depends on (graph inputs are kept)."""
+    before = len(graph.nodes)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return graph, f"removed {before - len(graph.nodes)} dead node(s)"
+
+
+def toposort(graph):
+    """Sort nodes topologically (TensorRT's parser and ORT both require it)."""
+    graph.toposort()
+    return graph, "nodes sorted"
+
+
+PASSES: dict[str, Callable] = {
+    "shape_inference": shape_inference,
+    "fold_constants": fold_constants,
+    "simplify_reshape": simplify_reshape,
+    "remove_identity": remove_identity,
+    "dedup_initializers": dedup_initializers,
+    "cleanup": cleanup,
+    "toposort": toposort,
+}

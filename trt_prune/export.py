@@ -1,0 +1,260 @@
+"""Export a PyTorch model to ONNX for TensorRT, with a parity check in ONNX Runtime.
+
+The dynamo exporter (``torch.onnx.export(..., dynamo=True)``, torch's default since 2.9) is tried first:
+its graph is smaller (BatchNorm fused, SiLU kept as Sigmoid·Mul, no shape arithmetic for the batch axis)
+and every node carries its module scope in metadata. When it raises, the TorchScript exporter
+(``dynamo=False``) is used and the reason is kept in :attr:`ExportResult.fallback_reason`.
+
+Default opset: 18. It is the lowest opset the dynamo exporter implements natively in torch 2.14; asking it
+for 17 makes it convert the finished model down with ONNX's version converter, which drops the node
+metadata that maps nodes to modules. TorchScript exports 18 cleanly too, ONNX Runtime supports it, and it
+lies inside the parser range of TensorRT 10.x (opset 9 to 20 and later) and 11.x (up to 25).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from trt_prune.errors import ExportError, TrtPruneError
+from trt_prune.onnx_io import (
+    PROTOBUF_LIMIT,
+    compare_outputs,
+    load_onnx,
+    random_feeds,
+    run_onnxruntime,
+    save_onnx,
+    staging_folder,
+)
+
+DEFAULT_OPSET = 18
+EXPORTERS = ("dynamo", "torchscript")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_onnx` wrote and how well it matches torch.
+
+    ``parity`` maps each output name to ``{"max_abs", "max_rel"}`` over all parity batches (see
+    :func:`trt_prune.onnx_io.compare_outputs` for the definition of ``max_rel``); it is empty when the check
+    was turned off. ``exporter`` is the exporter that produced the file; ``fallback_reason`` says why dynamo
+    was not it, or is ``None``.
+    """
+
+    path: str
+    exporter: str
+    fallback_reason: str | None
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+    input_shape: tuple[int, ...] | list[tuple[int, ...]]
+    parity: dict[str, dict[str, float]] = field(default_factory=dict)
+    export_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of every field."""
+        data = asdict(self)
+        shape = self.input_shape
+        data["input_shape"] = list(shape) if _is_shape(shape) else [list(s) for s in shape]
+        return data
+
+
+def export_onnx(model, path, input_shape=(1, 3, 320, 320), *, exporter: str = "dynamo", opset: int | None = None,
+                dynamic_batch: bool = True, input_names: Sequence[str] = ("images",),
+                output_names: Sequence[str] = ("output",), check_parity: bool = True, atol: float = 1e-4,
+                rtol: float = 1e-3, seed: int = 0) -> ExportResult:
+    """Export ``model`` to the ONNX file ``path`` and check it against torch in ONNX Runtime.
+
+    ``input_shape`` is one shape, or one shape per name in ``input_names`` (float32 inputs). With
+    ``exporter="dynamo"`` the TorchScript exporter is the fallback when dynamo raises. ``dynamic_batch`` makes
+    axis 0 of every input and output symbolic (``batch``). The model runs in eval mode (its mode is restored
+    afterwards). Parity: seeded random inputs at the given batch and, when the batch is dynamic, at batch+1;
+    an element fails when ``|onnx - torch| > atol + rtol * |torch|``; any failure raises
+    :class:`ExportError` and writes nothing, unless ``check_parity=False``.
+
+    The file holds the whole model with weights as initializers (external ``<name>.data`` only past protobuf's
+    2 GiB), and is written atomically. Unwritable ``path`` raises :class:`OutputError`.
+    """
+    import torch
+
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    if not isinstance(model, torch.nn.Module):
+        raise ExportError(f"export needs a torch.nn.Module, got {type(model).__name__}")
+    names = [str(n) for n in input_names]
+    shapes = _shapes(input_shape, names)
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    if not 9 <= opset <= 25:
+        raise ExportError(f"opset {opset} is outside what TensorRT parses (9 to 25); use {DEFAULT_OPSET}")
+    for label, value in (("atol", atol), ("rtol", rtol)):
+        if not (isinstance(value, (int, float)) and value >= 0):
+            raise ExportError(f"{label} must be a number >= 0, got {value!r}")
+
+    generator = torch.Generator().manual_seed(seed)
+    device = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
+    example = tuple(torch.randn(s, generator=generator).to(device) for s in shapes)
+    big = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) > PROTOBUF_LIMIT
+    # per module: model.train(True) afterwards would also unfreeze submodules the caller kept in eval
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with staging_folder(path) as tmp:
+            staged = tmp / Path(path).name
+            started = time.perf_counter()
+            used, fallback_reason = _export(model, example, staged, exporter, opset, dynamic_batch, names,
+                                            list(output_names), big)
+            seconds = time.perf_counter() - started
+            onnx_model = load_onnx(staged, error=ExportError)
+            _check(staged)
+            parity = {}
+            if check_parity:
+                parity = _parity(model, onnx_model, staged, dynamic_batch, names, atol, rtol, seed, device,
+                                 shapes[0][0])
+            written = save_onnx(onnx_model, path, external_data=big or None)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+    return ExportResult(
+        path=str(written), exporter=used, fallback_reason=fallback_reason,
+        opset=next((o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx")), opset),
+        input_names=[v.name for v in onnx_model.graph.input if v.name not in _initializer_names(onnx_model)],
+        output_names=[v.name for v in onnx_model.graph.output],
+        input_shape=tuple(shapes[0]) if len(shapes) == 1 else [tuple(s) for s in shapes],
+        parity=parity, export_seconds=round(seconds, 3),
+    )
+
+
+def _is_shape(value) -> bool:
+    return isinstance(value, Sequence) and all(isinstance(d, int) and not isinstance(d, bool) for d in value)
+
+
+def _shapes(input_shape, names: list[str]) -> list[tuple[int, ...]]:
+    if _is_shape(input_shape):
+        shapes = [input_shape]
+    else:
+        shapes = list(input_shape) if isinstance(input_shape, Sequence) else None
+    if not shapes or not all(_is_shape(s) and s and all(d > 0 for d in s) for s in shapes):
+        raise ExportError(f"input_shape must be a shape of positive ints like (1, 3, 320, 320), or one per input; "
+                          f"got {input_shape!r}")
+    if len(shapes) != len(names):
+        raise ExportError(f"{len(shapes)} input shape(s) for {len(names)} input name(s) {names}; give one shape "
+                          "per name")
+    return [tuple(int(d) for d in s) for s in shapes]
+
+
+def _initializer_names(model) -> set[str]:
+    return {t.name for t in model.graph.initializer}
+
+
+def _export(model, example, staged: Path, exporter: str, opset: int, dynamic_batch: bool, input_names: list[str],
+            output_names: list[str], big: bool) -> tuple[str, str | None]:
+    """Run the exporter(s); returns (exporter used, why dynamo was not used or None)."""
+    import torch
+
+    fallback_reason = None
+    if exporter == "dynamo":
+        try:
+            batch = torch.export.Dim("batch")
+            dynamic_shapes = tuple({0: batch} for _ in example) if dynamic_batch else None
+            torch.onnx.export(model, example, str(staged), dynamo=True, opset_version=opset,
+                              input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
+                              external_data=big, optimize=True, verbose=False)
+            return "dynamo", None
+        except Exception as exc:  # any dynamo failure is a reason to try TorchScript, whatever its type
+            fallback_reason = _one_line(exc)
+            for leftover in staged.parent.iterdir():
+                leftover.unlink()
+    dynamic_axes = None
+    if dynamic_batch:
+        dynamic_axes = {name: {0: "batch"} for name in [*input_names, *output_names]}
+    try:
+        with warnings.catch_warnings():
+            # TorchScript export is deprecated in torch 2.9+; choosing it (or falling back to it) is deliberate
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.onnx.export(model, example, str(staged), dynamo=False, opset_version=opset,
+                              input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+                              do_constant_folding=True)
+    except Exception as exc:
+        tried = f"dynamo failed ({fallback_reason}); " if fallback_reason else ""
+        raise ExportError(f"ONNX export of {type(model).__name__} failed: {tried}TorchScript failed "
+                          f"({_one_line(exc)}); check that forward() runs on inputs of shape "
+                          f"{[tuple(t.shape) for t in example]}") from exc
+    return "torchscript", fallback_reason
+
+
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    # torch.export colours its messages; escape codes do not belong in a JSON report
+    text = " ".join(_ANSI.sub("", str(exc)).split())
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))  # by path: works past protobuf's 2 GiB too
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"the exported model fails onnx.checker ({_one_line(exc)}); try the other exporter "
+                          "or another opset") from exc
+
+
+def _parity(model, onnx_model, staged: Path, dynamic_batch: bool, input_names: list[str], atol: float,
+            rtol: float, seed: int, device, batch: int) -> dict[str, dict[str, float]]:
+    import torch
+
+    batches = [batch, batch + 1] if dynamic_batch else [batch]
+    worst: dict[str, dict[str, float]] = {}
+    for index, b in enumerate(batches):
+        feeds = random_feeds(onnx_model, batch=b, seed=seed + index)
+        try:
+            got = run_onnxruntime(staged, feeds)  # from the file: a proto past 2 GiB cannot be serialised
+        except Exception as exc:
+            raise ExportError(f"ONNX Runtime cannot run the exported model at batch {b} ({_one_line(exc)}); "
+                              "check the export with check_parity=False and inspect the file") from exc
+        with torch.no_grad():
+            reference = model(*(torch.from_numpy(feeds[name]).to(device) for name in input_names))
+        expected = _flatten(reference)
+        if len(expected) != len(got):
+            raise ExportError(f"torch returned {len(expected)} output tensor(s), the ONNX model {len(got)} "
+                              f"({list(got)}); give one output name per output")
+        for (name, actual), ref in zip(got.items(), expected, strict=True):
+            try:
+                error = compare_outputs(actual, ref, atol=atol, rtol=rtol)
+            except TrtPruneError as exc:
+                raise ExportError(f"output {name!r} at batch {b}: {exc}") from exc
+            entry = worst.setdefault(name, {"max_abs": 0.0, "max_rel": 0.0, "mismatched": 0})
+            entry["max_abs"] = max(entry["max_abs"], error["max_abs"])
+            entry["max_rel"] = max(entry["max_rel"], error["max_rel"])
+            entry["mismatched"] += error["mismatched"]
+    failing = {n: e for n, e in worst.items() if e["mismatched"]}
+    if failing:
+        detail = "; ".join(f"{n}: {e['mismatched']} element(s) off, max_abs {e['max_abs']:.3g}, "
+                           f"max_rel {e['max_rel']:.3g}" for n, e in failing.items())
+        raise ExportError(f"ONNX Runtime output differs from torch beyond atol={atol}, rtol={rtol} ({detail}); "
+                          "nothing was written. Try the other exporter, or pass check_parity=False to write "
+                          "the file for inspection")
+    return {n: {"max_abs": e["max_abs"], "max_rel": e["max_rel"]} for n, e in worst.items()}
+
+
+def _flatten(output) -> list[np.ndarray]:
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        tensor = output.detach().cpu()
+        return [(tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()]  # numpy has no bf16
+    if isinstance(output, (list, tuple)):
+        return [array for item in output for array in _flatten(item)]
+    if isinstance(output, dict):
+        return [array for item in output.values() for array in _flatten(item)]
+    raise ExportError(f"cannot compare a model output of type {type(output).__name__}; return tensors, or "
+                      "tuples/lists/dicts of tensors")

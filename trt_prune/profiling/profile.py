@@ -1,0 +1,274 @@
+"""Profile an ONNX model on a backend: end-to-end latency statistics plus per-layer times, as one record.
+
+Latency and per-layer times come from separate runs (per-layer instrumentation inflates the total).
+Throughput is derived from the latency of sequential inference calls, one call in flight at a time:
+``throughput_ips = 1000 / mean latency (ms)`` inference calls per second, and
+``throughput_images_s = throughput_ips * batch``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import random
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trt_prune.backends import BuildConfig, LayerTime, Session, TensorSpec, get_backend
+from trt_prune.backends.base import read_onnx_io
+from trt_prune.errors import ProfileError
+from trt_prune.profiling.stats import cv_warning, summarize
+
+AGGREGATE_KEYS = ("module", "op", "stage")
+UNMAPPED = "(unmapped)"
+ROOT = "(root)"
+
+
+@dataclass
+class ProfileResult:
+    """One profiling run. ``latency_ms`` is :func:`~trt_prune.profiling.stats.summarize` of ``samples_ms``;
+    ``per_layer`` rows are ``{name, op, module, ms, members}`` sorted by ``ms`` descending;
+    ``per_layer_run_ms`` is the backend's own mean run time during the per-layer run (instrumented, so
+    larger than ``latency_ms``); ``env`` says where it ran."""
+
+    backend: str
+    onnx: str
+    batch: int
+    input_shapes: dict[str, list[int]]
+    latency_ms: dict[str, Any]
+    throughput_ips: float
+    throughput_images_s: float
+    per_layer: list[dict[str, Any]] = field(default_factory=list)
+    per_layer_sum_ms: float | None = None
+    per_layer_run_ms: float | None = None
+    cv_warning: str | None = None
+    env: dict[str, Any] = field(default_factory=dict)
+    samples_ms: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return dataclasses.asdict(self)
+
+
+def resolve_input_shapes(specs: Sequence[TensorSpec], batch: int,
+                         input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None
+                         ) -> dict[str, tuple[int, ...]]:
+    """Concrete shape per input: the ONNX shape with axis 0 set to ``batch``.
+
+    ``input_shape`` gives full shapes (batch axis included) for inputs with other dynamic axes: one shape
+    when the model has one input, else a dict by input name. Its axis 0 must equal ``batch``.
+    """
+    if not isinstance(batch, int) or batch < 1:
+        raise ProfileError(f"batch must be a positive integer, got {batch!r}")
+    if input_shape is None:
+        given: dict[str, tuple[int, ...]] = {}
+    elif isinstance(input_shape, Mapping):
+        given = {k: tuple(int(d) for d in v) for k, v in input_shape.items()}
+    else:
+        if len(specs) != 1:
+            raise ProfileError(f"the model has {len(specs)} inputs {[s.name for s in specs]}; give input_shape "
+                               f"as a dict from input name to shape")
+        given = {specs[0].name: tuple(int(d) for d in input_shape)}
+    unknown = sorted(set(given) - {s.name for s in specs})
+    if unknown:
+        raise ProfileError(f"input_shape names {unknown}, which are not model inputs "
+                           f"{[s.name for s in specs]}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        if spec.name in given:
+            shape = given[spec.name]
+            if len(shape) != len(spec.shape) or any(d < 1 for d in shape):
+                raise ProfileError(f"input_shape for {spec.name!r} is {shape}; it must be {len(spec.shape)} "
+                                   f"positive sizes matching the ONNX shape {spec.shape}")
+            for axis, want in enumerate(spec.shape):
+                if isinstance(want, int) and want >= 0 and axis > 0 and shape[axis] != want:
+                    raise ProfileError(f"input_shape for {spec.name!r} is {shape}, but axis {axis} is fixed "
+                                       f"at {want} in the ONNX shape {spec.shape}")
+            if len(shape) and shape[0] != batch:
+                raise ProfileError(f"input_shape for {spec.name!r} starts with {shape[0]} but batch={batch}; "
+                                   f"make them agree")
+        else:
+            others = [a for a in spec.dynamic_axes if a != 0]
+            if others:
+                raise ProfileError(f"input {spec.name!r} has dynamic axes {others} besides the batch axis "
+                                   f"(ONNX shape {spec.shape}); pass input_shape with its full shape")
+            shape = tuple(int(d) if isinstance(d, int) and d >= 0 else batch for d in spec.shape)
+            if shape and shape[0] != batch:
+                raise ProfileError(f"input {spec.name!r} has a fixed batch of {shape[0]} (ONNX shape "
+                                   f"{spec.shape}); profile with batch={shape[0]} or export with a dynamic "
+                                   f"batch axis")
+        shapes[spec.name] = shape
+    return shapes
+
+
+def make_feeds(specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]], seed: int = 0
+               ) -> dict[str, np.ndarray]:
+    """Random inputs: standard normal for float inputs (in their dtype), zeros for integer and bool ones."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        dtype = np.dtype(spec.dtype)
+        shape = tuple(shapes[spec.name])
+        if np.issubdtype(dtype, np.floating):
+            feeds[spec.name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+        else:
+            feeds[spec.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, OS and Python: stored with every result so numbers keep their context."""
+    cpu = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {"cpu": cpu or platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "usable_cores": usable, "platform": platform.platform(), "python": sys.version.split()[0],
+            "numpy": np.__version__}
+
+
+def _module_map_for(onnx_path: Path, module_map: Any) -> Mapping[str, str | None] | None:
+    if module_map is None or isinstance(module_map, Mapping):
+        return module_map
+    if callable(module_map):
+        import onnx
+
+        from trt_prune.profiling.layers import build_module_map
+
+        return build_module_map(onnx.load(str(onnx_path), load_external_data=False), module_map)
+    raise ProfileError(f"module_map must be a dict from ONNX node name to module path, a function of an "
+                       f"ONNX node, or None; got {type(module_map).__name__}")
+
+
+def profile_onnx(onnx_path: str | Path, backend: str = "onnxruntime", batch: int = 1,
+                 input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+                 warmup_s: float = 1.0, iterations: int = 200, min_duration_s: float = 1.0,
+                 threads: int | None = None, per_layer: bool = True, layer_runs: int = 20,
+                 module_map: Mapping[str, str | None] | Callable[[Any], str | None] | None = None,
+                 seed: int = 0, config: BuildConfig | None = None) -> ProfileResult:
+    """Build ``onnx_path`` on ``backend`` and measure it with random inputs of the given batch.
+
+    Timing runs at least ``iterations`` calls and at least ``min_duration_s`` seconds after ``warmup_s``
+    of warm-up; per-layer times (``per_layer``) come from a separate run of ``layer_runs`` inferences.
+    ``module_map`` maps ONNX node names to PyTorch module paths (a dict, or a function of an ONNX node);
+    by default it comes from the node names. ``config`` supplies the other build options (precision,
+    sparse weights, cache); its shapes and threads are replaced by the ones given here.
+    """
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise ProfileError(f"ONNX file {str(path)!r} does not exist; export the model first")
+    chosen = get_backend(backend)
+    inputs, _ = read_onnx_io(path)
+    shapes = resolve_input_shapes(inputs, batch, input_shape)
+    base = config if config is not None else BuildConfig()
+    config = dataclasses.replace(base, threads=threads if threads is not None else base.threads,
+                                 batch=(batch, batch, batch), shapes={n: (s, s, s) for n, s in shapes.items()})
+    mapping = _module_map_for(path, module_map)
+    with chosen.build(path, config) as session:
+        feeds = make_feeds(session.inputs, shapes, seed)
+        samples = session.time(feeds, warmup_s=warmup_s, iterations=iterations, min_duration_s=min_duration_s)
+        rows: list[LayerTime] = []
+        if per_layer:
+            rows = session.profile_layers(feeds, runs=layer_runs, module_map=mapping)
+        env = {**machine_info(), **session.env()}
+        notes = list(session.notes)
+        run_ms = session.profile_run_ms if per_layer else None
+    latency = summarize(samples)
+    ips = 1000.0 / latency["mean"] if latency["mean"] > 0 else float("inf")
+    per_layer_rows = sorted((r.to_dict() for r in rows), key=lambda r: r["ms"], reverse=True)
+    return ProfileResult(
+        backend=backend, onnx=str(path), batch=batch, input_shapes={n: list(s) for n, s in shapes.items()},
+        latency_ms=latency, throughput_ips=ips, throughput_images_s=ips * batch, per_layer=per_layer_rows,
+        per_layer_sum_ms=sum(r.ms for r in rows) if per_layer else None, per_layer_run_ms=run_ms,
+        cv_warning=cv_warning(latency), env=env, samples_ms=list(samples), notes=notes)
+
+
+def _row_get(row: LayerTime | Mapping[str, Any], key: str) -> Any:
+    return row.get(key) if isinstance(row, Mapping) else getattr(row, key)
+
+
+def stage_of(module: str | None) -> str:
+    """First component of a module path (``backbone``, ``neck``, ``head``...); ``head.0.cls`` -> ``head``."""
+    if module is None:
+        return UNMAPPED
+    if module == "":
+        return ROOT
+    return module.split(".", 1)[0]
+
+
+def aggregate_layers(per_layer: Sequence[LayerTime | Mapping[str, Any]], by: str = "module"
+                     ) -> list[dict[str, Any]]:
+    """Sum per-layer times by ``module``, ``op`` or ``stage`` (first component of the module path).
+
+    Returns ``{key, ms, count, share}`` rows sorted by ``ms`` descending; ``share`` is the fraction of the
+    summed per-layer time. Layers without a module are grouped under ``"(unmapped)"``.
+    """
+    if by not in AGGREGATE_KEYS:
+        raise ProfileError(f"cannot aggregate by {by!r}; choose one of {list(AGGREGATE_KEYS)}")
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for row in per_layer:
+        module = _row_get(row, "module")
+        if by == "module":
+            key = UNMAPPED if module is None else (module or ROOT)
+        elif by == "op":
+            key = str(_row_get(row, "op"))
+        else:
+            key = stage_of(module)
+        totals[key] = totals.get(key, 0.0) + float(_row_get(row, "ms"))
+        counts[key] = counts.get(key, 0) + 1
+    grand = sum(totals.values())
+    rows = [{"key": k, "ms": v, "count": counts[k], "share": (v / grand) if grand > 0 else 0.0}
+            for k, v in totals.items()]
+    return sorted(rows, key=lambda r: (-r["ms"], r["key"]))
+
+
+def interleaved_timings(sessions: Mapping[str, Session], feeds: Mapping[str, Mapping[str, np.ndarray]],
+                        rounds: int = 10, iterations_per_round: int = 10, warmup_s: float = 0.5,
+                        seed: int = 0, discard_first: int = 1) -> dict[str, list[float]]:
+    """Time several sessions fairly on a noisy machine: round by round, each session runs
+    ``iterations_per_round`` timed calls, in an order shuffled anew every round (seeded), so drifts in
+    clock speed or background load spread over all variants instead of landing on one. Every session is
+    warmed up for ``warmup_s`` first; the first ``discard_first`` calls of each turn are dropped because
+    they pay for caches the previous session evicted. Compare the results by their medians.
+    """
+    names = list(sessions)
+    if not names:
+        raise ProfileError("interleaved_timings needs at least one session")
+    missing = [n for n in names if n not in feeds]
+    if missing:
+        raise ProfileError(f"no feeds for session(s) {missing}; feeds must have a key per session {names}")
+    for label, value in (("rounds", rounds), ("iterations_per_round", iterations_per_round)):
+        if not isinstance(value, int) or value < 1:
+            raise ProfileError(f"{label} must be a positive integer, got {value!r}")
+    if not isinstance(discard_first, int) or discard_first < 0:
+        raise ProfileError(f"discard_first must be an integer >= 0, got {discard_first!r}")
+    rng = random.Random(seed)
+    if warmup_s > 0:
+        for name in names:
+            sessions[name].time(feeds[name], warmup_s=warmup_s, iterations=1)
+    out: dict[str, list[float]] = {name: [] for name in names}
+    order = list(names)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            samples = sessions[name].time(feeds[name], warmup_s=0.0,
+                                          iterations=iterations_per_round + discard_first)
+            out[name].extend(samples[discard_first:])
+    return out
