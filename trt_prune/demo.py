@@ -34,13 +34,13 @@ class DemoSettings:
     iterations_per_round: int
     layer_runs: int
     target_macs: float = 0.5  # fraction of dense MACs the structured variant keeps
-    round_to: int = 8
+    round_to: int | None = None  # None: what this machine's kernels like (trt_prune.pruning.alignment)
     min_channels_24: int = 64  # below NVIDIA's ~256 on purpose: the demo shows 2:4's accuracy cost broadly
 
 
-QUICK = DemoSettings(eval_images=100, finetune_steps=12, finetune_batch=8, finetune_img=256, finetune_lr=5e-4,
+QUICK = DemoSettings(eval_images=100, finetune_steps=40, finetune_batch=8, finetune_img=320, finetune_lr=4e-4,
                      rounds=8, iterations_per_round=10, layer_runs=10)
-FULL = DemoSettings(eval_images=500, finetune_steps=60, finetune_batch=8, finetune_img=320, finetune_lr=5e-4,
+FULL = DemoSettings(eval_images=500, finetune_steps=250, finetune_batch=8, finetune_img=320, finetune_lr=4e-4,
                     rounds=20, iterations_per_round=15, layer_runs=30)
 
 
@@ -86,7 +86,9 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
     from .profiling.layers import build_module_map
     from .profiling.profile import interleaved_timings, machine_info
     from .profiling.stats import cv_warning, summarize
+    from .finetune import recalibrate_batchnorm
     from .pruning import count_params, macs_of, prune
+    from .pruning.alignment import preferred_round_to
     from .report import plot_latency, plot_slowest_layers, rich_table, write_html
     from .sparsity import sparsify
 
@@ -109,9 +111,10 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
     def add(name, model, masks=None, sparse_layers=0):
         variants[name] = {"name": name, "model": model, "masks": masks, "sparse_layers": sparse_layers}
 
-    log("pruning: structured, keeping about "
-        f"{settings.target_macs:.0%} of MACs (channel counts rounded to {settings.round_to})")
-    pruned = prune(dense, shape, target_macs=settings.target_macs, round_to=settings.round_to)
+    round_to = settings.round_to or preferred_round_to("onnxruntime")
+    log(f"pruning: structured, keeping about {settings.target_macs:.0%} of MACs (channel counts rounded to "
+        f"{round_to})")
+    pruned = prune(dense, shape, target_macs=settings.target_macs, round_to=round_to)
     write_json(out / "recipe.json", pruned.recipe)
     add("dense", dense)
     add("structured", pruned.model)
@@ -129,6 +132,7 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
         log(f"{name}: mAP@[.5:.95] {v['map_before']['map50_95']:.3f} before fine-tune; fine-tuning "
             f"{settings.finetune_steps} steps")
         tuned = copy.deepcopy(v["model"])
+        recalibrate_batchnorm(tuned, img_size=shape[-1])
         ft_info[name] = finetune_detector(tuned, settings.finetune_steps, settings.finetune_batch,
                                           settings.finetune_lr, settings.finetune_img, masks=v["masks"])
         tuned.eval()
@@ -209,7 +213,7 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
         "batch": 1,
         "input_shape": list(shape),
         "quick": quick,
-        "settings": asdict(settings),
+        "settings": {**asdict(settings), "round_to": round_to},
         "eval_images": settings.eval_images,
         "finetune_steps": settings.finetune_steps,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -221,7 +225,11 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
         "notes": [
             f"structured: {pruned.report['groups_pruned']} of {pruned.report['groups_total']} channel groups "
             f"pruned (L1, channel ratio {pruned.report['effective_ratio']:.3f}, counts rounded to "
-            f"{settings.round_to}); outputs kept whole",
+            f"{round_to}: the channel block of this CPU's ONNX Runtime kernels); outputs kept whole",
+            "fine-tune: BatchNorm statistics re-estimated on 256 training images, then "
+            f"{settings.finetune_steps} AdamW steps of {settings.finetune_batch} images at lr "
+            f"{settings.finetune_lr}, 2:4 masks re-applied after every step; the dense row gets the same "
+            "schedule as a control",
             f"2:4 on conv layers with at least {settings.min_channels_24} input and output channels and input "
             "channels divisible by 4; ONNX Runtime on the CPU runs 2:4 weights dense, so 2:4 changes accuracy "
             "here, not speed (TensorRT's sparse kernels need a GPU)",

@@ -64,7 +64,7 @@ def plot_latency(report: dict, path: Path) -> Path:
 
     variants = [v for v in report["variants"] if v.get("latency_samples_ms")]
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
-    ax.boxplot([v["latency_samples_ms"] for v in variants], vert=False, showfliers=False)
+    ax.boxplot([v["latency_samples_ms"] for v in variants], orientation="horizontal", showfliers=False)
     ax.set_yticks(range(1, len(variants) + 1), [v["name"] for v in variants])
     for i, v in enumerate(variants, start=1):
         ax.annotate(f"p50 {v['latency_ms']['p50']:.2f} ms", (v["latency_ms"]["p50"], i + 0.3), fontsize=8)

@@ -1,0 +1,67 @@
+"""The demo end to end with tiny settings: every artifact the spine promises, with real values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trt_prune.demo import QUICK, DemoSettings, run_demo
+
+TINY = DemoSettings(eval_images=24, finetune_steps=2, finetune_batch=2, finetune_img=320, finetune_lr=1e-4,
+                    rounds=2, iterations_per_round=3, layer_runs=2)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, settings=TINY)
+
+
+def test_report_contract(demo):
+    out, report = demo
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["model"] == "builtin:demo-detector" and on_disk["backend"] == "onnxruntime"
+    assert on_disk["env"]["backend_version"] and on_disk["env"]["threads"] >= 1
+    names = [v["name"] for v in on_disk["variants"]]
+    assert names == ["dense", "structured", "sparse24", "structured+sparse24"]
+    keys = {"name", "params", "macs", "map50_95", "map50", "map50_95_finetuned", "latency_ms", "throughput_ips",
+            "onnx", "per_layer"}
+    for v in on_disk["variants"]:
+        assert keys <= set(v)
+        assert {"p50", "p90", "p99", "mean"} <= set(v["latency_ms"])
+        assert 0 < v["latency_ms"]["p50"] <= v["latency_ms"]["p99"]
+        assert v["throughput_ips"] > 0
+        assert (out / "onnx" / v["onnx"].split("/")[-1]).is_file()
+        assert {"name", "op", "ms"} <= set(v["per_layer"][0])
+        assert v["parity"]["max_abs"] < 1e-3
+        # the deployed ONNX scores what the fine-tuned torch model scores
+        assert abs(v["map50_95_onnx"] - v["map50_95_finetuned"]) < 0.01
+
+
+def test_variants_are_what_they_claim(demo):
+    _, report = demo
+    v = {r["name"]: r for r in report["variants"]}
+    assert 0.4 <= v["structured"]["macs"] / v["dense"]["macs"] <= 0.6
+    assert v["structured"]["params"] < 0.6 * v["dense"]["params"]
+    assert v["sparse24"]["sparse_layers"] > 30 and v["dense"]["sparse_layers"] == 0
+    assert v["structured+sparse24"]["macs"] == v["structured"]["macs"]
+    # the shipped weights detect: the dense model scores far above chance on the validation scenes
+    assert v["dense"]["map50_95"] > 0.6
+
+
+def test_plots_recipe_and_self_contained_html(demo):
+    out, _ = demo
+    for png in ("latency.png", "slowest_layers.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["format"] == "trt_prune.recipe" and recipe["groups"]
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2
+    assert "http://" not in html and "https://" not in html and "<script src" not in html
+
+
+def test_quick_settings_are_lighter_than_full():
+    from trt_prune.demo import FULL
+
+    assert QUICK.eval_images < FULL.eval_images and QUICK.finetune_steps < FULL.finetune_steps
