@@ -20,6 +20,7 @@ demo-quick: setup
 	$(BIN)/trt-prune demo --quick --out out/demo-quick
 
 test: setup
+	$(BIN)/ruff check trt_prune tests bench
 	$(BIN)/python -m pytest -q tests
 
 lint: setup

@@ -264,9 +264,8 @@ def build_cmd(onnx_file, backend, fp16, sparse, batch, threads, out, as_json):
     import time
 
     from .backends import BuildConfig, get_backend
-    from .profiling.profile import make_feeds, resolve_input_shapes
-
     from .errors import BackendUnavailableError
+    from .profiling.profile import make_feeds, resolve_input_shapes
 
     chosen = get_backend(backend)
     ok, reason = chosen.available()

@@ -12,6 +12,7 @@ import datetime as _dt
 import platform
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,6 +57,20 @@ class _Log:
             self.console.print(f"[dim]{time.perf_counter() - self.start:6.1f}s[/dim] {msg}")
 
 
+@contextmanager
+def _progress(console, label: str, total: int):
+    """Yield an ``on_step(step, loss)`` callback that drives a transient progress bar (or does nothing)."""
+    if console is None:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  TextColumn("loss {task.fields[loss]}"), console=console, transient=True) as bar:
+        task = bar.add_task(label, total=total, loss="–")
+        yield lambda step, loss: bar.update(task, completed=step, loss=f"{loss:.3f}")
+
+
 def _torch_predict(model):
     model.eval()
 
@@ -81,12 +96,11 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
     from .data import RoadScenes
     from .detection.metrics import evaluate
     from .export import export_onnx
-    from .finetune import finetune_detector
+    from .finetune import finetune_detector, recalibrate_batchnorm
     from .models import load_model
     from .profiling.layers import build_module_map
     from .profiling.profile import interleaved_timings, machine_info
     from .profiling.stats import cv_warning, summarize
-    from .finetune import recalibrate_batchnorm
     from .pruning import count_params, macs_of, prune
     from .pruning.alignment import preferred_round_to
     from .report import plot_latency, plot_slowest_layers, rich_table, write_html
@@ -133,8 +147,10 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
             f"{settings.finetune_steps} steps")
         tuned = copy.deepcopy(v["model"])
         recalibrate_batchnorm(tuned, img_size=shape[-1])
-        ft_info[name] = finetune_detector(tuned, settings.finetune_steps, settings.finetune_batch,
-                                          settings.finetune_lr, settings.finetune_img, masks=v["masks"])
+        with _progress(console, f"fine-tuning {name}", settings.finetune_steps) as on_step:
+            ft_info[name] = finetune_detector(tuned, settings.finetune_steps, settings.finetune_batch,
+                                              settings.finetune_lr, settings.finetune_img, masks=v["masks"],
+                                              on_step=on_step)
         tuned.eval()
         v["finetuned"] = tuned
         v["map_after"] = score(_torch_predict(tuned))

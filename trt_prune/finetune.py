@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: int = 16, batch_size: int =
         for i in range(batches):
             model(torch.stack([data[j][0] for j in range(i * batch_size, (i + 1) * batch_size)]))
     finally:
-        for m, momentum in zip(norms, momenta):
+        for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
         model.train(was_training)
 

@@ -129,7 +129,8 @@ def write_html(report: dict, path: Path, images: list[Path]) -> Path:
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>trt_prune demo: {html.escape(report['model'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right;font-size:13px}}td:first-child,th:first-child{{text-align:left}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right;font-size:13px}}
+td:first-child,th:first-child{{text-align:left}}
 figure{{display:inline-block;margin:1em 1em 0 0}}img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em}}</style>
 </head><body>
 <h1>trt_prune demo: {html.escape(report['model'])}</h1>

@@ -150,9 +150,9 @@ class DemoDetector(nn.Module):
         c_box = max(16, widths[2] // 4, 64)
         c_cls = max(widths[2], min(num_classes, 100))
         self.head = nn.ModuleList(
-            HeadLevel(c, c_box, c_cls, num_classes, s) for c, s in zip(widths[2:], STRIDES)
+            HeadLevel(c, c_box, c_cls, num_classes, s) for c, s in zip(widths[2:], STRIDES, strict=True)
         )
 
     def forward(self, x):
         feats = self.neck(*self.backbone(x))
-        return torch.cat([h(f).flatten(2) for h, f in zip(self.head, feats)], 2)
+        return torch.cat([h(f).flatten(2) for h, f in zip(self.head, feats, strict=True)], 2)

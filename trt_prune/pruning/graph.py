@@ -18,8 +18,8 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -139,7 +139,7 @@ class TraceState:
     def unify(self, a: list[int], b: list[int], where: str) -> None:
         if len(a) != len(b):
             raise PruneError(f"{where}: cannot couple {len(a)} channels with {len(b)}")
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             self.uf.union(x, y)
 
     def record_slot(self, module: str, kind: str, elements: list[int]) -> None:
@@ -564,14 +564,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> ChannelGraph:
                     env[node] = Channels(1, elems)
             continue
         if node.op == "output":
-            outs = []
-
-            def collect(a):
-                outs.append(a)
-                return a
-
-            torch.fx.node.map_arg(node.args, collect)
-            for a in outs:
+            for a in node.all_input_nodes:
                 ch = env.get(a)
                 if isinstance(ch, Channels):
                     for e in ch.elements:

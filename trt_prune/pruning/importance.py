@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import PruneError
 from .graph import ChannelGraph, ChannelGroup, Slot
 
-IMPORTANCES: dict[str, type["Importance"]] = {}
+IMPORTANCES: dict[str, type[Importance]] = {}
 
 
 def register_importance(name: str):
@@ -29,7 +29,7 @@ def register_importance(name: str):
     return deco
 
 
-def get_importance(name: str) -> "Importance":
+def get_importance(name: str) -> Importance:
     """The importance criterion called ``name``; an unknown name lists the valid ones."""
     try:
         return IMPORTANCES[name]()

@@ -6,7 +6,7 @@ A handler per module type, found through the module's class hierarchy; register 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

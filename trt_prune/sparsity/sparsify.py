@@ -67,7 +67,7 @@ class SparseMasks:
             w.mul_(mask.to(w.device, w.dtype))
 
     @classmethod
-    def from_zeros(cls, model: nn.Module, layers: list[str]) -> "SparseMasks":
+    def from_zeros(cls, model: nn.Module, layers: list[str]) -> SparseMasks:
         """Masks read back from a model whose 2:4 zeros are already baked in (a model folder)."""
         modules = dict(model.named_modules())
         return cls({p: (modules[p].weight.detach() != 0) for p in layers})
