@@ -55,6 +55,16 @@ def rich_table(report: dict, title: str | None = None):
     return table
 
 
+def _save_png(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
 def plot_latency(report: dict, path: Path) -> Path:
     """Box plot of every timed iteration per variant (interleaved rounds), p50 annotated."""
     import matplotlib
@@ -71,11 +81,7 @@ def plot_latency(report: dict, path: Path) -> Path:
     ax.set_xlabel(f"latency per inference, ms ({report['backend']}, batch 1, {report['env'].get('threads')} threads)")
     ax.set_title("Latency per variant (interleaved rounds)")
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return _save_png(fig, path)
 
 
 def plot_slowest_layers(dense: list[dict], other: list[dict], path: Path, other_name: str = "structured",
@@ -98,11 +104,7 @@ def plot_slowest_layers(dense: list[dict], other: list[dict], path: Path, other_
     ax.set_title(f"{len(rows)} slowest layers of dense vs {other_name}")
     ax.legend(loc="lower right")
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return _save_png(fig, path)
 
 
 def write_html(report: dict, path: Path, images: list[Path]) -> Path:

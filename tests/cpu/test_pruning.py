@@ -189,3 +189,13 @@ def test_torchvision_classifiers(name):
     assert head.out_features == 1000 and head.in_features % 8 == 0
     replayed = apply_recipe(model, json.loads(json.dumps(result.recipe)))
     torch.testing.assert_close(replayed(x), result.model(x))
+
+
+def test_preferred_round_to_follows_the_hardware():
+    from trt_prune.pruning.alignment import cpu_flags, preferred_round_to
+
+    flags = cpu_flags("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    assert "avx512f" in flags
+    assert preferred_round_to("onnxruntime", flags) == 16
+    assert preferred_round_to("onnxruntime", {"avx2"}) == 8
+    assert preferred_round_to("tensorrt", set()) == 32

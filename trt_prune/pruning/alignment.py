@@ -1,9 +1,9 @@
 """Channel counts the target hardware likes.
 
 Pruned channel counts are rounded to a multiple that the backend's kernels process in one block. Measured on
-the 2-core AVX-512 CPU here (bench/demo numbers, ONNX Runtime, interleaved medians): the demo detector pruned
-to half its MACs ran 1.39x faster than dense with counts rounded to 8 but 1.62x with counts rounded to 16,
-because ONNX Runtime's NCHWc convolution kernels work on blocks of 16 channels with AVX-512 (8 with AVX2).
+the 2-core AVX-512 CPU here by bench/round_to_sweep.py (ONNX Runtime, interleaved medians): the demo detector
+pruned to half its MACs ran 1.30x faster than dense with counts rounded to 8 but 1.58x with counts rounded to
+16, because ONNX Runtime's NCHWc convolution kernels work on blocks of 16 channels with AVX-512 (8 with AVX2).
 On NVIDIA GPUs, fp16 tensor-core kernels want multiples of 8; REFERENCE.md §4 measured 32 faster still.
 """
 
