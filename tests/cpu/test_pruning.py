@@ -139,8 +139,25 @@ def test_target_macs_and_ignore(detector):
     frac = result.report["macs_after"] / result.report["macs_before"]
     assert 0.42 <= frac <= 0.58
     assert result.model.backbone.stem.conv.out_channels == 16
+    rows = {r["module"]: r for r in result.report["layers"]}
+    assert rows["backbone.stem.conv"]["left_alone"] == "ignored (backbone.stem)"
+    # the stem's output is read by stage1.0.conv, whose input channels therefore stay whole
+    assert result.model.backbone.stage1[0].conv.in_channels == 16
+
+
+def test_ignored_container_is_opaque_and_reported(detector):
+    """Ignoring a whole container (here the neck) leaves every layer inside it and every channel it touches
+    alone, and the report says so: no silent partial pruning."""
+    result = prune(detector, SHAPE, ratio=0.5, ignore=("neck",))
+    before = {n: m.weight.shape for n, m in detector.named_modules() if isinstance(m, nn.Conv2d)}
+    after = {n: m.weight.shape for n, m in result.model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert all(after[n] == before[n] for n in before if n.startswith("neck."))
+    rows = {r["module"]: r for r in result.report["layers"]}
+    assert all(rows[n]["left_alone"] == "ignored (neck)" for n in before if n.startswith("neck."))
+    # the backbone outputs the neck reads are pinned, with the reason
     skipped = {s["key"]: s["reason"] for s in result.report["skipped_groups"]}
-    assert skipped["backbone.stem.conv"].startswith("ignored")
+    assert "read or written by ignored module 'neck'" in skipped["backbone.stage4.2.cv2.conv"]
+    assert any(after[n] != before[n] for n in before if n.startswith("backbone."))
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])

@@ -64,6 +64,16 @@ class Channels:
 
 
 @dataclass
+class ParamRef:
+    """A parameter or buffer used directly in the graph (a layer scale, a class token, a position embedding), or
+    a view of one that only adds or broadcasts axes: its name and, per axis of the current value, the axis of
+    the parameter it comes from (None for an added axis)."""
+
+    name: str
+    axes: tuple[int | None, ...]
+
+
+@dataclass
 class Slot:
     """One parameter axis of a module that indexes channels.
 
@@ -132,6 +142,20 @@ class TraceState:
                              "computed or shared weights cannot be pruned yet: ignore that module")
         path = name.rsplit(".", 1)[0] if "." in name else ""
         return path, self.modules[path]
+
+    def bind_fixed(self, node, other_node, ref, out_dim: int, elements: list[int]) -> None:
+        """A tracked tensor meets a fixed one in ``node`` (add, mul, cat…): fine when the fixed one broadcasts
+        over the channel axis; a parameter with the full channel extent is recorded as a slot and pruned too."""
+        shape = _shape(other_node)
+        axis = out_dim - (len(_shape(node)) - len(shape))
+        if not 0 <= axis < len(shape) or shape[axis] == 1:
+            return
+        if isinstance(ref, ParamRef) and shape[axis] == len(elements) and ref.axes[axis] is not None:
+            path, _, attr = ref.name.rpartition(".")
+            self.record_slot(path, f"param:{attr}:{ref.axes[axis]}", elements)
+            return
+        raise PruneError(f"'{node.target}' in '{_module_path(node)}' combines pruned channels with a fixed tensor "
+                         f"of shape {shape} that is not a parameter; ignore that module or register a rule")
 
     def fresh(self, n: int) -> list[int]:
         return self.uf.make(n)
@@ -222,6 +246,14 @@ def _conv(state: TraceState, node, args):
         state.record_slot(module, "depthwise", inp.elements)
         state.compute.append(ComputeNode(module, macs, inp.elements, None))
         return Channels(1, list(inp.elements))
+    if c_in == k_out and inp is not None:
+        # Grouped (ResNeXt, RegNet): couple output channel i with input channel i and keep the same count in
+        # every group, so the layer stays a grouped conv with `groups` groups of a smaller width.
+        width = c_in // groups
+        state.record_slot(module, "grouped", inp.elements)
+        state.splits.append(SplitRecord(module, [inp.elements[j * width:(j + 1) * width] for j in range(groups)]))
+        state.compute.append(ComputeNode(module, macs, inp.elements, inp.elements))
+        return Channels(1, list(inp.elements))
     raise PruneError(f"grouped convolution '{module}' (groups={groups}, in={c_in}, out={k_out}) has no pruning "
                      f"rule yet; pass ignore=['{module}'] (CLI: --ignore {module})")
 
@@ -230,6 +262,10 @@ def _conv(state: TraceState, node, args):
 def _linear(state: TraceState, node, args):
     inp = args[0]
     module, lin = state.module_of_param(node.args[1])
+    attr = state.param_names[node.args[1].name].rpartition(".")[2]
+    if attr != "weight":
+        raise PruneError(f"linear op on parameter '{attr}' of '{module}' ({type(lin).__name__}) has no pruning "
+                         f"rule yet; pass ignore=['{module}'] (CLI: --ignore {module})")
     out_shape = _shape(node)
     if inp is not None and inp.dim != len(_shape(node.args[0])) - 1:
         raise PruneError(f"linear '{module}' reads features from dim {inp.dim}, expected the last dim")
@@ -253,6 +289,44 @@ def _batch_norm(state: TraceState, node, args):
     out = Channels(inp.dim, list(inp.elements))
     # the decomposed variants return (out, mean, rstd)
     return [out, None, None] if node.target._overloadpacket.__name__.startswith(("_native", "native")) else out
+
+
+@register_channel_rule("layer_norm", "native_layer_norm")
+def _layer_norm(state: TraceState, node, args):
+    inp = args[0]
+    if inp is None:
+        return None
+    rank = len(_shape(node.args[0]))
+    normalized = list(node.args[1])
+    if len(normalized) != 1 or inp.dim != rank - 1:
+        raise PruneError(f"layer_norm in '{_module_path(node)}' normalises over {normalized} while channels sit on "
+                         f"dim {inp.dim} of {rank}; only a norm over the channel dim alone has a rule")
+    weight = node.args[2] if len(node.args) > 2 else None
+    if weight is not None:
+        module, _ = state.module_of_param(weight)
+        state.record_slot(module, "norm", inp.elements)
+    out = Channels(inp.dim, list(inp.elements))
+    return [out, None, None] if node.target._overloadpacket.__name__ == "native_layer_norm" else out
+
+
+@register_channel_rule("group_norm")
+def _group_norm(state: TraceState, node, args):
+    inp = args[0]
+    if inp is None:
+        return None
+    if inp.dim != 1:
+        raise PruneError(f"group_norm in '{_module_path(node)}' reads channels from dim {inp.dim}, expected 1")
+    groups = int(node.args[1])
+    weight = node.args[2] if len(node.args) > 2 else None
+    if weight is not None:
+        module, _ = state.module_of_param(weight)
+        state.record_slot(module, "norm", inp.elements)
+    else:
+        module = _module_path(node)
+    width = len(inp.elements) // groups
+    # every group keeps the same number of channels, so num_groups still divides them
+    state.splits.append(SplitRecord(module, [inp.elements[j * width:(j + 1) * width] for j in range(groups)]))
+    return Channels(1, list(inp.elements))
 
 
 _UNARY = ("silu", "silu_", "relu", "relu_", "sigmoid", "sigmoid_", "hardswish", "hardswish_", "hardsigmoid",
@@ -283,20 +357,16 @@ def _pool_with_indices(state: TraceState, node, args):
 @register_channel_rule("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum")
 def _binary(state: TraceState, node, args):
     a, b = args[0], args[1] if len(args) > 1 else None
-    if a is None or b is None:
-        out = a or b
-        other = node.args[1] if a is not None else node.args[0]
-        if out is not None and isinstance(other, torch.fx.Node):
-            # a tensor with no tracked channels: fine only when it broadcasts over the channel axis
-            shape = _shape(other)
-            rank = len(_shape(node))
-            axis = out.dim - (rank - len(shape))
-            if 0 <= axis < len(shape) and shape[axis] != 1:
-                raise PruneError(f"'{node.target}' in '{_module_path(node)}' combines pruned channels with a "
-                                 f"fixed tensor of shape {shape}; ignore that module or register a rule")
-        return None if out is None else Channels(out.dim, list(out.elements))
-    ra, rb = len(_shape(node.args[0])), len(_shape(node.args[1]))
     rank = len(_shape(node))
+    if not isinstance(a, Channels) or not isinstance(b, Channels):
+        i = 0 if isinstance(a, Channels) else 1
+        ch = (a, b)[i]
+        out_dim = ch.dim + (rank - len(_shape(node.args[i])))
+        other = node.args[1 - i] if len(node.args) > 1 - i else None
+        if isinstance(other, torch.fx.Node):
+            state.bind_fixed(node, other, (a, b)[1 - i], out_dim, ch.elements)
+        return Channels(out_dim, list(ch.elements))
+    ra, rb = len(_shape(node.args[0])), len(_shape(node.args[1]))
     if a.dim + (rank - ra) != b.dim + (rank - rb):
         raise PruneError(f"'{node.target}' in '{_module_path(node)}' adds tensors whose channels sit on different "
                          "dims; register a rule for this pattern")
@@ -312,13 +382,16 @@ def _norm_dim(dim: int, rank: int) -> int:
 def _cat(state: TraceState, node, args):
     tensors = args[0]
     dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(_shape(node)))
-    tracked = [t for t in tensors if t is not None]
+    tracked = [t for t in tensors if isinstance(t, Channels)]
     if not tracked:
         return None
     if len(tracked) != len(tensors):
         if any(t.dim == dim for t in tracked):
             raise PruneError(f"cat in '{_module_path(node)}' joins pruned channels with fixed ones; "
                              "ignore that module or register a rule")
+        for t_node, t in zip(node.args[0], tensors, strict=True):
+            if not isinstance(t, Channels):  # e.g. a class token concatenated to the patch tokens
+                state.bind_fixed(node, t_node, t, tracked[0].dim, tracked[0].elements)
         return Channels(tracked[0].dim, list(tracked[0].elements))
     if tracked[0].dim == dim:
         if any(t.dim != dim for t in tracked):
@@ -422,6 +495,20 @@ def _reduce(state: TraceState, node, args):
 # ----------------------------------------------------------------------------------------------------------
 # tracing
 # ----------------------------------------------------------------------------------------------------------
+
+def _param_view(node, ref: ParamRef) -> ParamRef | None:
+    """Follow a parameter through ops that only add or broadcast axes; anything else loses the link."""
+    name = node.target._overloadpacket.__name__ if hasattr(node.target, "_overloadpacket") else ""
+    out_rank = len(_shape(node))
+    if name in ("clone", "to", "_to_copy", "alias", "detach", "contiguous", "type_as"):
+        return ref
+    if name == "expand":
+        return ParamRef(ref.name, (None,) * (out_rank - len(ref.axes)) + ref.axes)
+    if name == "unsqueeze":
+        d = _norm_dim(node.args[1], out_rank)
+        return ParamRef(ref.name, ref.axes[:d] + (None,) + ref.axes[d:])
+    return None
+
 
 def _map_args(args, env):
     if isinstance(args, (list, tuple)):
@@ -535,8 +622,38 @@ class ChannelGraph:
         return {self.cls(e) for slot in self.slots.values() for e in slot.elements} | set(self.pinned)
 
 
-def trace(model: nn.Module, example: torch.Tensor) -> ChannelGraph:
-    """Trace ``model`` on ``example`` (batch of 1 is enough) and build its channel graph."""
+def _ignored_scope(node, ignore: tuple[str, ...]) -> str | None:
+    """The ignored module (by path prefix) that ``node`` runs inside, if any."""
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        for pattern in ignore:
+            if path == pattern or path.startswith(pattern + "."):
+                return pattern
+    return None
+
+
+def _opaque(state: TraceState, node, tracked: list[Channels], scope: str):
+    """An op inside an ignored module: the channels it reads are pinned, and what it produces gets fresh,
+    pinned channels on the same dim (so a residual that adds it back pins that stream too)."""
+    why = f"read or written by ignored module '{scope}'"
+    for ch in tracked:
+        for e in ch.elements:
+            state.pinned.setdefault(e, why)
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() == 0:
+        return None
+    dim = tracked[0].dim if tracked[0].dim < val.dim() else val.dim() - 1
+    fresh = state.fresh(int(val.shape[dim]))
+    for e in fresh:
+        state.pinned[e] = why
+    return Channels(dim, fresh)
+
+
+def trace(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = ()) -> ChannelGraph:
+    """Trace ``model`` on ``example`` (batch of 1 is enough) and build its channel graph.
+
+    Modules in ``ignore`` (paths; a container covers everything below it) are opaque: no rule runs inside
+    them, and every channel they read or write is pinned, with that reason in the report.
+    """
     was_training = model.training
     model.eval()
     try:
@@ -555,7 +672,9 @@ def trace(model: nn.Module, example: torch.Tensor) -> ChannelGraph:
     user_inputs = set(sig.user_inputs)
     for node in ep.graph.nodes:
         if node.op == "placeholder":
-            if node.name in user_inputs:
+            if node.name in param_names:
+                env[node] = ParamRef(param_names[node.name], tuple(range(len(_shape(node)))))
+            elif node.name in user_inputs:
                 shape = _shape(node)
                 if len(shape) >= 2:
                     elems = state.fresh(shape[1])
@@ -583,7 +702,12 @@ def trace(model: nn.Module, example: torch.Tensor) -> ChannelGraph:
         if name in _NON_TENSOR_OPS:
             continue
         if not flat_tracked:
-            env[node] = None
+            ref = args[0] if args and isinstance(args[0], ParamRef) else None
+            env[node] = _param_view(node, ref) if ref is not None else None
+            continue
+        scope = _ignored_scope(node, ignore) if ignore else None
+        if scope is not None:
+            env[node] = _opaque(state, node, flat_tracked, scope)
             continue
         rule = CHANNEL_RULES.get(name)
         if rule is None:

@@ -158,7 +158,8 @@ def _check_runs(model: nn.Module, example: torch.Tensor, expected: torch.Size) -
                          "ignore the output layers and prune again")
 
 
-def _layer_report(before: ChannelGraph, plan: dict[str, list[int]], skipped: dict[str, str]) -> list[dict]:
+def _layer_report(before: ChannelGraph, plan: dict[str, list[int]], skipped: dict[str, str],
+                  ignore: tuple[str, ...] = ()) -> list[dict]:
     kept = _kept_classes(before, plan)
     group_of = {}
     for g in before.groups:
@@ -180,6 +181,10 @@ def _layer_report(before: ChannelGraph, plan: dict[str, list[int]], skipped: dic
         if g is not None and g.key in skipped:
             row["left_alone"] = skipped[g.key]
         rows.append(row)
+    for path, module in before.model.named_modules():
+        scope = next((p for p in ignore if path == p or path.startswith(p + ".")), None)
+        if scope is not None and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            rows.append({"module": path, "left_alone": f"ignored ({scope})"})
     return rows
 
 
@@ -211,11 +216,11 @@ def prune(model: nn.Module, input_shape=(1, 3, 320, 320), config: PruneConfig | 
     pruned.eval()
     with torch.no_grad():
         reference = pruned(example)
-    graph = trace(pruned, example)
+    graph = trace(pruned, example, config.ignore)
     plan, skipped, ratio = _plan(graph, config)
     macs_before, macs_after = graph.macs(), graph.macs(_kept_classes(graph, plan))
     params_before = count_params(model)
-    layers = _layer_report(graph, plan, skipped)
+    layers = _layer_report(graph, plan, skipped, config.ignore)
     _apply(graph, plan)
     _check_runs(pruned, example, reference.shape)
     group_sizes = {g.key: g.size for g in graph.groups}
@@ -259,7 +264,7 @@ def apply_recipe(model: nn.Module, recipe: dict) -> nn.Module:
     pruned.eval()
     with torch.no_grad():
         reference = pruned(example)
-    graph = trace(pruned, example)
+    graph = trace(pruned, example, tuple(recipe.get("config", {}).get("ignore") or ()))
     groups = {g.key: g for g in graph.groups}
     plan = {}
     for entry in recipe["groups"]:

@@ -77,8 +77,48 @@ def _batch_norm(module, kind, keep):
     module.num_features = int(keep.numel())
 
 
+@register_surgery(nn.LayerNorm)
+def _layer_norm(module, kind, keep):
+    _cut(module, "weight", 0, keep)
+    _cut(module, "bias", 0, keep)
+    module.normalized_shape = (int(keep.numel()),)
+
+
+@register_surgery(nn.GroupNorm)
+def _group_norm(module, kind, keep):
+    _cut(module, "weight", 0, keep)
+    _cut(module, "bias", 0, keep)
+    module.num_channels = int(keep.numel())
+
+
+def _grouped_conv(module, keep: torch.Tensor) -> None:
+    """A grouped conv whose output channel i is coupled to input channel i: keep the same positions on both
+    sides; every group keeps the same count (the graph guarantees it), so ``groups`` is unchanged."""
+    width = module.in_channels // module.groups
+    rows = []
+    for j in range(module.groups):
+        kept = [int(p) for p in keep if j * width <= int(p) < (j + 1) * width]
+        local = torch.tensor([p - j * width for p in kept], dtype=torch.long)
+        rows.append(module.weight.detach()[kept].index_select(1, local))
+    weight = torch.cat(rows, 0).clone()
+    module.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
+    _cut(module, "bias", 0, keep)
+    module.in_channels = module.out_channels = int(keep.numel())
+
+
 def cut_axis(module: nn.Module, kind: str, keep: torch.Tensor, path: str) -> None:
-    """Apply the registered handler for ``module``'s type (its closest registered base class)."""
+    """Apply the registered handler for ``module``'s type (its closest registered base class).
+
+    ``param:NAME:AXIS`` slots (layer scales, class tokens, position embeddings) cut that tensor along AXIS
+    whatever the module type.
+    """
+    if kind.startswith("param:"):
+        _, name, axis = kind.split(":")
+        _cut(module, name, int(axis), keep)
+        return
+    if kind == "grouped" and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        _grouped_conv(module, keep)
+        return
     for t in type(module).__mro__:
         fn = SURGERY.get(t)
         if fn is not None:

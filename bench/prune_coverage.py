@@ -1,0 +1,499 @@
+"""Pruning coverage and speed: our engine and Torch-Pruning side by side, one model at a time.
+
+For each model and engine: 50% of the channels of every prunable group, L1 magnitude, counts rounded to 8, the
+output layers left alone (the 1000-way classifier, a detector's output convs; with Torch-Pruning also
+attention ``out_proj`` layers, as Torch-Pruning's own torchvision benchmark does). Recorded per pair: whether
+pruning succeeded (else the error, one line), whether the pruned model runs and keeps its output shapes, ONNX
+export and ONNX Runtime parity with the pruned torch model (max abs), params and MACs ratios, seconds to analyse
+and prune, and how many Conv/Linear layers were left with a changed output width that is not a multiple of 8.
+
+MACs are counted the same way for both engines: ``torch_pruning.utils.count_ops_and_params`` on the dense and
+the pruned model (module hooks: conv, linear, norms, activations, pooling; functional matmuls such as attention
+are not counted). Seconds: ours is the whole ``prune()`` call (copy, trace, plan, cut, a check forward);
+Torch-Pruning's is building the pruner (its dependency graph) plus ``step()``.
+
+Every model/engine pair runs in its own subprocess under a wall-clock timeout and an address-space cap
+(``RLIMIT_AS``), so a blow-up is recorded as a failure instead of taking the machine down.
+
+Usage:
+    python bench/prune_coverage.py [--models resnet18,swin_t] [--engines ours,tp] [--timeout 600]
+        [--mem-gib 12] [--json OUT.json] [--markdown OUT.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RATIO, ROUND_TO, IMPORTANCE = 0.5, 8, "l1"
+ENGINES = ("ours", "tp")
+TIMING_MODELS = ("resnet50", "densenet121", "retinanet_resnet50_fpn")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Entry:
+    """A benchmark model: how to build it, its input shape, and the module paths to leave unpruned."""
+
+    family: str
+    build: Callable
+    shape: tuple[int, ...]
+    ignore: Callable | None = None  # model -> module paths; None: the classifier rule
+    tp_fixup: Callable | None = None  # what a Torch-Pruning user runs after step()
+
+
+TORCHVISION = ("resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v2", "mobilenet_v3_large",
+               "efficientnet_b0", "efficientnet_v2_s", "regnet_y_800mf", "convnext_tiny", "densenet121",
+               "shufflenet_v2_x1_0", "mnasnet1_0", "squeezenet1_1", "vgg16_bn", "googlenet", "vit_b_16", "swin_t",
+               "maxvit_t")
+# ten CNN families: ResNet-D, CSP, Ghost, ReXNet, DLA, HRNet, MobileViT (hybrid), RepVGG, Res2Net, DPN
+TIMM = {"resnet26d": 224, "cspdarknet53": 224, "ghostnet_100": 224, "rexnet_100": 224, "dla34": 224,
+        "hrnet_w18_small": 224, "mobilevitv2_050": 256, "repvgg_a0": 224, "res2net50_26w_4s": 224, "dpn68": 224}
+
+
+def _torchvision(name: str):
+    def build():
+        import torchvision
+
+        kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    return build
+
+
+def _vit_fixup(model) -> None:
+    # torchvision's ViT reshapes with its stored hidden_dim; Torch-Pruning's benchmark resets it after step()
+    if hasattr(model, "hidden_dim") and hasattr(model, "conv_proj"):
+        model.hidden_dim = model.conv_proj.out_channels
+
+
+def _timm(name: str):
+    def build():
+        import timm
+
+        return timm.create_model(name, pretrained=False)
+    return build
+
+
+def _core(name: str):
+    def build():
+        from trt_prune.models.cores import detection_core
+
+        return detection_core(name)
+    return build
+
+
+def _core_ignore(name: str):
+    from trt_prune.models.cores import CORES
+
+    return lambda model: list(CORES[name].output_layers)
+
+
+def _demo_detector():
+    from trt_prune.models import load_model
+
+    return load_model("builtin:demo-detector").model
+
+
+def _demo_ignore(model) -> list[str]:
+    return [f"head.{i}.{branch}.2" for i in range(len(model.head)) for branch in ("box", "cls")]
+
+
+def _registry() -> dict[str, Entry]:
+    from trt_prune.models.cores import CORES
+
+    models = {n: Entry("torchvision", _torchvision(n), (1, 3, 224, 224),
+                       tp_fixup=_vit_fixup if n == "vit_b_16" else None) for n in TORCHVISION}
+    for n, spec in CORES.items():
+        models[n] = Entry("detector core", _core(n), (1, 3, spec.input_size, spec.input_size), _core_ignore(n))
+    models["builtin:demo-detector"] = Entry("builtin", _demo_detector, (1, 3, 320, 320), _demo_ignore)
+    for n, size in TIMM.items():
+        models[f"timm:{n}"] = Entry("timm", _timm(n), (1, 3, size, size))
+    return models
+
+
+def classifier_ignore(model, num_classes: int = 1000) -> list[str]:
+    """What Torch-Pruning users leave alone in a classifier: layers writing ``num_classes`` outputs (a Linear, or
+    a 1x1 conv in SqueezeNet and DPN) and attention output projections."""
+    from torch import nn
+
+    paths = []
+    for path, m in model.named_modules():
+        if isinstance(m, nn.Linear) and m.out_features == num_classes:
+            paths.append(path)
+        elif isinstance(m, nn.Conv2d) and m.out_channels == num_classes:
+            paths.append(path)
+        elif isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one pair, in a worker process
+# ----------------------------------------------------------------------------------------------------------
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _flat_shapes(out) -> list[list[int]]:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [list(out.shape)]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [s for o in out for s in _flat_shapes(o)]
+    return []
+
+
+def _widths(model) -> dict[str, int]:
+    from torch import nn
+
+    out = {}
+    for path, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            out[path] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            out[path] = m.out_features
+    return out
+
+
+def _count(model, example) -> tuple[int | None, str | None]:
+    import torch_pruning as tp
+
+    try:
+        macs, _ = tp.utils.count_ops_and_params(model, example)
+        return int(macs), None
+    except Exception as exc:  # a counting failure must not hide the pruning result
+        return None, _one_line(exc)
+
+
+def _prune_ours(model, entry: Entry, ignore: list[str], record: dict):
+    from trt_prune.pruning import prune
+
+    started = time.perf_counter()
+    res = prune(model, entry.shape, ratio=RATIO, round_to=ROUND_TO, importance=IMPORTANCE, ignore=tuple(ignore))
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    rep = res.report
+    record["ours_graph_macs"] = [rep.get("macs_before"), rep.get("macs_after")]
+    record["groups"] = {"total": rep.get("groups_total"), "pruned": rep.get("groups_pruned"),
+                        "skipped": len(rep.get("skipped_groups", []))}
+    return res.model
+
+
+def _prune_tp(model, entry: Entry, ignore: list[str], example, record: dict):
+    import torch_pruning as tp
+
+    modules = dict(model.named_modules())
+    ignored = [modules[p] for p in ignore]
+    started = time.perf_counter()
+    record["phase"] = "graph"
+    pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
+                                  pruning_ratio=RATIO, round_to=ROUND_TO, ignored_layers=ignored)
+    graph_s = time.perf_counter() - started
+    record["phase"] = "step"
+    pruner.step()
+    del record["phase"]
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    record["seconds_detail"] = {"graph": round(graph_s, 3), "step": round(record["seconds"] - graph_s, 3)}
+    if entry.tp_fixup is not None:
+        entry.tp_fixup(model)
+    return model
+
+
+def run_pair(name: str, engine: str, result_path: Path, mem_gib: float) -> None:
+    """Worker: prune ``name`` with ``engine``, writing ``result_path`` after every stage (a timeout keeps what
+    was reached)."""
+    cap = int(mem_gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    record: dict = {"model": name, "engine": engine, "stage": "build"}
+
+    def save():
+        result_path.write_text(json.dumps(record, indent=1))
+
+    save()
+    import torch
+
+    torch.manual_seed(0)
+    entry = _registry()[name]
+    model = entry.build().eval()
+    ignore = entry.ignore(model) if entry.ignore else classifier_ignore(model)
+    example = torch.rand(entry.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense_shapes = _flat_shapes(model(example))
+    widths = _widths(model)
+    params_before = sum(p.numel() for p in model.parameters())
+    macs_before, macs_error = _count(model, example)
+    record.update(family=entry.family, input_shape=list(entry.shape), ignored=ignore, output_shapes=dense_shapes,
+                  params_before=params_before, macs_before=macs_before, stage="prune")
+    save()
+
+    try:
+        pruned = _prune_ours(model, entry, ignore, record) if engine == "ours" else \
+            _prune_tp(model, entry, ignore, example, record)
+    except Exception as exc:
+        where = f"TP {record.pop('phase')}: " if "phase" in record else ""
+        record.update(stage="done", pruned=False, error=where + _one_line(exc), error_type=type(exc).__name__)
+        save()
+        return
+    record.update(pruned=True, stage="forward")
+    record["params_after"] = sum(p.numel() for p in pruned.parameters())
+    record["params_ratio"] = record["params_after"] / params_before
+    after = _widths(pruned)
+    odd = sorted(p for p, w in after.items() if p in widths and w != widths[p] and w % ROUND_TO)
+    record["unaligned"] = len(odd)
+    record["unaligned_examples"] = [f"{p}: {widths[p]}->{after[p]}" for p in odd[:5]]
+    save()
+
+    pruned.eval()
+    try:
+        with torch.no_grad():
+            shapes = _flat_shapes(pruned(example))
+        record["forward"] = True
+        record["shapes_unchanged"] = shapes == dense_shapes
+        if shapes != dense_shapes:
+            record["shapes_after"] = shapes
+    except Exception as exc:
+        record.update(stage="done", forward=False, error=f"forward: {_one_line(exc)}")
+        save()
+        return
+    macs_after, err = _count(pruned, example)
+    if macs_before and macs_after is not None:
+        record["macs_after"] = macs_after
+        record["macs_ratio"] = macs_after / macs_before
+    elif macs_error or err:
+        record["macs_error"] = macs_error or err
+    record["stage"] = "onnx"
+    save()
+
+    from trt_prune.export import export_onnx
+
+    n_out = len(dense_shapes)
+    names = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        try:
+            res = export_onnx(pruned, Path(tmp) / "model.onnx", entry.shape, exporter="dynamo",
+                              output_names=names, check_parity=True)
+            record["onnx"] = {"ok": True, "exporter": res.exporter,
+                              "max_abs": max(v["max_abs"] for v in res.parity.values()),
+                              "fallback_reason": res.fallback_reason}
+        except Exception as exc:
+            record["onnx"] = {"ok": False, "error": _one_line(exc)}
+        record["onnx"]["seconds"] = round(time.perf_counter() - started, 1)
+    record["stage"] = "done"
+    save()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------------------
+
+def _spawn(name: str, engine: str, timeout: float, mem_gib: float, tmp: Path) -> dict:
+    result_path = tmp / "result.json"
+    log_path = tmp / "log.txt"
+    result_path.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, engine, str(result_path),
+           "--mem-gib", str(mem_gib)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the worker's own process group: it and its children only
+            proc.wait()
+            rc = None
+    wall = round(time.perf_counter() - started, 1)
+    try:
+        record = json.loads(result_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        record = {"model": name, "engine": engine, "stage": "start"}
+    record["wall_s"] = wall
+    if record.get("stage") != "done":
+        tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-1:]
+        if rc is None:
+            why = f"timeout after {timeout:.0f} s during {record['stage']}"
+        elif rc < 0:
+            why = f"killed by signal {-rc} during {record['stage']}"
+        else:
+            why = f"worker exited {rc} during {record['stage']}"
+        record["error"] = why + (f" ({' '.join(tail[0].split())[:200]})" if tail else "")
+        if record["stage"] in ("build", "prune", "start"):
+            record["pruned"] = False
+    return record
+
+
+def green(r: dict | None) -> bool:
+    """Pruned, runs, same output shapes, and ONNX export matches torch."""
+    return bool(r and r.get("pruned") and r.get("forward") and r.get("shapes_unchanged")
+                and (r.get("onnx") or {}).get("ok"))
+
+
+def _status(r: dict | None) -> str:
+    if r is None:
+        return "—"
+    if green(r):
+        return f"ok (onnx {r['onnx']['max_abs']:.1e})"
+    if not r.get("pruned"):
+        why = r.get("error", "failed")
+    elif not r.get("forward"):
+        why = r.get("error", "forward failed")
+    elif not r.get("shapes_unchanged"):
+        why = f"output shapes changed {r.get('output_shapes')} -> {r.get('shapes_after')}"
+    elif r.get("onnx") and not r["onnx"].get("ok"):
+        why = "onnx: " + r["onnx"]["error"]
+    else:
+        why = r.get("error", f"stopped at {r.get('stage')}")
+    why = why.replace("|", "/").replace("\n", " ")
+    return "✗ " + (why if len(why) <= 110 else why[:107] + "...")
+
+
+def _num(v, fmt: str) -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def environment() -> dict:
+    from importlib import metadata
+
+    from trt_prune.profiling.profile import machine_info
+
+    info = machine_info()
+    versions = {}
+    for dist in ("torch", "torchvision", "timm", "torch-pruning", "onnx", "onnxruntime", "onnxscript"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, check=False).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {**info, "versions": versions, "commit": commit, "load_avg": os.getloadavg(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def markdown(results: dict, env: dict, args_line: str) -> str:
+    v = env["versions"]
+    lines = [
+        "# Pruning coverage: trt_prune vs Torch-Pruning",
+        "",
+        f"Machine: {env['cpu']}, {env['cpu_count']} cores ({env['usable_cores']} usable), {env['platform']}; "
+        f"load average at start {env['load_avg'][0]:.1f}. Python {env['python']}, torch {v['torch']}, "
+        f"torchvision {v['torchvision']}, timm {v['timm']}, torch-pruning {v['torch-pruning']}, onnx {v['onnx']}, "
+        f"onnxruntime {v['onnxruntime']}. Commit {env['commit']}, {env['date']}.",
+        "",
+        f"Settings: ratio {RATIO}, L1, round_to {ROUND_TO}, output layers ignored; random weights. "
+        "MACs× and params× are pruned/dense, MACs counted with torch_pruning.utils.count_ops_and_params for both "
+        "engines. s: seconds to analyse + prune (ours: prune(); TP: pruner construction + step()). "
+        "ok = pruned, runs, same output shapes, ONNX Runtime matches the pruned torch model (max abs shown). "
+        "unaligned: Conv/Linear layers whose output width changed to a non-multiple of 8 (ours/TP). "
+        f"Command: `{args_line}`",
+        "",
+        "| model | ours | params× | MACs× | s | TP | params× | MACs× | s | unaligned |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, per in results.items():
+        o, t = per.get("ours"), per.get("tp")
+        cells = [name]
+        for r in (o, t):
+            cells += [_status(r), _num((r or {}).get("params_ratio"), ".2f"),
+                      _num((r or {}).get("macs_ratio"), ".2f"), _num((r or {}).get("seconds"), ".2f")]
+        cells.append("/".join(_num((r or {}).get("unaligned"), "d") for r in (o, t)))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", summary(results)]
+    return "\n".join(lines) + "\n"
+
+
+def summary(results: dict) -> str:
+    counts = {e: sum(green(per.get(e)) for per in results.values()) for e in ENGINES}
+    ran = {e: sum(1 for per in results.values() if e in per) for e in ENGINES}
+    parts = [f"green: ours {counts['ours']}/{ran['ours']}, TP {counts['tp']}/{ran['tp']}"]
+    for m in TIMING_MODELS:
+        per = results.get(m)
+        if per:
+            o, t = (per.get(e) or {} for e in ENGINES)
+            parts.append(f"{m} ours {_num(o.get('seconds'), '.2f')} s vs TP {_num(t.get('seconds'), '.2f')} s")
+    return "Summary: " + "; ".join(parts) + "."
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        p = argparse.ArgumentParser()
+        p.add_argument("--worker", nargs=3, metavar=("MODEL", "ENGINE", "RESULT"))
+        p.add_argument("--mem-gib", type=float, default=12.0)
+        a = p.parse_args(argv)
+        run_pair(a.worker[0], a.worker[1], Path(a.worker[2]), a.mem_gib)
+        return
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", help="comma-separated subset (default: all); e.g. resnet50,timm:dla34")
+    p.add_argument("--engines", default="ours,tp", help="comma-separated: ours, tp")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per model/engine pair")
+    p.add_argument("--mem-gib", type=float, default=12.0, help="address-space cap per pair, GiB")
+    p.add_argument("--json", type=Path, help="write the raw records here")
+    p.add_argument("--markdown", type=Path, help="write the table here")
+    args = p.parse_args(argv)
+
+    registry = _registry()
+    names = list(registry) if not args.models else [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; valid: {', '.join(registry)}")
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if not engines or any(e not in ENGINES for e in engines):
+        p.error(f"--engines takes a comma-separated subset of {', '.join(ENGINES)}, got {args.engines!r}")
+
+    env = environment()
+    v = env["versions"]
+    print(f"# {env['cpu']}, {env['cpu_count']} cores, {env['platform']}, Python {env['python']}")
+    print(f"# torch {v['torch']}, torchvision {v['torchvision']}, timm {v['timm']}, torch-pruning "
+          f"{v['torch-pruning']}, onnx {v['onnx']}, onnxruntime {v['onnxruntime']}, commit {env['commit']}")
+    args_line = "python bench/prune_coverage.py " + " ".join(argv)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="prune_coverage_") as tmp:
+        for name in names:
+            results[name] = {}
+            for engine in engines:
+                record = _spawn(name, engine, args.timeout, args.mem_gib, Path(tmp))
+                results[name][engine] = record
+                print(f"{name:32s} {engine:4s} {_status(record)}  [{record['wall_s']} s]", flush=True)
+                if args.json:
+                    args.json.parent.mkdir(parents=True, exist_ok=True)
+                    args.json.write_text(json.dumps({"environment": env, "command": args_line,
+                                                     "settings": {"ratio": RATIO, "round_to": ROUND_TO,
+                                                                  "importance": IMPORTANCE,
+                                                                  "timeout_s": args.timeout,
+                                                                  "mem_gib": args.mem_gib},
+                                                     "results": results}, indent=1))
+    text = markdown(results, env, args_line)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text)
+    print()
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
