@@ -21,6 +21,7 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,6 +62,19 @@ class Channels:
 
     dim: int
     elements: list[int]
+
+
+@dataclass
+class Multi:
+    """Channels spread over several dims after a reshape split the channel axis (heads, shuffle groups):
+    ``emap[i, j, …]`` is the element at position ``i`` of ``dims[0]``, ``j`` of ``dims[1]``…, dims ascending."""
+
+    dims: tuple[int, ...]
+    emap: np.ndarray
+
+    @property
+    def elements(self) -> list[int]:
+        return self.emap.ravel().tolist()
 
 
 @dataclass
@@ -131,7 +145,7 @@ class TraceState:
         self.pinned: dict[int, str] = {}
         self.splits: list[SplitRecord] = []
         self.compute: list[ComputeNode] = []
-        self.other_macs = 0
+        self.env: dict = {}  # fx node -> Channels | ParamRef | Opaque | None, filled by trace()
 
     # -- helpers the rules use -------------------------------------------------------------------------
     def module_of_param(self, node) -> tuple[str, nn.Module]:
@@ -149,6 +163,11 @@ class TraceState:
         shape = _shape(other_node)
         axis = out_dim - (len(_shape(node)) - len(shape))
         if not 0 <= axis < len(shape) or shape[axis] == 1:
+            return
+        produced = self.env.get(other_node)
+        if isinstance(produced, Opaque):
+            for e in elements:
+                self.pinned.setdefault(e, f"read or written by ignored module '{produced.scope}'")
             return
         if isinstance(ref, ParamRef) and shape[axis] == len(elements) and ref.axes[axis] is not None:
             path, _, attr = ref.name.rpartition(".")
@@ -335,16 +354,15 @@ _UNARY = ("silu", "silu_", "relu", "relu_", "sigmoid", "sigmoid_", "hardswish", 
           "detach", "neg", "exp", "abs", "softplus", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d",
           "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
           "adaptive_max_pool2d", "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
-          "upsample_bilinear2d", "upsample_bicubic2d", "_upsample_nearest_exact2d", "constant_pad_nd", "pad",
-          "reflection_pad2d", "replication_pad2d", "mul_scalar", "_to_copy", "to", "type_as", "clamp",
+          "upsample_bilinear2d", "upsample_bicubic2d", "_upsample_nearest_exact2d", "mul_scalar", "_to_copy", "to", "type_as", "clamp",
           "clamp_", "clamp_min", "clamp_max", "pow", "sqrt", "rsqrt", "square")
 
 
 @register_channel_rule(*_UNARY)
 def _pass_through(state: TraceState, node, args):
     inp = args[0]
-    if inp is None:
-        return None
+    if inp is None or isinstance(inp, Multi):
+        return inp
     return Channels(inp.dim, list(inp.elements))
 
 
@@ -421,37 +439,167 @@ def _split(state: TraceState, node, args):
     return [Channels(dim, p) for p in pieces]
 
 
-@register_channel_rule("flatten")
-def _flatten(state: TraceState, node, args):
+@register_channel_rule("constant_pad_nd", "pad", "reflection_pad2d", "replication_pad2d", "roll")
+def _spatial_only(state: TraceState, node, args):
+    """Padding and rolling: fine as long as they leave the channel axis alone."""
     inp = args[0]
     if inp is None:
         return None
-    in_shape = _shape(node.args[0])
-    rank = len(in_shape)
-    start = _norm_dim(node.args[1] if len(node.args) > 1 else 0, rank)
-    end = _norm_dim(node.args[2] if len(node.args) > 2 else -1, rank)
-    if inp.dim < start:
+    rank = len(_shape(node.args[0]))
+    if node.target._overloadpacket.__name__ == "roll":
+        dims = node.args[2] if len(node.args) > 2 else []
+        touched = {_norm_dim(d, rank) for d in (dims if isinstance(dims, (list, tuple)) else [dims])} or {inp.dim}
+    else:
+        pads = list(node.args[1])
+        touched = {rank - 1 - i // 2 for i, p in enumerate(pads) if p}
+    if inp.dim in touched:
+        raise PruneError(f"'{node.target}' in '{_module_path(node)}' pads or rolls the channel axis; ignore that "
+                         "module or register a rule")
+    return Channels(inp.dim, list(inp.elements))
+
+
+@register_channel_rule("einsum")
+def _einsum(state: TraceState, node, args):
+    """Channels follow their subscript letter; a letter shared by two tracked operands and summed away couples
+    them (attention's q·k), a letter kept in the output carries them there."""
+    equation = node.args[0].replace(" ", "")
+    inputs, _, output = equation.partition("->")
+    if "..." in equation or not output:
+        raise PruneError(f"einsum '{equation}' in '{_module_path(node)}' needs explicit subscripts for pruning")
+    operands = args[1]
+    letters: dict[str, list[int]] = {}
+    for subs, op in zip(inputs.split(","), operands, strict=True):
+        if isinstance(op, Channels):
+            letter = subs[op.dim]
+            if letter in letters:
+                state.unify(letters[letter], op.elements, f"einsum in '{_module_path(node)}'")
+            else:
+                letters[letter] = list(op.elements)
+    carried = [(output.index(k), v) for k, v in letters.items() if k in output]
+    if len(carried) > 1:
+        raise PruneError(f"einsum '{equation}' in '{_module_path(node)}' carries two channel axes to its output")
+    return Channels(carried[0][0], carried[0][1]) if carried else None
+
+
+@register_channel_rule("new_zeros", "new_ones", "new_full", "new_empty", "zeros_like", "ones_like", "full_like",
+                       "empty_like", "rand_like", "randn_like")
+def _fresh_values(state: TraceState, node, args):
+    """Tensors made from another's shape only (masks, buffers): they carry no channels of their own."""
+    return None
+
+
+@register_channel_rule("select")
+def _select(state: TraceState, node, args):
+    inp = args[0]
+    if inp is None:
+        return None
+    dim = _norm_dim(node.args[1], len(_shape(node.args[0])))
+    if dim == inp.dim:
+        raise PruneError(f"select on the channel dim in '{_module_path(node)}' picks a fixed channel; "
+                         "ignore that module")
+    return Channels(inp.dim - (1 if dim < inp.dim else 0), list(inp.elements))
+
+
+@register_channel_rule("slice")
+def _slice(state: TraceState, node, args):
+    inp = args[0]
+    if inp is None:
+        return None
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(_shape(node.args[0])))
+    if dim != inp.dim:
         return Channels(inp.dim, list(inp.elements))
-    if inp.dim > end:
-        return Channels(inp.dim - (end - start), list(inp.elements))
-    if inp.dim == start and math.prod(in_shape[start + 1:end + 1]) == 1:
-        return Channels(start, list(inp.elements))
-    raise PruneError(f"flatten in '{_module_path(node)}' merges the channel axis with spatial axes "
-                     f"{in_shape}; this needs an index-mapping rule (not yet supported): ignore the consumer")
+    # constant channel indices in the model's code would point at the wrong channels after pruning
+    for e in inp.elements:
+        state.pinned.setdefault(e, f"sliced by fixed indices in '{_module_path(node)}'")
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    n = _shape(node)[dim]
+    start = _norm_dim(start, len(inp.elements)) if start < 0 else min(start, len(inp.elements))
+    step = node.args[4] if len(node.args) > 4 else 1
+    return Channels(dim, list(inp.elements[start:start + n * step:step]))
 
 
-@register_channel_rule("view", "reshape", "_unsafe_view")
+def _element_map(value: Channels | Multi, shape: tuple[int, ...]) -> np.ndarray:
+    """The element id at every position of a tensor of ``shape`` (broadcast over the non-channel dims)."""
+    dims = (value.dim,) if isinstance(value, Channels) else value.dims
+    arr = np.asarray(value.elements if isinstance(value, Channels) else value.emap, dtype=np.int64)
+    view = [1] * len(shape)
+    for d, n in zip(dims, arr.shape if arr.ndim else (arr.size,), strict=True):
+        view[d] = n
+    return np.broadcast_to(arr.reshape(view), shape)
+
+
+def _from_map(emap: np.ndarray, node) -> Channels | Multi:
+    varying = [a for a in range(emap.ndim)
+               if emap.shape[a] > 1 and not (emap == np.take(emap, [0], axis=a)).all()]
+    if not varying:
+        raise PruneError(f"reshape to {emap.shape} in '{_module_path(node)}' loses the channel axis")
+    sub = emap[tuple(slice(None) if a in varying else 0 for a in range(emap.ndim))]
+    if len(varying) == 1:
+        return Channels(varying[0], sub.tolist())
+    return Multi(tuple(varying), np.ascontiguousarray(sub))
+
+
+def collapse(state: TraceState, value: Multi, node) -> Channels:
+    """Make split channels one axis again for an op that needs one (a linear layer, attention): every part
+    (head) keeps the same positions, and the channels continue along the last dim."""
+    rows = value.emap.reshape(-1, value.emap.shape[-1])
+    for row in rows[1:]:
+        state.unify(rows[0].tolist(), row.tolist(), f"'{node.target}' in '{_module_path(node)}'")
+    return Channels(value.dims[-1], rows[0].tolist())
+
+
+@register_channel_rule("flatten", "view", "reshape", "_unsafe_view")
 def _reshape(state: TraceState, node, args):
     inp = args[0]
     if inp is None:
         return None
     in_shape, out_shape = _shape(node.args[0]), _shape(node)
-    prefix = math.prod(in_shape[:inp.dim])
-    for j in range(len(out_shape)):
-        if math.prod(out_shape[:j]) == prefix and out_shape[j] == in_shape[inp.dim]:
-            return Channels(j, list(inp.elements))
-    raise PruneError(f"reshape {in_shape} -> {out_shape} in '{_module_path(node)}' splits or merges the channel "
-                     "axis; this needs an index-mapping rule (not yet supported): ignore that module")
+    if isinstance(inp, Channels):
+        prefix = math.prod(in_shape[:inp.dim])
+        for j in range(len(out_shape)):  # the common case: the channel axis survives whole
+            if math.prod(out_shape[:j]) == prefix and out_shape[j] == in_shape[inp.dim]:
+                return Channels(j, list(inp.elements))
+    # otherwise reshape a map of element ids with the tensor: merging the channel axis with others repeats
+    # each element (flatten before a classifier); splitting it spreads the channels over several dims
+    return _from_map(_element_map(inp, in_shape).reshape(out_shape), node)
+
+
+@register_channel_rule("matmul", "bmm", "mm")
+def _matmul(state: TraceState, node, args):
+    a, b = args[0], args[1]
+    ra, rb, ro = len(_shape(node.args[0])), len(_shape(node.args[1])), len(_shape(node))
+    contracted_a = isinstance(a, Channels) and a.dim == ra - 1
+    contracted_b = isinstance(b, Channels) and b.dim == rb - 2
+    if contracted_a and contracted_b:  # q @ k^T: the two sides' channels meet in the reduction
+        state.unify(a.elements, b.elements, f"matmul in '{_module_path(node)}'")
+        return None
+    if isinstance(a, Channels) and a.dim == ra - 2 and not isinstance(b, Channels):
+        return Channels(ro - 2, list(a.elements))
+    if isinstance(b, Channels) and b.dim == rb - 1 and not isinstance(a, Channels):
+        return Channels(ro - 1, list(b.elements))
+    raise PruneError(f"matmul in '{_module_path(node)}' contracts pruned channels with a fixed tensor; ignore that "
+                     "module or register a rule")
+
+
+@register_channel_rule("softmax", "_softmax", "log_softmax", "_log_softmax")
+def _softmax(state: TraceState, node, args):
+    inp = args[0]
+    if inp is None:
+        return None
+    if _norm_dim(node.args[1], len(_shape(node))) == inp.dim:
+        raise PruneError(f"softmax over the channel axis in '{_module_path(node)}' has no pruning rule")
+    return Channels(inp.dim, list(inp.elements))
+
+
+@register_channel_rule("scaled_dot_product_attention")
+def _sdpa(state: TraceState, node, args):
+    q, k, v = args[0], args[1], args[2]
+    last = len(_shape(node)) - 1
+    if any(not isinstance(t, Channels) or t.dim != len(_shape(n)) - 1 for t, n in zip((q, k, v), node.args[:3],
+                                                                                        strict=True)):
+        raise PruneError(f"attention in '{_module_path(node)}' needs q, k and v with channels on their last dim")
+    state.unify(q.elements, k.elements, f"attention in '{_module_path(node)}'")
+    return Channels(last, list(v.elements))
 
 
 @register_channel_rule("permute")
@@ -460,16 +608,20 @@ def _permute(state: TraceState, node, args):
     if inp is None:
         return None
     dims = [_norm_dim(d, len(node.args[1])) for d in node.args[1]]
+    if isinstance(inp, Multi):
+        return _from_map(np.transpose(_element_map(inp, _shape(node.args[0])), dims), node)
     return Channels(dims.index(inp.dim), list(inp.elements))
 
 
-@register_channel_rule("transpose", "transpose_")
+@register_channel_rule("transpose", "transpose_", "swapaxes", "swapdims")
 def _transpose(state: TraceState, node, args):
     inp = args[0]
     if inp is None:
         return None
     rank = len(_shape(node))
     a, b = _norm_dim(node.args[1], rank), _norm_dim(node.args[2], rank)
+    if isinstance(inp, Multi):
+        return _from_map(np.swapaxes(_element_map(inp, _shape(node.args[0])), a, b), node)
     dim = b if inp.dim == a else a if inp.dim == b else inp.dim
     return Channels(dim, list(inp.elements))
 
@@ -514,7 +666,8 @@ def _map_args(args, env):
     if isinstance(args, (list, tuple)):
         return [_map_args(a, env) for a in args]
     if isinstance(args, torch.fx.Node):
-        return env.get(args)
+        value = env.get(args)
+        return None if isinstance(value, Opaque) else value
     return None
 
 
@@ -631,21 +784,21 @@ def _ignored_scope(node, ignore: tuple[str, ...]) -> str | None:
     return None
 
 
-def _opaque(state: TraceState, node, tracked: list[Channels], scope: str):
-    """An op inside an ignored module: the channels it reads are pinned, and what it produces gets fresh,
-    pinned channels on the same dim (so a residual that adds it back pins that stream too)."""
+@dataclass
+class Opaque:
+    """A value computed inside an ignored module: its channels are unknown and must not be pruned."""
+
+    scope: str
+
+
+def _opaque(state: TraceState, tracked: list[Channels], scope: str) -> Opaque:
+    """An op inside an ignored module: the channels it reads are pinned; what it produces is opaque, and
+    whatever it is later combined with (a residual add, say) is pinned in turn."""
     why = f"read or written by ignored module '{scope}'"
     for ch in tracked:
         for e in ch.elements:
             state.pinned.setdefault(e, why)
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor) or val.dim() == 0:
-        return None
-    dim = tracked[0].dim if tracked[0].dim < val.dim() else val.dim() - 1
-    fresh = state.fresh(int(val.shape[dim]))
-    for e in fresh:
-        state.pinned[e] = why
-    return Channels(dim, fresh)
+    return Opaque(scope)
 
 
 def trace(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = ()) -> ChannelGraph:
@@ -668,7 +821,7 @@ def trace(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = ())
     param_names = dict(sig.inputs_to_parameters)
     param_names.update(sig.inputs_to_buffers)
     state = TraceState(model, param_names)
-    env: dict = {}
+    env = state.env
     user_inputs = set(sig.user_inputs)
     for node in ep.graph.nodes:
         if node.op == "placeholder":
@@ -685,7 +838,7 @@ def trace(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = ())
         if node.op == "output":
             for a in node.all_input_nodes:
                 ch = env.get(a)
-                if isinstance(ch, Channels):
+                if isinstance(ch, (Channels, Multi)):
                     for e in ch.elements:
                         state.pinned.setdefault(e, "coupled to a model output")
             continue
@@ -696,26 +849,43 @@ def trace(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = ())
             env[node] = src[node.args[1]] if isinstance(src, list) else None
             continue
         args = _map_args(list(node.args), env)
-        flat_tracked = [a for a in _flatten_list(args) if isinstance(a, Channels)]
+        flat_tracked = [a for a in _flatten_list(args) if isinstance(a, (Channels, Multi))]
         packet = getattr(node.target, "_overloadpacket", None)
         name = packet.__name__ if packet is not None else getattr(node.target, "__name__", str(node.target))
         if name in _NON_TENSOR_OPS:
             continue
-        if not flat_tracked:
-            ref = args[0] if args and isinstance(args[0], ParamRef) else None
-            env[node] = _param_view(node, ref) if ref is not None else None
-            continue
         scope = _ignored_scope(node, ignore) if ignore else None
         if scope is not None:
-            env[node] = _opaque(state, node, flat_tracked, scope)
+            env[node] = _opaque(state, flat_tracked, scope)
+            continue
+        if not flat_tracked and name in _PRODUCERS:
+            env[node] = CHANNEL_RULES[name](state, node, args)  # fresh channels, even from fixed inputs
+            continue
+        if not flat_tracked:
+            opaque = next((env[n] for n in node.all_input_nodes if isinstance(env.get(n), Opaque)), None)
+            ref = args[0] if args and isinstance(args[0], ParamRef) else None
+            env[node] = opaque or (_param_view(node, ref) if ref is not None else None)
             continue
         rule = CHANNEL_RULES.get(name)
         if rule is None:
             raise PruneError(f"no channel rule for op '{node.target}' in module '{_module_path(node)}': "
                              f"ignore that module (ignore=['{_module_path(node)}'], CLI --ignore) or register a "
                              "rule with trt_prune.pruning.register_channel_rule")
+        if name not in _MULTI_AWARE and any(isinstance(a, Multi) for a in _flatten_list(args)):
+            args = _collapse_args(state, args, node)
         env[node] = rule(state, node, args)
     return ChannelGraph(model, state, tuple(example.shape))
+
+
+_PRODUCERS = {"conv1d", "conv2d", "conv3d", "convolution", "linear"}
+_MULTI_AWARE = {"flatten", "view", "reshape", "_unsafe_view", "permute", "transpose", "transpose_", "swapaxes",
+                "swapdims", *_UNARY}
+
+
+def _collapse_args(state: TraceState, args, node):
+    if isinstance(args, list):
+        return [_collapse_args(state, a, node) for a in args]
+    return collapse(state, args, node) if isinstance(args, Multi) else args
 
 
 def _flatten_list(args):
