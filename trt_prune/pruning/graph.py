@@ -488,6 +488,19 @@ def _fresh_values(state: TraceState, node, args):
     return None
 
 
+@register_channel_rule("unbind")
+def _unbind(state: TraceState, node, args):
+    inp = args[0]
+    n = len(node.meta["val"])
+    if inp is None:
+        return [None] * n
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(_shape(node.args[0])))
+    if dim == inp.dim:
+        raise PruneError(f"unbind over the channel dim in '{_module_path(node)}' picks fixed channels; ignore "
+                         "that module")
+    return [Channels(inp.dim - (1 if dim < inp.dim else 0), list(inp.elements)) for _ in range(n)]
+
+
 @register_channel_rule("select")
 def _select(state: TraceState, node, args):
     inp = args[0]
@@ -561,7 +574,13 @@ def _reshape(state: TraceState, node, args):
                 return Channels(j, list(inp.elements))
     # otherwise reshape a map of element ids with the tensor: merging the channel axis with others repeats
     # each element (flatten before a classifier); splitting it spreads the channels over several dims
-    return _from_map(_element_map(inp, in_shape).reshape(out_shape), node)
+    out = _from_map(_element_map(inp, in_shape).reshape(out_shape), node)
+    if isinstance(out, Multi):
+        # the model's code splits at fixed proportions (heads, shuffle groups): every part must keep as many
+        # channels as the others, or the split lands in the wrong place after pruning
+        rows = out.emap.reshape(-1, out.emap.shape[-1])
+        state.splits.append(SplitRecord(_module_path(node), [r.tolist() for r in rows]))
+    return out
 
 
 @register_channel_rule("matmul", "bmm", "mm")
@@ -744,7 +763,13 @@ class ChannelGraph:
                 continue
             g = class_group[self.cls(split.segments[0][0])]
             pos = {c: i for i, c in enumerate(g.classes)}
-            segs = [[pos[self.cls(e)] for e in seg] for seg in split.segments]
+            segs = []
+            for seg in split.segments:  # parts made identical by coupling (heads kept alike) constrain nothing
+                ids = list(dict.fromkeys(pos[self.cls(e)] for e in seg))
+                if ids not in segs:
+                    segs.append(ids)
+            if len(segs) == 1:
+                continue
             if len({len(s) for s in segs}) != 1:
                 g.pinned = g.pinned or f"split in '{split.module}' has unequal parts (sizes would not follow)"
                 continue

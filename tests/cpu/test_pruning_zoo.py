@@ -1,0 +1,133 @@
+"""Pruning rules beyond plain CNNs: grouped convs, channel shuffle, flatten into a classifier, parameters used
+directly (class tokens, position embeddings, layer scales), attention — each checked for exactness or shape."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from trt_prune.errors import PruneError
+from trt_prune.pruning import apply_recipe, prune, trace
+
+
+def _kill(model, graph, fraction=0.5):
+    """Zero every weight that writes the second half of each prunable group's channels (per split segment)."""
+    modules = dict(model.named_modules())
+    dead = set()
+    for g in graph.groups:
+        if g.pinned:
+            continue
+        for seg in g.segments or [list(range(g.size))]:
+            dead |= {g.classes[i] for i in seg[int(len(seg) * (1 - fraction)):]}
+    with torch.no_grad():
+        for (path, kind), slot in graph.slots.items():
+            idx = [i for i, e in enumerate(slot.elements) if graph.cls(e) in dead]
+            if not idx:
+                continue
+            m = modules[path]
+            if kind in ("out", "depthwise", "grouped"):
+                m.weight[idx] = 0
+                if m.bias is not None:
+                    m.bias[idx] = 0
+            elif kind == "in":
+                m.weight[:, idx] = 0
+            elif kind == "norm":
+                m.weight[idx] = 0
+                m.bias[idx] = 0
+                if getattr(m, "running_mean", None) is not None:
+                    m.running_mean[idx] = 0
+                    m.running_var[idx] = 1
+
+
+@pytest.mark.parametrize("name", ["resnext50_32x4d", "regnet_x_400mf", "shufflenet_v2_x0_5", "vgg11_bn"])
+def test_dead_channels_prune_exactly(name):
+    """Channels whose writers are all zero contribute nothing (BN + ReLU nets): pruning exactly them keeps the
+    outputs. Covers grouped convs (ResNeXt, RegNet), channel shuffle (ShuffleNet) and flatten into Linear (VGG)."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.bias.data.uniform_(-0.1, 0.1)
+    shape = (1, 3, 64, 64)
+    graph = trace(model, torch.rand(shape))
+    _kill(model, graph)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    result = prune(model, shape, ratio=0.5, round_to=1)
+    with torch.no_grad():
+        got = result.model(x)
+    assert result.report["params_after"] < 0.75 * result.report["params_before"]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+class TinyViT(nn.Module):
+    """Patch embedding, class token, position embedding, a pre-norm block with attention written out
+    (reshape into heads, q·k, softmax, ·v), an MLP and a layer scale, and a head on the class token."""
+
+    def __init__(self, dim=32, heads=4, classes=10):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, 8)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 17, dim))
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.heads = heads
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1)).softmax(-1)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+        x = x + self.gamma * self.fc2(torch.relu(self.fc1(self.norm2(x))))
+        return self.head(x[:, 0])
+
+
+def test_transformer_parameters_and_heads_are_pruned():
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    result = prune(model, (1, 3, 32, 32), ratio=0.5, round_to=4)
+    p = result.model
+    dim = p.patch.out_channels
+    assert dim == 16 and p.cls_token.shape == (1, 1, 16) and p.pos.shape == (1, 17, 16)
+    assert p.gamma.shape == (16,) and p.norm1.normalized_shape == (16,) and p.head.in_features == 16
+    # q, k and v keep the same positions in every head: 4 heads of 8 channels become 4 heads of 4
+    assert p.qkv.out_features == 3 * 4 * 4 and p.proj.in_features == 4 * 4
+    assert p(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    replayed = apply_recipe(model, json.loads(json.dumps(result.recipe)))
+    x = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(replayed(x), p(x))
+
+
+def test_swin_prunes_and_runs():
+    model = torchvision.models.swin_t(weights=None).eval()
+    result = prune(model, (1, 3, 224, 224), ratio=0.5)
+    assert result.model(torch.rand(1, 3, 224, 224)).shape == (1, 1000)
+    assert result.report["params_after"] < 0.35 * result.report["params_before"]
+
+
+def test_stored_head_dims_fail_loudly():
+    """torchvision's MultiheadAttention keeps its sizes in attributes: without a rule it is an error that says
+    which module to ignore, and ignoring it prunes the rest (the MLPs) and reports why the stream stayed."""
+    model = torchvision.models.vit_b_16(weights=None, image_size=64).eval()
+    with pytest.raises(PruneError, match="self_attention.*MultiheadAttention.*ignore"):
+        prune(model, (1, 3, 64, 64), ratio=0.5)
+    attn = tuple(n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention))
+    result = prune(copy.deepcopy(model), (1, 3, 64, 64), ratio=0.5, ignore=attn)
+    assert result.model.encoder.layers[0].mlp[0].out_features == 1536
+    reasons = {s["reason"] for s in result.report["skipped_groups"]}
+    assert any("ignored module 'encoder.layers.encoder_layer_0.self_attention'" in r for r in reasons)
