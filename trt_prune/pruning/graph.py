@@ -354,8 +354,8 @@ _UNARY = ("silu", "silu_", "relu", "relu_", "sigmoid", "sigmoid_", "hardswish", 
           "detach", "neg", "exp", "abs", "softplus", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d",
           "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
           "adaptive_max_pool2d", "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
-          "upsample_bilinear2d", "upsample_bicubic2d", "_upsample_nearest_exact2d", "mul_scalar", "_to_copy", "to", "type_as", "clamp",
-          "clamp_", "clamp_min", "clamp_max", "pow", "sqrt", "rsqrt", "square")
+          "upsample_bilinear2d", "upsample_bicubic2d", "_upsample_nearest_exact2d", "_to_copy", "to",
+          "type_as", "clamp", "clamp_", "clamp_min", "clamp_max", "pow", "sqrt", "rsqrt", "square")
 
 
 @register_channel_rule(*_UNARY)
