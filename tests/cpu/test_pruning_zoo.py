@@ -11,7 +11,6 @@ import torch
 import torchvision
 from torch import nn
 
-from trt_prune.errors import PruneError
 from trt_prune.pruning import apply_recipe, prune, trace
 
 
@@ -120,14 +119,24 @@ def test_swin_prunes_and_runs():
     assert result.report["params_after"] < 0.35 * result.report["params_before"]
 
 
-def test_stored_head_dims_fail_loudly():
-    """torchvision's MultiheadAttention keeps its sizes in attributes: without a rule it is an error that says
-    which module to ignore, and ignoring it prunes the rest (the MLPs) and reports why the stream stayed."""
+def test_vit_embedding_and_heads_are_pruned():
+    """torchvision's ViT: nn.MultiheadAttention (sizes kept in attributes), class token and position embedding
+    all follow the embedding dim; every head keeps the same width."""
     model = torchvision.models.vit_b_16(weights=None, image_size=64).eval()
-    with pytest.raises(PruneError, match="self_attention.*MultiheadAttention.*ignore"):
-        prune(model, (1, 3, 64, 64), ratio=0.5)
-    attn = tuple(n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention))
-    result = prune(copy.deepcopy(model), (1, 3, 64, 64), ratio=0.5, ignore=attn)
-    assert result.model.encoder.layers[0].mlp[0].out_features == 1536
-    reasons = {s["reason"] for s in result.report["skipped_groups"]}
+    result = prune(model, (1, 3, 64, 64), ratio=0.5)
+    p = result.model
+    attn = p.encoder.layers[0].self_attention
+    assert p.conv_proj.out_channels == p.hidden_dim == attn.embed_dim == 384
+    assert attn.num_heads == 12 and attn.head_dim == 32 and attn.in_proj_weight.shape == (3 * 384, 384)
+    assert p.class_token.shape == (1, 1, 384) and p.encoder.pos_embedding.shape == (1, 17, 384)
+    assert p.encoder.layers[0].mlp[0].out_features == 1536
+    x = torch.rand(1, 3, 64, 64)
+    assert p(x).shape == (1, 1000)
+    replayed = apply_recipe(model, json.loads(json.dumps(result.recipe)))
+    torch.testing.assert_close(replayed(x), p(x))
+    # ignoring the attention modules keeps the embedding whole, and the report says why
+    attn_paths = tuple(n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention))
+    kept = prune(copy.deepcopy(model), (1, 3, 64, 64), ratio=0.5, ignore=attn_paths)
+    assert kept.model.conv_proj.out_channels == 768 and kept.model.encoder.layers[0].mlp[0].out_features == 1536
+    reasons = {s["reason"] for s in kept.report["skipped_groups"]}
     assert any("ignored module 'encoder.layers.encoder_layer_0.self_attention'" in r for r in reasons)

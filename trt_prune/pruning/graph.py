@@ -282,19 +282,50 @@ def _linear(state: TraceState, node, args):
     inp = args[0]
     module, lin = state.module_of_param(node.args[1])
     attr = state.param_names[node.args[1].name].rpartition(".")[2]
-    if attr != "weight":
-        raise PruneError(f"linear op on parameter '{attr}' of '{module}' ({type(lin).__name__}) has no pruning "
-                         f"rule yet; pass ignore=['{module}'] (CLI: --ignore {module})")
+    n_out, n_in = _shape(node.args[1])
     out_shape = _shape(node)
     if inp is not None and inp.dim != len(_shape(node.args[0])) - 1:
         raise PruneError(f"linear '{module}' reads features from dim {inp.dim}, expected the last dim")
-    out = state.fresh(lin.weight.shape[0])
+    out = state.fresh(n_out)
+    if attr == "weight":
+        in_kind, out_kind = "in", "out"
+    else:
+        # a weight under another name (MultiheadAttention's in_proj_weight): cut that tensor directly
+        in_kind, out_kind = f"param:{attr}:1", f"param:{attr}:0"
+        bias = node.args[2] if len(node.args) > 2 else None
+        if isinstance(bias, torch.fx.Node) and bias.name in state.param_names:
+            state.record_slot(module, f"param:{state.param_names[bias.name].rpartition('.')[2]}:0", out)
+    if isinstance(lin, nn.MultiheadAttention) and inp is not None and n_out == 3 * len(inp.elements):
+        # self-attention: nn.MultiheadAttention requires q, k and v to be as wide as its input
+        for part in range(3):
+            state.unify(out[part * n_in:(part + 1) * n_in], inp.elements, f"attention in '{module}'")
     if inp is not None:
-        state.record_slot(module, "in", inp.elements)
-    state.record_slot(module, "out", out)
-    state.compute.append(ComputeNode(module, math.prod(out_shape) // out_shape[0] * lin.weight.shape[1],
+        state.record_slot(module, in_kind, inp.elements)
+    state.record_slot(module, out_kind, out)
+    state.compute.append(ComputeNode(module, math.prod(out_shape) // out_shape[0] * n_in,
                                      inp.elements if inp else None, out))
     return Channels(len(out_shape) - 1, out)
+
+
+@register_channel_rule("unsqueeze", "squeeze")
+def _unsqueeze(state: TraceState, node, args):
+    inp = args[0]
+    if inp is None:
+        return None
+    in_shape, out_shape = _shape(node.args[0]), _shape(node)
+    if node.target._overloadpacket.__name__ == "unsqueeze":
+        d = _norm_dim(node.args[1], len(out_shape))
+        return Channels(inp.dim + (1 if d <= inp.dim else 0), list(inp.elements))
+    if len(node.args) > 1:
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        gone = [d for d in (_norm_dim(d, len(in_shape)) for d in dims) if in_shape[d] == 1]
+    else:
+        gone = [i for i, n in enumerate(in_shape) if n == 1]
+    if len(out_shape) == len(in_shape):
+        return Channels(inp.dim, list(inp.elements))
+    if inp.dim in gone:
+        raise PruneError(f"squeeze removes the channel dim in '{_module_path(node)}'")
+    return Channels(inp.dim - sum(1 for i in gone if i < inp.dim), list(inp.elements))
 
 
 @register_channel_rule("batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
@@ -561,7 +592,7 @@ def collapse(state: TraceState, value: Multi, node) -> Channels:
     return Channels(value.dims[-1], rows[0].tolist())
 
 
-@register_channel_rule("flatten", "view", "reshape", "_unsafe_view")
+@register_channel_rule("flatten", "unflatten", "view", "reshape", "_unsafe_view")
 def _reshape(state: TraceState, node, args):
     inp = args[0]
     if inp is None:
@@ -903,8 +934,8 @@ def trace(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = ())
 
 
 _PRODUCERS = {"conv1d", "conv2d", "conv3d", "convolution", "linear"}
-_MULTI_AWARE = {"flatten", "view", "reshape", "_unsafe_view", "permute", "transpose", "transpose_", "swapaxes",
-                "swapdims", *_UNARY}
+_MULTI_AWARE = {"flatten", "unflatten", "view", "reshape", "_unsafe_view", "permute", "transpose", "transpose_",
+                "swapaxes", "swapdims", *_UNARY}
 
 
 def _collapse_args(state: TraceState, args, node):

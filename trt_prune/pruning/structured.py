@@ -13,7 +13,7 @@ from torch import nn
 from ..errors import PruneError
 from .graph import ChannelGraph, ChannelGroup, trace
 from .importance import get_importance
-from .surgery import cut_axis
+from .surgery import cut_axis, fix_sizes
 
 RECIPE_FORMAT = "trt_prune.recipe"
 RECIPE_VERSION = 1
@@ -135,10 +135,14 @@ def _plan(graph: ChannelGraph, config: PruneConfig) -> tuple[dict[str, list[int]
 def _apply(graph: ChannelGraph, plan: dict[str, list[int]]) -> None:
     kept = _kept_classes(graph, plan)
     modules = dict(graph.model.named_modules())
+    touched = set()
     for (path, kind), slot in graph.slots.items():
         keep = [i for i, e in enumerate(slot.elements) if graph.cls(e) in kept]
         if len(keep) < len(slot.elements):
             cut_axis(modules[path], kind, torch.tensor(keep, dtype=torch.long), path)
+            touched.add(path)
+    for path in sorted(touched):
+        fix_sizes(modules[path], path)
 
 
 def _check_runs(model: nn.Module, example: torch.Tensor, expected: torch.Size) -> None:

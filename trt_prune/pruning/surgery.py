@@ -106,6 +106,49 @@ def _grouped_conv(module, keep: torch.Tensor) -> None:
     module.in_channels = module.out_channels = int(keep.numel())
 
 
+FIXUPS: dict[type, Callable[[nn.Module, str], None]] = {}
+
+
+def register_fixup(*types: type):
+    """Register ``fn(module, path)`` run after a module's tensors were cut, to update sizes it stores."""
+
+    def deco(fn):
+        for t in types:
+            FIXUPS[t] = fn
+        return fn
+
+    return deco
+
+
+@register_fixup(nn.MultiheadAttention)
+def _mha_sizes(module, path):
+    embed = int(module.in_proj_weight.shape[1]) if module.in_proj_weight is not None else module.embed_dim
+    if embed % module.num_heads:
+        raise PruneError(f"attention '{path}' would keep {embed} channels for {module.num_heads} heads")
+    module.embed_dim = module.kdim = module.vdim = embed
+    module.head_dim = embed // module.num_heads
+
+
+# Fix-ups for classes of optional or heavy packages, by qualified name, so this module imports none of them.
+NAMED_FIXUPS: dict[str, Callable[[nn.Module, str], None]] = {}
+
+
+def _vit_sizes(module, path):
+    module.hidden_dim = int(module.conv_proj.out_channels)
+
+
+NAMED_FIXUPS["torchvision.models.vision_transformer.VisionTransformer"] = _vit_sizes
+
+
+def fix_sizes(module: nn.Module, path: str) -> None:
+    """Run the registered fix-up for ``module``'s type, if any."""
+    for t in type(module).__mro__:
+        fn = FIXUPS.get(t) or NAMED_FIXUPS.get(f"{t.__module__}.{t.__qualname__}")
+        if fn is not None:
+            fn(module, path)
+            return
+
+
 def cut_axis(module: nn.Module, kind: str, keep: torch.Tensor, path: str) -> None:
     """Apply the registered handler for ``module``'s type (its closest registered base class).
 
