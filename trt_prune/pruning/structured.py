@@ -135,14 +135,14 @@ def _plan(graph: ChannelGraph, config: PruneConfig) -> tuple[dict[str, list[int]
 def _apply(graph: ChannelGraph, plan: dict[str, list[int]]) -> None:
     kept = _kept_classes(graph, plan)
     modules = dict(graph.model.named_modules())
-    touched = set()
     for (path, kind), slot in graph.slots.items():
         keep = [i for i, e in enumerate(slot.elements) if graph.cls(e) in kept]
         if len(keep) < len(slot.elements):
             cut_axis(modules[path], kind, torch.tensor(keep, dtype=torch.long), path)
-            touched.add(path)
-    for path in sorted(touched):
-        fix_sizes(modules[path], path)
+    # sizes stored as attributes live on parents of the cut layers too (an attention block's head_dim): the
+    # fix-ups recompute them from the tensors, so running them everywhere is safe
+    for path, module in modules.items():
+        fix_sizes(module, path)
 
 
 def _check_runs(model: nn.Module, example: torch.Tensor, expected: torch.Size) -> None:

@@ -137,7 +137,12 @@ def _vit_sizes(module, path):
     module.hidden_dim = int(module.conv_proj.out_channels)
 
 
+def _maxvit_attention_sizes(module, path):
+    module.head_dim = int(module.to_qkv.out_features) // (3 * module.n_heads)
+
+
 NAMED_FIXUPS["torchvision.models.vision_transformer.VisionTransformer"] = _vit_sizes
+NAMED_FIXUPS["torchvision.models.maxvit.RelativePositionalMultiHeadAttention"] = _maxvit_attention_sizes
 
 
 def fix_sizes(module: nn.Module, path: str) -> None:
