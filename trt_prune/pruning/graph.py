@@ -415,6 +415,10 @@ def _binary(state: TraceState, node, args):
         if isinstance(other, torch.fx.Node):
             state.bind_fixed(node, other, (a, b)[1 - i], out_dim, ch.elements)
         return Channels(out_dim, list(ch.elements))
+    if (len(a.elements) == 1) != (len(b.elements) == 1):
+        # one side has a single channel (a per-position gate computed by a 1-wide conv): it broadcasts
+        wide, i = (a, 0) if len(a.elements) > 1 else (b, 1)
+        return Channels(wide.dim + (rank - len(_shape(node.args[i]))), list(wide.elements))
     ra, rb = len(_shape(node.args[0])), len(_shape(node.args[1]))
     if a.dim + (rank - ra) != b.dim + (rank - rb):
         raise PruneError(f"'{node.target}' in '{_module_path(node)}' adds tensors whose channels sit on different "
@@ -676,6 +680,23 @@ def _transpose(state: TraceState, node, args):
     return Channels(dim, list(inp.elements))
 
 
+@register_channel_rule("linalg_vector_norm", "norm")
+def _channel_norm(state: TraceState, node, args):
+    """An L2 norm over the channel dim (SSD's L2Norm) yields one value per position: no channels left, and
+    the division that follows broadcasts it."""
+    inp = args[0]
+    if inp is None:
+        return None
+    rank = len(_shape(node.args[0]))
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    dims = [_norm_dim(d, rank) for d in (dims if isinstance(dims, (list, tuple)) else [dims])] if dims is not None \
+        else list(range(rank))
+    keepdim = bool(node.args[3]) if len(node.args) > 3 else bool(node.kwargs.get("keepdim", False))
+    if inp.dim in dims:
+        return None
+    return Channels(inp.dim - (0 if keepdim else sum(1 for d in dims if d < inp.dim)), list(inp.elements))
+
+
 @register_channel_rule("mean", "sum", "amax", "amin")
 def _reduce(state: TraceState, node, args):
     inp = args[0]
@@ -706,9 +727,39 @@ def _param_view(node, ref: ParamRef) -> ParamRef | None:
         return ref
     if name == "expand":
         return ParamRef(ref.name, (None,) * (out_rank - len(ref.axes)) + ref.axes)
+    if name == "expand_as":
+        return ParamRef(ref.name, (None,) * (out_rank - len(ref.axes)) + ref.axes)
     if name == "unsqueeze":
         d = _norm_dim(node.args[1], out_rank)
         return ParamRef(ref.name, ref.axes[:d] + (None,) + ref.axes[d:])
+    if name in ("view", "reshape", "_unsafe_view"):
+        # only size-1 axes added or removed (weight.view(1, -1, 1, 1)): the other axes keep their order
+        in_shape, out_shape = _shape(node.args[0]), _shape(node)
+        big_in = [a for a, n in enumerate(in_shape) if n != 1]
+        if [in_shape[a] for a in big_in] != [n for n in out_shape if n != 1]:
+            return None
+        it = iter(big_in)
+        return ParamRef(ref.name, tuple(None if n == 1 else ref.axes[next(it)] for n in out_shape))
+    return None
+
+
+@register_channel_rule("expand", "expand_as")
+def _expand(state: TraceState, node, args):
+    inp = args[0]
+    if isinstance(inp, Channels):
+        if len(inp.elements) != _shape(node)[inp.dim + len(_shape(node)) - len(_shape(node.args[0]))]:
+            raise PruneError(f"expand in '{_module_path(node)}' broadcasts the channel axis")
+        return Channels(inp.dim + len(_shape(node)) - len(_shape(node.args[0])), list(inp.elements))
+    ref = state.env.get(node.args[0])
+    if isinstance(ref, ParamRef):
+        return _param_view(node, ref)
+    target = args[1] if len(args) > 1 else None
+    if isinstance(target, Channels):
+        src = _shape(node.args[0])
+        axis = target.dim - (len(_shape(node)) - len(src))
+        if 0 <= axis < len(src) and src[axis] == 1:
+            # one value per position broadcast over the channels (a norm): it follows the target's channels
+            return Channels(target.dim, list(target.elements))
     return None
 
 

@@ -145,7 +145,18 @@ def _apply(graph: ChannelGraph, plan: dict[str, list[int]]) -> None:
         fix_sizes(module, path)
 
 
-def _check_runs(model: nn.Module, example: torch.Tensor, expected: torch.Size) -> None:
+def output_shapes(out) -> object:
+    """The shapes of a model's outputs, keeping their structure (a tensor, or tuples/lists/dicts of them)."""
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, dict):
+        return {k: output_shapes(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return tuple(output_shapes(v) for v in out)
+    return None
+
+
+def _check_runs(model: nn.Module, example: torch.Tensor, expected) -> None:
     was_training = model.training
     model.eval()
     try:
@@ -156,10 +167,10 @@ def _check_runs(model: nn.Module, example: torch.Tensor, expected: torch.Size) -
                          "channel counts from stored sizes: ignore it and prune again") from exc
     finally:
         model.train(was_training)
-    shape = out.shape if isinstance(out, torch.Tensor) else None
-    if shape is not None and shape != expected:
-        raise PruneError(f"pruning changed the output shape from {tuple(expected)} to {tuple(shape)}; "
-                         "ignore the output layers and prune again")
+    shapes = output_shapes(out)
+    if shapes != expected:
+        raise PruneError(f"pruning changed the output shapes from {expected} to {shapes}; ignore the output "
+                         "layers and prune again")
 
 
 def _layer_report(before: ChannelGraph, plan: dict[str, list[int]], skipped: dict[str, str],
@@ -226,7 +237,7 @@ def prune(model: nn.Module, input_shape=(1, 3, 320, 320), config: PruneConfig | 
     params_before = count_params(model)
     layers = _layer_report(graph, plan, skipped, config.ignore)
     _apply(graph, plan)
-    _check_runs(pruned, example, reference.shape)
+    _check_runs(pruned, example, output_shapes(reference))
     group_sizes = {g.key: g.size for g in graph.groups}
     recipe = {
         "format": RECIPE_FORMAT,
@@ -282,7 +293,7 @@ def apply_recipe(model: nn.Module, recipe: dict) -> nn.Module:
             raise PruneError(f"recipe group '{entry['key']}' keeps invalid channel indices")
         plan[g.key] = list(keep)
     _apply(graph, plan)
-    _check_runs(pruned, example, reference.shape)
+    _check_runs(pruned, example, output_shapes(reference))
     return pruned
 
 
