@@ -227,10 +227,6 @@ def _module_path(node) -> str:
     return list(stack.values())[-1][0] or "<top level>"
 
 
-def _tracked(args) -> list[Channels]:
-    return [a for a in args if isinstance(a, Channels)]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # rules
 # ----------------------------------------------------------------------------------------------------------
