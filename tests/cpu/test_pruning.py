@@ -69,42 +69,13 @@ def test_prune_keeps_outputs_and_aligns_channels(detector):
     assert _conv_out_channels(detector) == before
 
 
-def _zero_channels(model, graph, group, positions):
-    """Make ``positions`` of ``group`` dead: every weight that writes or reads them is zero."""
-    dead = {group.classes[i] for i in positions}
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for (path, kind), slot in graph.slots.items():
-            idx = [i for i, e in enumerate(slot.elements) if graph.cls(e) in dead]
-            if not idx:
-                continue
-            m = modules[path]
-            if kind in ("out", "depthwise"):
-                m.weight[idx] = 0
-                if m.bias is not None:
-                    m.bias[idx] = 0
-            elif kind == "in":
-                m.weight[:, idx] = 0
-            elif kind == "norm":
-                m.weight[idx] = 0
-                m.bias[idx] = 0
-                m.running_mean[idx] = 0
-                m.running_var[idx] = 1
-
-
-def test_pruning_dead_channels_preserves_function(detector):
+def test_pruning_dead_channels_preserves_function(detector, kill_channels):
     """Channels whose every reader and writer is zero contribute nothing: pruning exactly them must not change
     the outputs. This checks the coupling of residuals, splits, concats and the neck end to end."""
     import copy
 
     model = copy.deepcopy(detector)
-    graph = trace(model, torch.rand(SHAPE))
-    for g in graph.groups:
-        if g.pinned:
-            continue
-        segs = g.segments or [list(range(g.size))]
-        dead = [i for seg in segs for i in seg[len(seg) // 2:]]  # the second half of every segment
-        _zero_channels(model, graph, g, dead)
+    kill_channels(model, trace(model, torch.rand(SHAPE)))
     x = torch.rand(2, 3, 128, 128)
     with torch.no_grad():
         expected = model(x)

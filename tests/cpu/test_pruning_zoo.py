@@ -14,37 +14,8 @@ from torch import nn
 from trt_prune.pruning import apply_recipe, prune, trace
 
 
-def _kill(model, graph, fraction=0.5):
-    """Zero every weight that writes the second half of each prunable group's channels (per split segment)."""
-    modules = dict(model.named_modules())
-    dead = set()
-    for g in graph.groups:
-        if g.pinned:
-            continue
-        for seg in g.segments or [list(range(g.size))]:
-            dead |= {g.classes[i] for i in seg[int(len(seg) * (1 - fraction)):]}
-    with torch.no_grad():
-        for (path, kind), slot in graph.slots.items():
-            idx = [i for i, e in enumerate(slot.elements) if graph.cls(e) in dead]
-            if not idx:
-                continue
-            m = modules[path]
-            if kind in ("out", "depthwise", "grouped"):
-                m.weight[idx] = 0
-                if m.bias is not None:
-                    m.bias[idx] = 0
-            elif kind == "in":
-                m.weight[:, idx] = 0
-            elif kind == "norm":
-                m.weight[idx] = 0
-                m.bias[idx] = 0
-                if getattr(m, "running_mean", None) is not None:
-                    m.running_mean[idx] = 0
-                    m.running_var[idx] = 1
-
-
 @pytest.mark.parametrize("name", ["resnext50_32x4d", "regnet_x_400mf", "shufflenet_v2_x0_5", "vgg11_bn"])
-def test_dead_channels_prune_exactly(name):
+def test_dead_channels_prune_exactly(name, kill_channels):
     """Channels whose writers are all zero contribute nothing (BN + ReLU nets): pruning exactly them keeps the
     outputs. Covers grouped convs (ResNeXt, RegNet), channel shuffle (ShuffleNet) and flatten into Linear (VGG)."""
     torch.manual_seed(0)
@@ -55,7 +26,7 @@ def test_dead_channels_prune_exactly(name):
             m.bias.data.uniform_(-0.1, 0.1)
     shape = (1, 3, 64, 64)
     graph = trace(model, torch.rand(shape))
-    _kill(model, graph)
+    kill_channels(model, graph)
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)

@@ -194,7 +194,7 @@ def _build(spec: str) -> tuple[nn.Module, tuple[int, ...], str]:
     raise ModelSpecError(f"unknown model spec '{spec}'; use {SPEC_HELP}")
 
 
-def _load_folder(folder: Path, allow_pickle: bool) -> LoadedModel:
+def _load_folder(folder: Path) -> LoadedModel:
     from ..pruning import apply_recipe
 
     try:
@@ -228,7 +228,7 @@ def load_model(spec: str, weights: str | Path | None = None, allow_pickle: bool 
         if not is_model_folder(path):
             raise ModelSpecError(f"folder '{spec}' holds no {MODEL_JSON}; pass a folder written by "
                                  "'trt-prune prune' or 'sparsify', or a spec: " + SPEC_HELP)
-        loaded = _load_folder(path, allow_pickle)
+        loaded = _load_folder(path)
         if weights is not None:
             load_weights(loaded.model, weights, allow_pickle)
         return loaded

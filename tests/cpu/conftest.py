@@ -1,0 +1,42 @@
+"""Shared helpers for the CPU tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def _kill(model, graph, fraction=0.5):
+    """Zero every weight that writes the second half of each prunable group's channels (per split segment)."""
+    modules = dict(model.named_modules())
+    dead = set()
+    for g in graph.groups:
+        if g.pinned:
+            continue
+        for seg in g.segments or [list(range(g.size))]:
+            dead |= {g.classes[i] for i in seg[int(len(seg) * (1 - fraction)):]}
+    with torch.no_grad():
+        for (path, kind), slot in graph.slots.items():
+            idx = [i for i, e in enumerate(slot.elements) if graph.cls(e) in dead]
+            if not idx:
+                continue
+            m = modules[path]
+            if kind in ("out", "depthwise", "grouped"):
+                m.weight[idx] = 0
+                if m.bias is not None:
+                    m.bias[idx] = 0
+            elif kind == "in":
+                m.weight[:, idx] = 0
+            elif kind == "norm":
+                m.weight[idx] = 0
+                m.bias[idx] = 0
+                if getattr(m, "running_mean", None) is not None:
+                    m.running_mean[idx] = 0
+                    m.running_var[idx] = 1
+
+
+@pytest.fixture
+def kill_channels():
+    """``kill(model, graph)``: make the second half of every prunable group's channels dead (every weight that
+    writes or reads them zero), so pruning exactly those channels must leave the outputs unchanged."""
+    return _kill
