@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import PruneError
+from . import record
 from .graph import ChannelGraph, ChannelGroup, trace
 from .importance import get_importance
 from .surgery import cut_axis, fix_sizes
@@ -21,22 +24,39 @@ ALLOWED_ROUND_TO = (1, 2, 4, 8, 16, 32, 64)
 
 @dataclass
 class PruneConfig:
-    """How to prune. ``ratio`` is the fraction of channels removed from every prunable group, unless
-    ``target_macs`` (fraction of MACs to keep, e.g. 0.5) is given: then the ratio is searched for."""
+    """How to prune.
+
+    ``ratio``: fraction of channels removed, from every prunable group (local) or from all of them ranked
+    together (``global_pruning``: groups whose channels score low lose more, each capped by ``max_ratio``).
+    ``target_macs`` / ``target_params`` (fraction of the dense model's MACs / parameters to keep, e.g. 0.5):
+    the ratio is searched for instead, at most one of the two. ``max_ratio``: no group loses more than this
+    fraction of its channels (default: any, as long as ``round_to`` channels stay). Every kept count is a
+    multiple of ``round_to``.
+    """
 
     ratio: float = 0.5
     round_to: int = 8
     importance: str = "l1"
     ignore: tuple[str, ...] = ()
     target_macs: float | None = None
+    target_params: float | None = None
+    global_pruning: bool = False
+    max_ratio: float | None = None
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
             raise PruneError(f"ratio must be in (0, 1), got {self.ratio}; e.g. 0.5 removes half the channels")
         if self.round_to not in ALLOWED_ROUND_TO:
             raise PruneError(f"round_to must be one of {ALLOWED_ROUND_TO}, got {self.round_to}")
-        if self.target_macs is not None and not 0.0 < self.target_macs < 1.0:
-            raise PruneError(f"target_macs is the fraction of MACs to keep, in (0, 1); got {self.target_macs}")
+        for name in ("target_macs", "target_params"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value < 1.0:
+                raise PruneError(f"{name} is the fraction to keep, in (0, 1); got {value}")
+        if self.target_macs is not None and self.target_params is not None:
+            raise PruneError("give target_macs or target_params, not both")
+        if self.max_ratio is not None and not 0.0 < self.max_ratio < 1.0:
+            raise PruneError(f"max_ratio must be in (0, 1), got {self.max_ratio}; e.g. 0.8 keeps at least a "
+                             "fifth of every group")
         get_importance(self.importance)
 
 
@@ -51,11 +71,14 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _aligned_keep(n: int, ratio: float, round_to: int) -> int:
-    """Channels to keep out of ``n``: a multiple of ``round_to``, at least ``round_to``, at most ``n``."""
+def _aligned_keep(n: int, ratio: float, round_to: int, max_ratio: float | None = None) -> int:
+    """Channels to keep out of ``n``: a multiple of ``round_to``, at least ``round_to`` and at least
+    ``(1 - max_ratio)·n`` (rounded up to a multiple), at most ``n``."""
     if n <= round_to:
         return n
     keep = int(round(n * (1.0 - ratio) / round_to)) * round_to
+    if max_ratio is not None:
+        keep = max(keep, math.ceil(n * (1.0 - max_ratio) / round_to - 1e-9) * round_to)
     return min(n, max(round_to, keep))
 
 
@@ -67,16 +90,30 @@ def _is_ignored(group: ChannelGroup, ignore: tuple[str, ...]) -> str | None:
     return None
 
 
-def _select(scores: np.ndarray, group: ChannelGroup, ratio: float, round_to: int) -> list[int]:
+def _select(scores: np.ndarray, group: ChannelGroup, ratio: float, round_to: int,
+            max_ratio: float | None = None) -> list[int]:
     """Positions of ``group.classes`` to keep: the highest scores, per split segment when there are segments."""
     segments = group.segments or [list(range(group.size))]
     keep: list[int] = []
     for seg in segments:
-        k = _aligned_keep(len(seg), ratio, round_to)
+        k = _aligned_keep(len(seg), ratio, round_to, max_ratio)
         seg_scores = scores[seg]
         order = np.argsort(-seg_scores, kind="stable")[:k]
         keep.extend(sorted(seg[i] for i in order))
     return sorted(keep)
+
+
+def _global_ratios(scores: dict[str, np.ndarray], ratio: float) -> dict[str, float]:
+    """Per-group removal ratios for global pruning: every group's scores are divided by their mean (so a
+    group's scale does not matter, only how unevenly its channels score), all channels are ranked together,
+    and the lowest ``ratio`` of them go; a group's ratio is the share of its channels that fell."""
+    normed = {k: v / v.mean() if v.mean() > 0 else np.ones_like(v) for k, v in scores.items()}
+    everything = np.concatenate(list(normed.values()))
+    n_drop = int(round(ratio * len(everything)))
+    if n_drop == 0:
+        return {k: 0.0 for k in normed}
+    threshold = np.partition(everything, n_drop - 1)[n_drop - 1]
+    return {k: float((v <= threshold).mean()) for k, v in normed.items()}
 
 
 def _prunable(graph: ChannelGraph, config: PruneConfig) -> tuple[list[ChannelGroup], dict[str, str]]:
@@ -93,51 +130,69 @@ def _prunable(graph: ChannelGraph, config: PruneConfig) -> tuple[list[ChannelGro
     return groups, skipped
 
 
-def _kept_classes(graph: ChannelGraph, plan: dict[str, list[int]]) -> set[int]:
-    kept = graph.all_classes()
-    for g in graph.groups:
-        if g.key in plan:
-            keep = set(plan[g.key])
-            kept -= {c for i, c in enumerate(g.classes) if i not in keep}
-    return kept
-
-
-def _plan(graph: ChannelGraph, config: PruneConfig) -> tuple[dict[str, list[int]], dict[str, str], float]:
+def _plan(graph: ChannelGraph, config: PruneConfig, importance=None) -> tuple[dict[str, list[int]], dict[str, str],
+                                                                             float]:
     groups, skipped = _prunable(graph, config)
     if not groups:
         raise PruneError("nothing to prune: every channel group is pinned or ignored "
                          f"({'; '.join(sorted(set(skipped.values())))})")
-    importance = get_importance(config.importance)
+    importance = importance or get_importance(config.importance)
     scores = {g.key: importance(graph, g) for g in groups}
 
     def plan_for(ratio: float) -> dict[str, list[int]]:
-        return {g.key: _select(scores[g.key], g, ratio, config.round_to) for g in groups}
+        per_group = _global_ratios(scores, ratio) if config.global_pruning else dict.fromkeys(scores, ratio)
+        return {g.key: _select(scores[g.key], g, per_group[g.key], config.round_to, config.max_ratio)
+                for g in groups}
 
     ratio = config.ratio
-    if config.target_macs is not None:
-        base = graph.macs()
-        def kept_fraction(r: float) -> float:
-            return graph.macs(_kept_classes(graph, plan_for(r))) / base
+    if config.target_macs is not None or config.target_params is not None:
+        if config.target_macs is not None:
+            target, base = config.target_macs, graph.macs()
+            def kept_fraction(r: float) -> float:
+                return graph.macs(graph.kept_mask(plan_for(r))) / base
+            steps = 30
+        else:
+            target, base = config.target_params, count_params(graph.model)
+            def kept_fraction(r: float) -> float:
+                return _params_after(graph, plan_for(r)) / base
+            steps = 14  # each step cuts a shape-only copy of the model: 14 steps reach 1e-4 of the ratio
 
         lo, hi = 0.0, 0.95
-        for _ in range(30):  # bisection on the channel ratio; MACs are monotone in it up to rounding
+        for _ in range(steps):  # bisection on the channel ratio; MACs/params are monotone in it up to rounding
             mid = (lo + hi) / 2
-            if kept_fraction(mid) > config.target_macs:
+            if kept_fraction(mid) > target:
                 lo = mid
             else:
                 hi = mid
-        # rounding makes MACs jump in steps: take whichever side of the step lands nearer the target
-        ratio = min((lo, hi), key=lambda r: abs(kept_fraction(r) - config.target_macs))
+        # rounding makes the count jump in steps: take whichever side of the step lands nearer the target
+        ratio = min((lo, hi), key=lambda r: abs(kept_fraction(r) - target))
     return plan_for(ratio), skipped, ratio
 
 
-def _apply(graph: ChannelGraph, plan: dict[str, list[int]]) -> None:
-    kept = _kept_classes(graph, plan)
-    modules = dict(graph.model.named_modules())
+def _meta_clone(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are shape-only (meta): cheap to cut and count."""
+    memo = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def _params_after(graph: ChannelGraph, plan: dict[str, list[int]]) -> int:
+    """Parameters left after ``plan``, counted by running the real surgery on a shape-only copy."""
+    clone = _meta_clone(graph.model)
+    _apply(graph, plan, clone)
+    return count_params(clone)
+
+
+def _apply(graph: ChannelGraph, plan: dict[str, list[int]], model: nn.Module | None = None) -> None:
+    """Cut every slot of ``model`` (default: the traced model) down to the channels ``plan`` keeps."""
+    kept = graph.kept_mask(plan)
+    modules = dict((model if model is not None else graph.model).named_modules())
     for (path, kind), slot in graph.slots.items():
-        keep = [i for i, e in enumerate(slot.elements) if graph.cls(e) in kept]
+        keep = np.flatnonzero(kept[slot.classes])
         if len(keep) < len(slot.elements):
-            cut_axis(modules[path], kind, torch.tensor(keep, dtype=torch.long), path)
+            cut_axis(modules[path], kind, torch.from_numpy(keep), path)
     # sizes stored as attributes live on parents of the cut layers too (an attention block's head_dim): the
     # fix-ups recompute them from the tensors, so running them everywhere is safe
     for path, module in modules.items():
@@ -156,16 +211,16 @@ def output_shapes(out) -> object:
 
 
 def _check_runs(model: nn.Module, example: torch.Tensor, expected) -> None:
-    was_training = model.training
-    model.eval()
+    """The pruned model must run and keep its output shapes; checked on meta tensors (shapes only, which is
+    all that is compared) where the model allows, else on the real example."""
     try:
-        with torch.no_grad():
-            out = model(example)
-    except Exception as exc:
-        raise PruneError(f"the pruned model no longer runs ({type(exc).__name__}: {exc}); a module computes "
-                         "channel counts from stored sizes: ignore it and prune again") from exc
-    finally:
-        model.train(was_training)
+        out = record.run(model, example, meta=True)
+    except Exception:
+        try:
+            out = record.run(model, example, meta=False)
+        except Exception as exc:
+            raise PruneError(f"the pruned model no longer runs ({type(exc).__name__}: {exc}); a module computes "
+                             "channel counts from stored sizes: ignore it and prune again") from exc
     shapes = output_shapes(out)
     if shapes != expected:
         raise PruneError(f"pruning changed the output shapes from {expected} to {shapes}; ignore the output "
@@ -174,22 +229,24 @@ def _check_runs(model: nn.Module, example: torch.Tensor, expected) -> None:
 
 def _layer_report(before: ChannelGraph, plan: dict[str, list[int]], skipped: dict[str, str],
                   ignore: tuple[str, ...] = ()) -> list[dict]:
-    kept = _kept_classes(before, plan)
+    kept = before.kept_mask(plan)
     group_of = {}
     for g in before.groups:
         for p in g.producers:
             group_of[p] = g
-    rows = []
+    rows, seen = [], set()
+    empty = np.zeros(0, dtype=np.int64)
     for node in before.compute:
         path = node.module
-        if any(r["module"] == path for r in rows):
+        if path in seen:
             continue
-        ins = node.in_elements or []
-        outs = node.out_elements if node.out_elements is not None else ins
+        seen.add(path)
+        ins = node.in_classes if node.in_classes is not None else empty
+        outs = node.out_classes if node.out_classes is not None else ins
         row = {
             "module": path,
-            "in_before": len(ins), "in_after": sum(1 for e in ins if before.cls(e) in kept),
-            "out_before": len(outs), "out_after": sum(1 for e in outs if before.cls(e) in kept),
+            "in_before": len(ins), "in_after": int(kept[ins].sum()),
+            "out_before": len(outs), "out_after": int(kept[outs].sum()),
         }
         g = group_of.get(path)
         if g is not None and g.key in skipped:
@@ -202,6 +259,17 @@ def _layer_report(before: ChannelGraph, plan: dict[str, list[int]], skipped: dic
     return rows
 
 
+def _reference_outputs(graph: ChannelGraph, example: torch.Tensor):
+    """The dense model's outputs on ``example`` (only their shapes are used): the tracer's own run when it ran
+    the model, else one run now."""
+    if graph.outputs is not None:
+        return graph.outputs
+    try:
+        return record.run(graph.model, example, meta=True)
+    except Exception:
+        return record.run(graph.model, example, meta=False)
+
+
 def _example(model: nn.Module, input_shape) -> torch.Tensor:
     try:
         param = next(model.parameters())
@@ -212,11 +280,16 @@ def _example(model: nn.Module, input_shape) -> torch.Tensor:
     return torch.rand(tuple(input_shape), generator=gen).to(device)
 
 
-def prune(model: nn.Module, input_shape=(1, 3, 320, 320), config: PruneConfig | None = None,
-          **overrides) -> PruneResult:
-    """Structured pruning of ``model`` (not modified): returns the pruned copy, its recipe and a report.
+def prune(model: nn.Module, input_shape=(1, 3, 320, 320), config: PruneConfig | None = None, *,
+          inplace: bool = False, check: bool = True, data=None, loss_fn=None, **overrides) -> PruneResult:
+    """Structured pruning of ``model``: returns the pruned model, its recipe and a report.
 
     ``overrides`` set :class:`PruneConfig` fields (``ratio=0.3, round_to=16, target_macs=0.5`` …).
+    ``inplace``: cut ``model`` itself instead of a copy (saves the copy's memory and time on big models).
+    ``check``: run the pruned model once and compare its output shapes with the dense model's (on shape-only
+    tensors where the model allows); turning it off only saves that run.
+    ``data`` and ``loss_fn(model, batch) -> loss``: the batches and loss gradient-based importance
+    (``taylor``) needs.
     """
     config = config or PruneConfig()
     for k, v in overrides.items():
@@ -225,18 +298,19 @@ def prune(model: nn.Module, input_shape=(1, 3, 320, 320), config: PruneConfig | 
         setattr(config, k, v)
     config.ignore = tuple(config.ignore)
     config.validate()
-    pruned = copy.deepcopy(model)
+    importance = get_importance(config.importance)
+    importance.prepare(model, data=data, loss_fn=loss_fn)  # before any copy or cut: the user's model
+    pruned = model if inplace else copy.deepcopy(model)
     example = _example(pruned, input_shape)
-    pruned.eval()
-    with torch.no_grad():
-        reference = pruned(example)
     graph = trace(pruned, example, config.ignore)
-    plan, skipped, ratio = _plan(graph, config)
-    macs_before, macs_after = graph.macs(), graph.macs(_kept_classes(graph, plan))
-    params_before = count_params(model)
+    expected = output_shapes(_reference_outputs(graph, example)) if check else None
+    plan, skipped, ratio = _plan(graph, config, importance)
+    macs_before, macs_after = graph.macs(), graph.macs(graph.kept_mask(plan))
+    params_before = count_params(pruned)
     layers = _layer_report(graph, plan, skipped, config.ignore)
     _apply(graph, plan)
-    _check_runs(pruned, example, output_shapes(reference))
+    if check:
+        _check_runs(pruned, example, expected)
     group_sizes = {g.key: g.size for g in graph.groups}
     recipe = {
         "format": RECIPE_FORMAT,
@@ -244,7 +318,8 @@ def prune(model: nn.Module, input_shape=(1, 3, 320, 320), config: PruneConfig | 
         "input_shape": list(input_shape),
         "config": {"ratio": config.ratio, "effective_ratio": ratio, "round_to": config.round_to,
                    "importance": config.importance, "ignore": list(config.ignore),
-                   "target_macs": config.target_macs},
+                   "target_macs": config.target_macs, "target_params": config.target_params,
+                   "global_pruning": config.global_pruning, "max_ratio": config.max_ratio},
         "groups": [{"key": k, "channels": group_sizes[k], "keep": v} for k, v in sorted(plan.items())],
     }
     report = {
@@ -275,10 +350,8 @@ def apply_recipe(model: nn.Module, recipe: dict) -> nn.Module:
     validate_recipe(recipe)
     pruned = copy.deepcopy(model)
     example = _example(pruned, recipe["input_shape"])
-    pruned.eval()
-    with torch.no_grad():
-        reference = pruned(example)
     graph = trace(pruned, example, tuple(recipe.get("config", {}).get("ignore") or ()))
+    reference = _reference_outputs(graph, example)
     groups = {g.key: g for g in graph.groups}
     plan = {}
     for entry in recipe["groups"]:

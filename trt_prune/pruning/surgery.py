@@ -32,7 +32,7 @@ def _cut(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
     tensor = getattr(module, name, None)
     if tensor is None:
         return
-    new = tensor.detach().index_select(dim, keep.to(tensor.device)).clone()
+    new = tensor.detach().index_select(dim, keep.to(tensor.device))  # a new tensor already
     if isinstance(tensor, nn.Parameter):
         setattr(module, name, nn.Parameter(new, requires_grad=tensor.requires_grad))
     else:
