@@ -53,17 +53,22 @@ def slot_param(module: nn.Module, slot: Slot) -> tuple[str, int] | None:
 
 
 def _reduce_except(t: torch.Tensor, axis: int, ord: float) -> torch.Tensor:
-    """Norm of ``t`` over every axis but ``axis`` (one fused kernel: no transposed copy of the weight)."""
-    other = [d for d in range(t.dim()) if d != axis]
-    if not other:
-        return t.abs()
-    return torch.linalg.vector_norm(t, ord=ord, dim=other)
+    """The ``ord``-norm (1 or 2) of ``t`` over every axis but ``axis``. Written as abs/square + sum, not
+    ``torch.linalg.vector_norm``: on the CPU that is 2-4× slower for a reduction over several dims."""
+    a = t.abs() if ord == 1 else t.square()
+    if a.dim() == 1:
+        out = a
+    elif axis == 0:
+        out = a.reshape(a.shape[0], -1).sum(1)
+    else:
+        out = a.sum(dim=[d for d in range(a.dim()) if d != axis])
+    return out if ord == 1 else out.sqrt()
 
 
 class Importance(ABC):
     name = "base"
 
-    def prepare(self, model: nn.Module, data=None, loss_fn=None) -> None:
+    def prepare(self, model: nn.Module, data=None, loss_fn=None) -> None:  # noqa: B027 - optional hook
         """Called once before scoring, on the model about to be pruned (gradient-based criteria use it)."""
 
     def __call__(self, graph: ChannelGraph, group: ChannelGroup) -> np.ndarray:

@@ -103,20 +103,37 @@ def _mode_class():
     class _Recorder(ProxyTorchDispatchMode):
         # torch only allows its own mode types at PreDispatch; this subclass keeps ProxyTorchDispatchMode's
         # enter/exit but replaces its tracing with a plain callback
-        def __init__(self, on_op):
+        def __init__(self, on_op, meta: bool):
             TorchDispatchMode.__init__(self, key)
             self._mode_key = mode_key
             self.enter_stack = []
             self.on_op = on_op
+            self.meta = meta
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            out = func(*args, **kwargs)
+            if self.meta and func in _SAME_SHAPE:
+                out = torch.empty_like(args[0])
+            elif self.meta and func in _IN_PLACE:
+                out = args[0]
+            else:
+                out = func(*args, **kwargs)
             self.on_op(func, args, kwargs, out)
             return out
 
     return _Recorder
 
+
+# Ops whose output has their first input's shape and dtype. On meta tensors several of them (batch_norm above
+# all) run Python decompositions that cost more than the rest of a ResNet-50 trace; the recording makes their
+# outputs directly. Only the dense model is traced this way, and it is known to run.
+_A = torch.ops.aten
+_SAME_SHAPE = {_A.batch_norm.default, _A.layer_norm.default, _A.group_norm.default, _A.relu.default,
+               _A.gelu.default, _A.silu.default, _A.sigmoid.default, _A.hardswish.default,
+               _A.hardsigmoid.default, _A.dropout.default, _A.relu6.default, _A.hardtanh.default,
+               _A.leaky_relu.default, _A.mish.default, _A.elu.default, _A.tanh.default}
+_IN_PLACE = {_A.relu_.default, _A.silu_.default, _A.hardswish_.default, _A.hardsigmoid_.default,
+             _A.hardtanh_.default, _A.leaky_relu_.default, _A.sigmoid_.default, _A.mish_.default}
 
 _RECORDER = _mode_class()
 
@@ -252,7 +269,7 @@ def record(model: nn.Module, example: torch.Tensor, meta: bool = True) -> Record
     # attention's fused inference path (_native_multi_head_attention) hides the projections export shows
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad(), enable_python_dispatcher(), _RECORDER(builder.on_op):
+        with torch.no_grad(), enable_python_dispatcher(), _RECORDER(builder.on_op, meta):
             out = functional_call(model, state, (x,)) if meta else model(x)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
