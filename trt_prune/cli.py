@@ -108,33 +108,52 @@ def demo(out, quick, threads, exporter, as_json):
 @cli.command("prune")
 @model_arg
 @click.option("--ratio", type=float, default=0.5, show_default=True,
-              help="Fraction of channels to remove from each prunable group, in (0, 1).")
+              help="Fraction of channels to remove from each prunable group (or, with --global, overall), in (0, 1).")
 @click.option("--target-macs", type=float, default=None,
               help="Instead of --ratio: the fraction of MACs to keep (the ratio is searched for).")
+@click.option("--target-params", type=float, default=None,
+              help="Instead of --ratio: the fraction of parameters to keep (the ratio is searched for).")
+@click.option("--global", "global_pruning", is_flag=True,
+              help="Rank the channels of all groups together: weak groups lose more (see --max-ratio).")
+@click.option("--max-ratio", type=float, default=None,
+              help="No group loses more than this fraction of its channels, in (0, 1).")
 @click.option("--round-to", type=int, default=8, show_default=True, help="Kept channel counts are multiples of this.")
-@click.option("--importance", default="l1", show_default=True, help="l1, l2, bn_scale or random.")
+@click.option("--importance", default="l1", show_default=True,
+              help="l1, l2, bn_scale, taylor (built-in detector: gradients of its loss on road scenes) or random.")
+@click.option("--taylor-batches", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Batches of 8 training images for --importance taylor.")
 @click.option("--ignore", multiple=True, help="Module path to leave unpruned (repeatable).")
 @shape_opt
 @weights_opt
 @pickle_opt
 @click.option("-o", "--out", required=True, help="Output model folder (model.json + model.safetensors).")
 @json_opt
-def prune_cmd(model, ratio, target_macs, round_to, importance, ignore, input_shape, weights, allow_pickle, out,
-              as_json):
+def prune_cmd(model, ratio, target_macs, target_params, global_pruning, max_ratio, round_to, importance,
+              taylor_batches, ignore, input_shape, weights, allow_pickle, out, as_json):
     """Structured (channel) pruning; writes a model folder and its replayable recipe."""
     from .artifacts import ensure_output_dir, save_model_folder, write_json
     from .pruning import PruneConfig, prune
 
     config = PruneConfig(ratio=ratio, round_to=round_to, importance=importance, ignore=tuple(ignore),
-                         target_macs=target_macs)
+                         target_macs=target_macs, target_params=target_params, global_pruning=global_pruning,
+                         max_ratio=max_ratio)
     config.validate()
-    out_dir = ensure_output_dir(out)
     loaded = _load(model, weights, allow_pickle)
     if loaded.meta.get("recipe"):
         raise TrtPruneError(f"'{model}' is already pruned; prune its source '{loaded.source}' again with a "
                             "higher ratio instead (recipes do not stack yet)")
+    if importance == "taylor" and (loaded.task != "detection" or not hasattr(loaded.model, "num_classes")):
+        raise TrtPruneError(f"--importance taylor needs a loss and data; the CLI has them for the built-in "
+                            f"detector only, not '{model}'. Use the Python API: prune(model, shape, "
+                            "importance='taylor', data=batches, loss_fn=fn)")
+    out_dir = ensure_output_dir(out)
     shape = parse_shape(input_shape) or loaded.input_shape
-    result = prune(loaded.model, shape, config)
+    data = loss_fn = None
+    if importance == "taylor":
+        from .finetune import detector_taylor_inputs
+
+        data, loss_fn = detector_taylor_inputs(loaded.model, batches=taylor_batches, img_size=shape[-1])
+    result = prune(loaded.model, shape, config, data=data, loss_fn=loss_fn)
     meta = {"source": loaded.source, "input_shape": list(shape), "task": loaded.task, "recipe": result.recipe,
             "sparsity": loaded.meta.get("sparsity"), "history": [*loaded.meta.get("history", []), "prune"]}
     save_model_folder(out_dir, result.model, meta)
@@ -166,8 +185,8 @@ def sparsify_cmd(model, min_channels, weights, allow_pickle, out, as_json):
     from .artifacts import ensure_output_dir, save_model_folder
     from .sparsity import DEFAULT_MIN_CHANNELS, sparsify
 
-    out_dir = ensure_output_dir(out)
     loaded = _load(model, weights, allow_pickle)
+    out_dir = ensure_output_dir(out)
     result = sparsify(loaded.model, min_channels=DEFAULT_MIN_CHANNELS if min_channels is None else min_channels)
     meta = {"source": loaded.source, "input_shape": list(loaded.input_shape), "task": loaded.task,
             "recipe": loaded.meta.get("recipe"),

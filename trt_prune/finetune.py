@@ -98,3 +98,22 @@ def finetune_detector(model: nn.Module, steps: int, batch_size: int = 8, lr: flo
     finally:
         model.train(was_training)
     return {"steps": steps, "seconds": time.perf_counter() - start, "loss_first": first, "loss_last": last}
+
+
+def detector_taylor_inputs(model: nn.Module, batches: int = 4, batch_size: int = 8, img_size: int = 320,
+                           seed: int = 123):
+    """``(data, loss_fn)`` for Taylor importance on a detector with the demo detector's output layout: a few
+    road-scene training batches and the detection loss it was trained with."""
+    from .data import RoadScenes, collate_detection
+    from .detection.loss import DetectionLoss
+
+    scenes = RoadScenes("train", length=batches * batch_size, size=img_size, seed=seed)
+    data = [collate_detection([scenes[j] for j in range(i * batch_size, (i + 1) * batch_size)])
+            for i in range(batches)]
+    criterion = DetectionLoss(getattr(model, "num_classes", 4))
+
+    def loss_fn(m: nn.Module, batch) -> torch.Tensor:
+        images, targets = batch
+        return criterion(m(images), targets, images.shape[-2:])[0]
+
+    return data, loss_fn

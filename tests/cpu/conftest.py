@@ -6,12 +6,16 @@ import pytest
 import torch
 
 
-def _kill(model, graph, fraction=0.5):
-    """Zero every weight that writes the second half of each prunable group's channels (per split segment)."""
+def _kill(model, graph, fraction=0.5, pick=None):
+    """Zero every weight that writes the second half of each prunable group's channels (per split segment), or
+    the positions ``pick(group)`` returns."""
     modules = dict(model.named_modules())
     dead = set()
     for g in graph.groups:
         if g.pinned:
+            continue
+        if pick is not None:
+            dead |= {g.classes[i] for i in pick(g)}
             continue
         for seg in g.segments or [list(range(g.size))]:
             dead |= {g.classes[i] for i in seg[int(len(seg) * (1 - fraction)):]}
@@ -21,15 +25,24 @@ def _kill(model, graph, fraction=0.5):
             if not idx:
                 continue
             m = modules[path]
-            if kind in ("out", "depthwise", "grouped"):
+            if kind.startswith("param:"):  # a tensor cut along one axis (transposed conv, embedding, layer scale)
+                _, name, axis = kind.split(":")
+                getattr(m, name).index_fill_(int(axis), torch.tensor(idx), 0)
+            elif kind in ("out", "depthwise", "grouped"):
                 m.weight[idx] = 0
                 if m.bias is not None:
                     m.bias[idx] = 0
+                if kind == "grouped" and getattr(m, "transposed", False):
+                    # weight [in, out/groups, ...]: rows are inputs, so output i is written by column i % width
+                    width = m.weight.shape[1]
+                    for i in idx:
+                        m.weight[i // width * width:(i // width + 1) * width, i % width] = 0
             elif kind == "in":
                 m.weight[:, idx] = 0
             elif kind == "norm":
                 m.weight[idx] = 0
-                m.bias[idx] = 0
+                if getattr(m, "bias", None) is not None:
+                    m.bias[idx] = 0
                 if getattr(m, "running_mean", None) is not None:
                     m.running_mean[idx] = 0
                     m.running_var[idx] = 1
@@ -37,6 +50,7 @@ def _kill(model, graph, fraction=0.5):
 
 @pytest.fixture
 def kill_channels():
-    """``kill(model, graph)``: make the second half of every prunable group's channels dead (every weight that
-    writes or reads them zero), so pruning exactly those channels must leave the outputs unchanged."""
+    """``kill(model, graph, pick=None)``: make the second half of every prunable group's channels (or the
+    positions ``pick(group)`` returns) dead (every weight that writes or reads them zero), so pruning exactly
+    those channels must leave the outputs unchanged."""
     return _kill

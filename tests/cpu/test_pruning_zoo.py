@@ -111,3 +111,29 @@ def test_vit_embedding_and_heads_are_pruned():
     assert kept.model.conv_proj.out_channels == 768 and kept.model.encoder.layers[0].mlp[0].out_features == 1536
     reasons = {s["reason"] for s in kept.report["skipped_groups"]}
     assert any("ignored module 'encoder.layers.encoder_layer_0.self_attention'" in r for r in reasons)
+
+
+@pytest.mark.parametrize("name", ["cspdarknet53", "res2net50_26w_4s"])
+def test_timm_blocks_that_split_by_a_stored_width(name, kill_channels):
+    """timm's CSP stages and Res2Net blocks split by a width stored on the module (``expand_chs``, ``width``):
+    after the cut the stored width follows the convs, and pruning dead channels is exact."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    shape = (1, 3, 64, 64)
+    kill_channels(model, trace(model, torch.rand(shape)))
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    result = prune(model, shape, ratio=0.5, round_to=8)
+    with torch.no_grad():
+        got = result.model(x)
+    assert result.report["params_after"] < 0.4 * result.report["params_before"]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    kinds = ("CrossStage", "Bottle2neck")
+    dense = next(m for m in model.modules() if type(m).__name__ in kinds)
+    block = next(m for m in result.model.modules() if type(m).__name__ in kinds)
+    if hasattr(block, "expand_chs"):
+        assert block.expand_chs == block.conv_exp.conv.out_channels < dense.expand_chs
+    else:
+        assert block.width * block.scale == block.conv1.out_channels and block.width < dense.width

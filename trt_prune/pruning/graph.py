@@ -94,13 +94,19 @@ class Slot:
 
     ``kind``: ``out`` (a producer's output channels), ``in`` (a consumer's input channels), ``norm`` (per-channel
     parameters and buffers such as BatchNorm's), ``depthwise`` (a depthwise conv: its output channels are its
-    input channels).
+    input channels), ``grouped`` (a grouped conv coupling output channel i with input channel i) or
+    ``param:NAME:AXIS`` (axis AXIS of the module's tensor NAME, whatever the module type).
+
+    ``producer``: the slot holds channels the module creates (``out`` always; a ``param:`` slot where a layer's
+    output channels are not axis 0 of its weight: a transposed conv's, an embedding's). A module with a producer
+    slot is a producer of its channel group.
     """
 
     module: str
     kind: str
     elements: list[int]
     classes: np.ndarray | None = None  # class id per position, filled when the graph is built
+    producer: bool = False
 
 
 @dataclass
@@ -193,11 +199,12 @@ class TraceState:
             raise PruneError(f"{where}: cannot couple {len(a)} channels with {len(b)}")
         self.links.append((np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)))
 
-    def record_slot(self, module: str, kind: str, elements: list[int]) -> None:
+    def record_slot(self, module: str, kind: str, elements: list[int], producer: bool = False) -> None:
+        """``producer``: ``elements`` are channels ``module`` creates (implied for ``out``), see :class:`Slot`."""
         key = (module, kind)
         old = self.slots.get(key)
         if old is None:
-            self.slots[key] = Slot(module, kind, list(elements))
+            self.slots[key] = Slot(module, kind, list(elements), producer=producer or kind == "out")
         else:
             # the same module called twice (shared weights): its channels are the same parameters
             self.unify(old.elements, elements, f"module '{module}' called twice")
@@ -240,20 +247,26 @@ def _module_path(node) -> str:
 # rules
 # ----------------------------------------------------------------------------------------------------------
 
-@register_channel_rule("conv1d", "conv2d", "conv3d", "convolution")
+def _arg(node, index: int, name: str, default):
+    """Argument ``index`` of ``node`` (or keyword ``name``, or ``default``)."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+@register_channel_rule("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
+                       "conv_transpose3d")
 def _conv(state: TraceState, node, args):
     inp = args[0]
     module, conv = state.module_of_param(node.args[1])
-    if node.target._overloadpacket.__name__ == "convolution":
-        transposed, groups = bool(node.args[6]), int(node.args[8])
+    op = node.target._overloadpacket.__name__
+    if op == "convolution":
+        transposed, groups = bool(_arg(node, 6, "transposed", False)), int(_arg(node, 8, "groups", 1))
     else:
-        transposed, groups = False, int(node.args[6]) if len(node.args) > 6 else 1
+        transposed, groups = op.startswith("conv_transpose"), int(_arg(node, 6, "groups", 1))
+    if transposed:
+        return _conv_transpose(state, node, inp, module, conv, groups)
     weight_shape = tuple(conv.weight.shape)
     out_shape = _shape(node)
     kernel = math.prod(weight_shape[2:])
-    if transposed:
-        raise PruneError(f"transposed convolution in '{module}' has no pruning rule yet; "
-                         f"pass ignore=['{module}'] (CLI: --ignore {module})")
     c_in = weight_shape[1] * groups
     k_out = weight_shape[0]
     macs = math.prod(out_shape[2:]) * k_out * weight_shape[1] * kernel
@@ -280,6 +293,77 @@ def _conv(state: TraceState, node, args):
         return Channels(1, list(inp.elements))
     raise PruneError(f"grouped convolution '{module}' (groups={groups}, in={c_in}, out={k_out}) has no pruning "
                      f"rule yet; pass ignore=['{module}'] (CLI: --ignore {module})")
+
+
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _conv_transpose(state: TraceState, node, inp: Channels | None, module: str, conv: nn.Module, groups: int):
+    """A transposed conv's weight is ``[in, out/groups, *kernel]``: input channels on axis 0, output channels on
+    axis 1, so groups=1 records ``param:`` slots on those axes (the output one as the producer) and the bias as
+    its own slot; the module's stored sizes follow from the tensors (surgery's fix-up)."""
+    weight_shape = _shape(node.args[1])
+    c_in, k_out = weight_shape[0], weight_shape[1] * groups
+    # every input position scatters a [in, out/groups, *kernel] block: MACs follow the input's spatial size
+    macs = math.prod(_shape(node.args[0])[2:]) * c_in * weight_shape[1] * math.prod(weight_shape[2:])
+    if inp is not None and inp.dim != 1:
+        raise PruneError(f"transposed convolution '{module}' reads channels from dim {inp.dim}, expected 1")
+    weight = state.param_names[node.args[1].name].rpartition(".")[2]
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if groups == 1:
+        out = state.fresh(k_out)
+        if inp is not None:
+            state.record_slot(module, f"param:{weight}:0", inp.elements)
+        state.record_slot(module, f"param:{weight}:1", out, producer=True)
+        if isinstance(bias, _NODE_TYPES) and bias.name in state.param_names:
+            state.record_slot(module, f"param:{state.param_names[bias.name].rpartition('.')[2]}:0", out)
+        state.compute.append(ComputeNode(module, macs, inp.elements if inp else None, out))
+        return Channels(1, out)
+    if inp is not None and c_in == k_out and isinstance(conv, _CONV_TRANSPOSE) and weight == "weight":
+        if groups == c_in:  # depthwise: weight [C, 1, *k], channel i in, channel i out
+            state.record_slot(module, "depthwise", inp.elements)
+            state.compute.append(ComputeNode(module, macs, inp.elements, None))
+            return Channels(1, list(inp.elements))
+        # grouped with in == out: couple output channel i with input channel i, equal counts in every group
+        width = c_in // groups
+        state.record_slot(module, "grouped", inp.elements)
+        state.splits.append(SplitRecord(module, [inp.elements[j * width:(j + 1) * width] for j in range(groups)]))
+        state.compute.append(ComputeNode(module, macs, inp.elements, inp.elements))
+        return Channels(1, list(inp.elements))
+    raise PruneError(f"grouped transposed convolution '{module}' (groups={groups}, in={c_in}, out={k_out}) has no "
+                     f"pruning rule yet; pass ignore=['{module}'] (CLI: --ignore {module})")
+
+
+@register_channel_rule("embedding")
+def _embedding(state: TraceState, node, args):
+    """A lookup table ``weight[num, dim]``: the output's last dim holds ``dim`` fresh channels (weight axis 1);
+    the indices carry no channels (whatever the trace tracked on them is dropped)."""
+    module, _ = state.module_of_param(node.args[0])
+    weight = state.param_names[node.args[0].name].rpartition(".")[2]
+    out_shape = _shape(node)
+    out = state.fresh(_shape(node.args[0])[1])
+    state.record_slot(module, f"param:{weight}:1", out, producer=True)
+    state.compute.append(ComputeNode(module, 0, None, out))  # a lookup: no MACs, listed in the layer report
+    return Channels(len(out_shape) - 1, out)
+
+
+@register_channel_rule("prelu", "_prelu_kernel")
+def _prelu(state: TraceState, node, args):
+    """PReLU: one slope per channel of dim 1 (dim 0 for a 1-D input), or a single slope (a pass-through)."""
+    inp = args[0]
+    if inp is None:
+        return None
+    slope = node.args[1]
+    n = math.prod(_shape(slope))
+    channel_dim = 1 if len(_shape(node.args[0])) >= 2 else 0
+    if n > 1 and inp.dim == channel_dim:
+        module, mod = state.module_of_param(slope)
+        attr = state.param_names[slope.name].rpartition(".")[2]
+        if len(_shape(slope)) != 1 or n != len(inp.elements):
+            raise PruneError(f"prelu in '{module}' has {n} slopes for {len(inp.elements)} channels")
+        state.record_slot(module, "norm" if isinstance(mod, nn.PReLU) and attr == "weight" else f"param:{attr}:0",
+                          inp.elements)
+    return Channels(inp.dim, list(inp.elements))
 
 
 @register_channel_rule("linear")
@@ -723,8 +807,8 @@ def _reduce(state: TraceState, node, args):
     rank = len(_shape(node.args[0]))
     dims = node.args[1] if len(node.args) > 1 else None
     keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
-    if dims is None:
-        raise PruneError(f"full reduction in '{_module_path(node)}' consumes the channel axis; ignore that module")
+    if dims is None:  # to one number (a statistic, a value for control flow): no channel axis is left
+        return None
     dims = [_norm_dim(d, rank) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
     if inp.dim in dims:
         raise PruneError(f"reduction over the channel axis in '{_module_path(node)}' has no pruning rule; "
@@ -825,7 +909,12 @@ class ChannelGraph:
 
     def _build_groups(self) -> list[ChannelGroup]:
         # producers that share any class must be pruned together: link producers through shared classes
-        outs = [(m, slot.classes) for (m, kind), slot in self.slots.items() if kind == "out"]
+        produced: dict[str, np.ndarray] = {}  # module -> the classes of its producer slots, in slot order
+        for (m, _), slot in self.slots.items():
+            if slot.producer:
+                prev = produced.get(m)
+                produced[m] = slot.classes if prev is None else np.concatenate([prev, slot.classes])
+        outs = list(produced.items())
         if outs:
             cls = np.concatenate([c for _, c in outs])
             mod = np.concatenate([np.full(len(c), i, dtype=np.int64) for i, (_, c) in enumerate(outs)])
@@ -843,8 +932,7 @@ class ChannelGraph:
         group_of_class = np.full(len(self.root), -1, dtype=np.int64)  # class id -> index into groups
         for mods in by_root.values():
             mods = sorted(mods)
-            classes = list(dict.fromkeys(itertools.chain.from_iterable(
-                self.slots[(m, "out")].classes.tolist() for m in mods)))
+            classes = list(dict.fromkeys(itertools.chain.from_iterable(produced[m].tolist() for m in mods)))
             g = ChannelGroup(key="+".join(mods), producers=mods, classes=classes)
             pinned = sorted({self.pinned[c] for c in classes if c in self.pinned})
             if pinned:
@@ -1068,7 +1156,8 @@ def trace(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = (),
     return result
 
 
-_PRODUCERS = {"conv1d", "conv2d", "conv3d", "convolution", "linear"}
+_PRODUCERS = {"conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
+              "conv_transpose3d", "linear", "embedding"}
 _MULTI_AWARE = {"flatten", "unflatten", "view", "reshape", "_unsafe_view", "permute", "transpose", "transpose_",
                 "swapaxes", "swapdims", *_UNARY}
 

@@ -78,10 +78,12 @@ class Importance(ABC):
         sorted_classes = classes[order]
         score = np.zeros(group.size, dtype=np.float64)
         used = False
-        for slot in group.slots:
-            if not self.uses(slot):
-                continue
-            found = slot_param(modules[slot.module], slot)
+        slots = [s for s in group.slots if self.uses(s)]
+        found_all = [slot_param(modules[s.module], s) for s in slots]
+        # biases only score a group that has nothing else: a conv's bias is not part of its 'out' slot either
+        if any(f is not None and "bias" not in f[0] for f in found_all):
+            found_all = [None if f is not None and "bias" in f[0] else f for f in found_all]
+        for slot, found in zip(slots, found_all, strict=True):
             if found is None:
                 continue
             per_index = self.slot_scores(slot.module, modules[slot.module], *found)

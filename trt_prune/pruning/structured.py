@@ -254,7 +254,7 @@ def _layer_report(before: ChannelGraph, plan: dict[str, list[int]], skipped: dic
         rows.append(row)
     for path, module in before.model.named_modules():
         scope = next((p for p in ignore if path == p or path.startswith(p + ".")), None)
-        if scope is not None and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        if scope is not None and isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)):
             rows.append({"module": path, "left_alone": f"ignored ({scope})"})
     return rows
 

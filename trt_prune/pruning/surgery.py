@@ -57,6 +57,26 @@ def _conv(module, kind, keep):
         raise PruneError(f"convolution has no '{kind}' channel axis")
 
 
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@register_surgery(*_CONV_TRANSPOSE)
+def _conv_transpose(module, kind, keep):
+    """A groups=1 transposed conv is cut through ``param:`` slots (weight axis 0 in, axis 1 out, bias); only the
+    depthwise kind needs a handler. Sizes are updated by the fix-up."""
+    if kind != "depthwise":
+        raise PruneError(f"transposed convolution has no '{kind}' channel axis")
+    _cut(module, "weight", 0, keep)
+    _cut(module, "bias", 0, keep)
+    module.groups = int(keep.numel())
+
+
+@register_surgery(nn.PReLU)
+def _prelu(module, kind, keep):
+    _cut(module, "weight", 0, keep)
+    module.num_parameters = int(keep.numel())
+
+
 @register_surgery(nn.Linear)
 def _linear(module, kind, keep):
     if kind == "out":
@@ -93,7 +113,8 @@ def _group_norm(module, kind, keep):
 
 def _grouped_conv(module, keep: torch.Tensor) -> None:
     """A grouped conv whose output channel i is coupled to input channel i: keep the same positions on both
-    sides; every group keeps the same count (the graph guarantees it), so ``groups`` is unchanged."""
+    sides; every group keeps the same count (the graph guarantees it), so ``groups`` is unchanged. A transposed
+    conv's weight ``[in, out/groups, …]`` is the same layout with the roles swapped, so the same cut fits it."""
     width = module.in_channels // module.groups
     rows = []
     for j in range(module.groups):
@@ -120,6 +141,17 @@ def register_fixup(*types: type):
     return deco
 
 
+@register_fixup(*_CONV_TRANSPOSE)
+def _conv_transpose_sizes(module, path):
+    module.in_channels = int(module.weight.shape[0])
+    module.out_channels = int(module.weight.shape[1]) * module.groups
+
+
+@register_fixup(nn.Embedding)
+def _embedding_sizes(module, path):
+    module.embedding_dim = int(module.weight.shape[1])
+
+
 @register_fixup(nn.MultiheadAttention)
 def _mha_sizes(module, path):
     embed = int(module.in_proj_weight.shape[1]) if module.in_proj_weight is not None else module.embed_dim
@@ -141,7 +173,24 @@ def _maxvit_attention_sizes(module, path):
     module.head_dim = int(module.to_qkv.out_features) // (3 * module.n_heads)
 
 
+def _timm_cross_stage_sizes(module, path):
+    """timm's CSP stages split ``conv_exp``'s output with ``x.split(self.expand_chs // 2)``: the stored width
+    follows the conv (the graph keeps the two halves equal)."""
+    exp = getattr(module, "conv_exp", None)
+    conv = getattr(exp, "conv", exp)
+    if isinstance(conv, nn.Conv2d):
+        module.expand_chs = int(conv.out_channels)
+
+
+def _timm_res2net_sizes(module, path):
+    """timm's Res2Net block splits ``conv1``'s output into ``scale`` parts of ``self.width`` channels."""
+    module.width = int(module.conv1.out_channels) // module.scale
+
+
 NAMED_FIXUPS["torchvision.models.vision_transformer.VisionTransformer"] = _vit_sizes
+NAMED_FIXUPS["timm.models.cspnet.CrossStage"] = _timm_cross_stage_sizes
+NAMED_FIXUPS["timm.models.cspnet.CrossStage3"] = _timm_cross_stage_sizes
+NAMED_FIXUPS["timm.models.res2net.Bottle2neck"] = _timm_res2net_sizes
 NAMED_FIXUPS["torchvision.models.maxvit.RelativePositionalMultiHeadAttention"] = _maxvit_attention_sizes
 
 
@@ -164,7 +213,7 @@ def cut_axis(module: nn.Module, kind: str, keep: torch.Tensor, path: str) -> Non
         _, name, axis = kind.split(":")
         _cut(module, name, int(axis), keep)
         return
-    if kind == "grouped" and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if kind == "grouped" and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, *_CONV_TRANSPOSE)):
         _grouped_conv(module, keep)
         return
     for t in type(module).__mro__:
