@@ -20,6 +20,8 @@ _PUBLIC = {
     "apply_recipe": ("trt_prune.pruning", "apply_recipe"),
     "PruneConfig": ("trt_prune.pruning", "PruneConfig"),
     "sparsify": ("trt_prune.sparsity", "sparsify"),
+    "Sparsifier": ("trt_prune.sparsity", "Sparsifier"),
+    "prune_then_sparsify": ("trt_prune.sparsity.combined", "prune_then_sparsify"),
     "export": ("trt_prune.export", "export_onnx"),
     "clean": ("trt_prune.clean", "clean_onnx"),
     "build": ("trt_prune.stages", "build"),

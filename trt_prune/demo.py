@@ -71,6 +71,18 @@ def _progress(console, label: str, total: int):
         yield lambda step, loss: bar.update(task, completed=step, loss=f"{loss:.3f}")
 
 
+def _masks_intact(variant: dict) -> bool | None:
+    """After the fine-tune, every 2:4 layer still holds exactly the zeros its mask made (None: no masks)."""
+    from .sparsity import holds_2of4
+
+    masks = variant["masks"]
+    if masks is None:
+        return None
+    modules = dict(variant["finetuned"].named_modules())
+    return all(bool((modules[p].weight.detach()[~m] == 0).all()) and
+               holds_2of4(modules[p].weight.detach().numpy(), axis=1) for p, m in masks.masks.items())
+
+
 def _torch_predict(model):
     model.eval()
 
@@ -105,6 +117,7 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
     from .pruning.alignment import preferred_round_to
     from .report import plot_latency, plot_slowest_layers, rich_table, write_html
     from .sparsity import sparsify
+    from .sparsity.inspect import inspect_sparsity
 
     settings = settings or (QUICK if quick else FULL)
     log = _Log(console)
@@ -191,6 +204,9 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
         for s in sessions.values():
             s.close()
 
+    def v_onnx(name: str) -> Path:
+        return onnx_dir / f"{name.replace('+', '_')}.onnx"
+
     rows = []
     for name, v in variants.items():
         lat = summarize(samples[name])
@@ -201,6 +217,8 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
             "params": count_params(v["finetuned"]),
             "macs": macs_of(v["finetuned"], shape),
             "sparse_layers": v["sparse_layers"],
+            "masks_intact": _masks_intact(v),
+            "onnx_24_weights": sum(r.holds_24 for r in inspect_sparsity(v_onnx(name))),
             "map50_95": v["map_before"]["map50_95"],
             "map50": v["map_before"]["map50"],
             "map50_95_finetuned": v["map_after"]["map50_95"],

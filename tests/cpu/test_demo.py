@@ -46,6 +46,11 @@ def test_variants_are_what_they_claim(demo):
     assert v["structured"]["params"] < 0.6 * v["dense"]["params"]
     assert v["sparse24"]["sparse_layers"] > 30 and v["dense"]["sparse_layers"] == 0
     assert v["structured+sparse24"]["macs"] == v["structured"]["macs"]
+    # the masked fine-tune kept every 2:4 zero, and each sparse layer's weight holds 2:4 in the cleaned ONNX
+    for name in ("sparse24", "structured+sparse24"):
+        assert v[name]["masks_intact"] is True
+        assert v[name]["onnx_24_weights"] == v[name]["sparse_layers"]
+    assert v["dense"]["masks_intact"] is None and v["dense"]["onnx_24_weights"] == 0
     # the shipped weights detect: the dense model scores far above chance on the validation scenes
     assert v["dense"]["map50_95"] > 0.6
 

@@ -185,3 +185,50 @@ def test_missing_or_corrupt_file_raises(tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"\x00garbage")
     with pytest.raises(SparsifyError, match="bad.onnx"):
         inspect_sparsity(tmp_path / "bad.onnx")
+
+
+class _ConvBNLinear(torch.nn.Module):
+    """Conv+BN (folded at export), a 1×1 conv, and Linear layers (exported as Gemm or as MatMul on a
+    transposed weight, depending on the exporter): the places where export could move the 2:4 axis."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.conv = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.pw = nn.Conv2d(32, 32, 1)
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 16)
+
+    def forward(self, x):
+        x = self.pw(self.conv(x)).mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_sparsify_export_clean_keeps_every_eligible_layer_24(tmp_path, exporter):
+    """Every layer sparsify made 2:4 still holds the pattern on TensorRT's axis after export (BatchNorm folded
+    into the conv, Linear weights possibly transposed) and clean; ours and Polygraphy's checker agree."""
+    from trt_prune.clean import clean_onnx
+    from trt_prune.export import export_onnx
+    from trt_prune.onnx_io import node_module
+    from trt_prune.sparsity import sparsify
+
+    torch.manual_seed(0)
+    model = _ConvBNLinear().eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics, so folding really rescales
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    result = sparsify(model, min_channels=16)
+    assert set(result.sparse_layers) == {"conv.0", "pw", "fc1", "fc2"}
+    exported = export_onnx(result.model, tmp_path / "m.onnx", input_shape=(1, 16, 8, 8), exporter=exporter)
+    cleaned = tmp_path / "m.clean.onnx"
+    clean_onnx(exported.path, cleaned)
+    records = inspect_sparsity(cleaned)
+    graph = onnx.load(cleaned).graph
+    module_of = {n.name: node_module(n) for n in graph.node}
+    assert {module_of[r.node] for r in records if r.holds_24} == {"conv.0", "pw", "fc1", "fc2"}
+    eligible, sparse = _polygraphy_verdicts(onnx.load(cleaned))
+    assert {r.name for r in records if r.holds_24} == sparse
+    assert {r.name for r in records if r.eligible} == eligible

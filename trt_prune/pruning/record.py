@@ -20,6 +20,7 @@ as taken instead of failing to trace), and the model runs once for real.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 import weakref
@@ -138,8 +139,18 @@ _IN_PLACE = {_A.relu_.default, _A.silu_.default, _A.hardswish_.default, _A.hards
 _RECORDER = _mode_class()
 
 
+@functools.lru_cache(maxsize=1)
 def available() -> bool:
-    return _RECORDER is not None
+    """Whether this torch supports the recording: the hooks exist *and* a one-layer model records as
+    ``aten.linear`` (a torch whose private dispatch internals changed fails here, and export is used)."""
+    if _RECORDER is None:
+        return False
+    try:
+        rec = record(nn.Linear(2, 2), torch.zeros(1, 2), meta=False)
+    except Exception:  # any failure of the private hooks means: do not use them
+        return False
+    ops = [n.target for n in rec.graph.nodes if n.op == "call_function"]
+    return ops == [torch.ops.aten.linear.default]
 
 
 class _Builder:
