@@ -18,13 +18,16 @@ def main(path: str = "out/demo/report.json") -> None:
           f"{env.get('threads')} threads, batch 1, input {'x'.join(map(str, report['input_shape']))}; "
           f"{report['eval_images']} validation images; fine-tune {report['finetune_steps']} steps; "
           f"{report['date']}.\n")
-    cols = ["variant", "params", "GMACs", "2:4 layers", "mAP50-95", "mAP50-95 ft", "mAP50-95 ORT", "p50 ms",
-            "p99 ms", "inferences/s", "speed-up (p50)", "ONNX max abs err"]
+    cols = ["variant", "params", "GMACs", "2:4 layers", "2:4 kept (torch / ONNX)", "mAP50-95", "mAP50-95 ft",
+            "mAP50-95 ORT", "p50 ms", "p99 ms", "inferences/s", "speed-up (p50)", "ONNX max abs err"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for v in report["variants"]:
         lat = v["latency_ms"]
-        print(f"| {v['name']} | {v['params'] / 1e6:.2f} M | {v['macs'] / 1e9:.3f} | {v['sparse_layers']} | "
+        intact = v.get("masks_intact")
+        kept = "—" if intact is None else (f"{'yes' if intact else 'NO'} / {v.get('onnx_24_weights', '?')} of "
+                                           f"{v['sparse_layers']}")
+        print(f"| {v['name']} | {v['params'] / 1e6:.2f} M | {v['macs'] / 1e9:.3f} | {v['sparse_layers']} | {kept} | "
               f"{v['map50_95']:.3f} | {v['map50_95_finetuned']:.3f} | {v['map50_95_onnx']:.3f} | {lat['p50']:.2f} | "
               f"{lat['p99']:.2f} | {v['throughput_ips']:.0f} | {v['speedup_p50']:.2f}× | "
               f"{v['parity']['max_abs']:.1e} |")

@@ -176,18 +176,31 @@ def prune_cmd(model, ratio, target_macs, target_params, global_pruning, max_rati
 @model_arg
 @click.option("--min-channels", type=int, default=None,
               help="Skip layers with fewer input or output channels (default 256: NVIDIA's guidance).")
+@click.option("--layers", default=None,
+              help="Comma-separated module paths to make 2:4 instead of choosing by size; each must hold 2:4.")
+@click.option("--permute", "permute_s", type=click.FloatRange(min=0), default=None,
+              help="Reorder channels first so 2:4 keeps more weight (seconds of search per channel group).")
 @weights_opt
 @pickle_opt
 @click.option("-o", "--out", required=True, help="Output model folder.")
 @json_opt
-def sparsify_cmd(model, min_channels, weights, allow_pickle, out, as_json):
+def sparsify_cmd(model, min_channels, layers, permute_s, weights, allow_pickle, out, as_json):
     """2:4 magnitude masks on TensorRT's axis for every eligible conv/linear layer; says why not for the rest."""
     from .artifacts import ensure_output_dir, save_model_folder
     from .sparsity import DEFAULT_MIN_CHANNELS, sparsify
 
     loaded = _load(model, weights, allow_pickle)
+    floor = DEFAULT_MIN_CHANNELS if min_channels is None else min_channels
+    only = [p.strip() for p in layers.split(",") if p.strip()] if layers else None
+    source = loaded.model
+    permuted = None
+    if permute_s is not None:
+        from .sparsity.permute import permute_for_24
+
+        permuted = permute_for_24(source, loaded.input_shape, min_channels=floor, time_budget_s=permute_s)
+        source = permuted.model
+    result = sparsify(source, min_channels=floor, only=only)  # errors before any output exists
     out_dir = ensure_output_dir(out)
-    result = sparsify(loaded.model, min_channels=DEFAULT_MIN_CHANNELS if min_channels is None else min_channels)
     meta = {"source": loaded.source, "input_shape": list(loaded.input_shape), "task": loaded.task,
             "recipe": loaded.meta.get("recipe"),
             "sparsity": {"pattern": "2:4", "axis": "input channels", "layers": result.sparse_layers},
@@ -201,7 +214,10 @@ def sparsify_cmd(model, min_channels, weights, allow_pickle, out, as_json):
     for row in result.layers:
         table.add_row(row["module"], "x".join(map(str, row["shape"])), "yes" if row["made_24"] else "no",
                       row["reason"])
-    _emit({"out": str(out_dir), "sparse_layers": len(result.sparse_layers), "layers": result.layers}, as_json, table)
+    summary = {"out": str(out_dir), "sparse_layers": len(result.sparse_layers), "layers": result.layers}
+    if permuted is not None:
+        summary["permutation"] = permuted.groups
+    _emit(summary, as_json, table)
 
 
 @cli.command("export")

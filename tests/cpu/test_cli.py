@@ -174,3 +174,43 @@ def test_prune_taylor_needs_a_loss(tmp_path):
     assert res.exit_code == 2
     assert "needs a loss and data" in res.output + res.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_sparsify_bad_requests_and_permute(tmp_path):
+    # a layer that cannot hold 2:4 asked for by name: 3 input channels
+    res = run("sparsify", "builtin:demo-detector", "--layers", "backbone.stem.conv", "--out", tmp_path / "a",
+              ok=False)
+    _assert_error(res, "'backbone.stem.conv' cannot hold 2:4: input channels per group 3")
+    # no eligible layer at all
+    res = run("sparsify", "builtin:demo-detector", "--min-channels", "100000", "--out", tmp_path / "b", ok=False)
+    _assert_error(res, "no layer of this model is eligible for 2:4")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # named layers below the size floor are honoured; a permutation first is reported per group
+    out = json.loads(run("sparsify", "builtin:demo-detector", "--layers", "neck.td3.cv2.conv",
+                         "--permute", "0.05", "--out", tmp_path / "c", "--json").stdout)
+    assert out["sparse_layers"] == 1 and out["permutation"]
+
+
+def test_inspect_refuses_external_data_outside_its_folder(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((8, 8, 1, 1), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4, 4])], [w])
+    model = helper.make_model(graph)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    onnx.save_model(model, folder / "m.onnx", save_as_external_data=True, location="m.data",
+                    size_threshold=0)
+    loaded = onnx.load_model(folder / "m.onnx", load_external_data=False)
+    for t in loaded.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "../secret.data"
+    onnx.save_model(loaded, folder / "evil.onnx")
+    (tmp_path / "secret.data").write_bytes(b"\0" * 256)
+    res = run("inspect", "sparsity", folder / "evil.onnx", "--json", ok=False)
+    _assert_error(res, "outside its folder")

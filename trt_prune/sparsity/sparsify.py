@@ -88,18 +88,24 @@ def sparsify(model: nn.Module, min_channels: int = DEFAULT_MIN_CHANNELS, only: l
              exclude: list[str] | None = None) -> SparsifyResult:
     """Return a copy of ``model`` with 2:4 magnitude masks on every eligible conv/linear layer.
 
-    ``only`` restricts to those module paths; ``exclude`` skips them. Each row of ``layers`` says whether the
-    layer was made 2:4 and why not.
+    ``only`` names the layers to sparsify: each must be able to hold the pattern (else an error), whatever its
+    size (``min_channels`` applies to the automatic choice only). ``exclude`` skips layers. Each row of
+    ``layers`` says whether the layer was made 2:4 and why not. No layer made 2:4 at all is an error.
     """
     if min_channels < 0:
         raise SparsifyError(f"min_channels must be >= 0, got {min_channels}")
     sparse = copy.deepcopy(model)
     modules = dict(sparse.named_modules())
     if only:
-        unknown = [p for p in only if p not in modules]
+        unknown = [p for p in only if p not in modules or _layer_kind(modules[p]) is None]
         if unknown:
-            raise SparsifyError(f"no module named {unknown[0]!r}; layers look like "
+            raise SparsifyError(f"{unknown[0]!r} is not a Conv/Linear layer of this model; layers look like "
                                 f"{[p for p, m in modules.items() if _layer_kind(m)][:3]}")
+        for path in only:
+            m = modules[path]
+            verdict = eligibility(_layer_kind(m), tuple(m.weight.shape), getattr(m, "groups", 1), min_channels=0)
+            if not verdict.eligible:
+                raise SparsifyError(f"'{path}' cannot hold 2:4: {verdict.reason}; leave it out of the layer list")
     masks = SparseMasks()
     rows = []
     for path, module in modules.items():
@@ -109,8 +115,8 @@ def sparsify(model: nn.Module, min_channels: int = DEFAULT_MIN_CHANNELS, only: l
         w = module.weight
         groups = getattr(module, "groups", 1)
         row = {"module": path, "op": type(module).__name__, "shape": list(w.shape)}
-        verdict = eligibility(kind, tuple(w.shape), groups, min_channels)
-        if only is not None and path not in only:
+        verdict = eligibility(kind, tuple(w.shape), groups, 0 if only else min_channels)
+        if only and path not in only:
             verdict = Eligibility(False, "not selected")
         elif exclude and path in exclude:
             verdict = Eligibility(False, "excluded")
@@ -124,6 +130,10 @@ def sparsify(model: nn.Module, min_channels: int = DEFAULT_MIN_CHANNELS, only: l
         else:
             row.update(made_24=False, reason=verdict.reason)
         rows.append(row)
+    if not masks.masks:
+        raise SparsifyError(f"no layer of this model is eligible for 2:4 at min_channels={min_channels} "
+                            f"({len(rows)} conv/linear layers, reasons: "
+                            f"{'; '.join(sorted({r['reason'] for r in rows}))[:300]}); lower --min-channels")
     masks.apply(sparse)
     for path in masks.masks:
         if not holds_2of4(modules[path].weight.detach().cpu().numpy(), axis=1):

@@ -1,0 +1,180 @@
+"""2:4 (cuSPARSELt) against dense, per eligible Linear / 1×1-conv layer of a model, on a CUDA GPU.
+
+Every Linear and 1×1 convolution (groups 1, stride 1, no padding) that :func:`trt_prune.sparsity.eligibility`
+lets carry 2:4 at ``--min-channels 0`` is one GEMM ``[M, K] × [K, N]``: M = batch × output positions, K = input
+channels, N = output channels. For each, at each batch size, this times ``F.linear(x, W)`` dense and with
+``W = torch.sparse.to_sparse_semi_structured(W_masked)`` (fp16), both under CUDA-graph replay (eager sparse
+calls carry ~0.45 ms of host overhead each, which would swamp the kernels), medians over interleaved rounds
+of CUDA-event timings. The table says, per layer, whether 2:4 paid, so the eligibility floor
+(``DEFAULT_MIN_CHANNELS``, 256 from NVIDIA's guidance) can be set from measurements.
+
+Run on a GPU machine from the repo root:
+    PYTHONPATH=. python3 bench/gpu_sparse24_layers.py [--model builtin:demo-detector] [--size 640]
+        [--batches 1,8] [--json bench/results/gpu_sparse24_layers.json]
+``--dry-run`` lists the layers and their GEMM shapes without a GPU (what the CPU tests exercise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def gemm_layers(model: nn.Module, input_shape) -> list[dict]:
+    """The model's 2:4-capable Linear / 1×1-conv layers as GEMMs at ``input_shape`` (one forward with hooks)."""
+    from trt_prune.sparsity import eligibility
+
+    rows, handles = [], []
+
+    def hook(path):
+        def fn(module, inputs, output):
+            x = inputs[0]
+            if isinstance(module, nn.Linear):
+                m = x.numel() // x.shape[-1]
+            else:
+                m = output.shape[0] * output[0, 0].numel()  # batch × output positions
+            rows.append({"module": path, "op": type(module).__name__, "M": int(m),
+                         "K": int(module.weight.shape[1]), "N": int(module.weight.shape[0])})
+        return fn
+
+    for path, module in model.named_modules():
+        is_pw = (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+                 and module.stride == (1, 1) and module.padding in ((0, 0), "valid"))
+        if not (isinstance(module, nn.Linear) or is_pw):
+            continue
+        kind = "linear" if isinstance(module, nn.Linear) else "conv"
+        if eligibility(kind, tuple(module.weight.shape), 1, min_channels=0).eligible:
+            handles.append(module.register_forward_hook(hook(path)))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(input_shape, device=next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    seen, unique = set(), []
+    for r in rows:  # a module called twice appears once
+        if r["module"] not in seen:
+            seen.add(r["module"])
+            unique.append(r)
+    return unique
+
+
+def _graph(fn, replays: int):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def run() -> float:
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / replays
+
+    return run
+
+
+def time_layer(m: int, k: int, n: int, rounds: int, replays: int) -> dict:
+    from torch.sparse import to_sparse_semi_structured
+
+    from trt_prune.sparsity.pattern import mask_2of4
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=gen)
+    w = (w * torch.from_numpy(mask_2of4(w.numpy(), axis=1))).half().cuda()
+    x = torch.randn(m, k, generator=gen).half().cuda()
+    try:
+        ws = to_sparse_semi_structured(w)
+    except Exception as exc:  # shape or dtype constraints of the sparse kernels: report, do not guess
+        return {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+    dense_out = torch.empty(m, n, dtype=torch.half, device="cuda")
+    sparse_out = torch.empty(m, n, dtype=torch.half, device="cuda")
+
+    def dense():
+        dense_out.copy_(nn.functional.linear(x, w))
+
+    def sparse():
+        sparse_out.copy_(nn.functional.linear(x, ws))
+
+    try:
+        timers = {"dense": _graph(dense, replays), "sparse": _graph(sparse, replays)}
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+    err = float((dense_out.float() - sparse_out.float()).abs().max())
+    samples = {name: [] for name in timers}
+    for _ in range(rounds):  # interleaved: clocks and neighbours drift alike for both
+        for name, t in timers.items():
+            samples[name].append(t())
+    d, s = statistics.median(samples["dense"]), statistics.median(samples["sparse"])
+    return {"dense_ms": d, "sparse_ms": s, "speedup": d / s, "max_abs_diff": err}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="builtin:demo-detector")
+    p.add_argument("--size", type=int, default=640)
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--replays", type=int, default=50)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--dry-run", action="store_true", help="list layers and GEMM shapes on the CPU only")
+    args = p.parse_args(argv)
+    from trt_prune.models import load_model
+
+    loaded = load_model(args.model)
+    model = loaded.model.eval()
+    batches = [int(b) for b in args.batches.split(",")]
+    shape = (1, *loaded.input_shape[1:-2], args.size, args.size)
+    if args.dry_run:
+        for r in gemm_layers(model, shape):
+            print(f"{r['module']:40s} {r['op']:7s} M={r['M']:7d} K={r['K']:5d} N={r['N']:5d}")
+        return
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (use --dry-run to list the layers)")
+    model = model.cuda().half()
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+            "model": args.model, "size": args.size, "rounds": args.rounds, "replays": args.replays}
+    print(f"# {info['gpu']}, torch {info['torch']}; {args.model} at {args.size}×{args.size}, fp16, CUDA graphs")
+    results = []
+    for b in batches:
+        for r in gemm_layers(model, (b, *shape[1:])):
+            row = {**r, "batch": b, **time_layer(r["M"], r["K"], r["N"], args.rounds, args.replays)}
+            results.append(row)
+            if "error" in row:
+                print(f"b{b} {r['module']:36s} M={r['M']:7d} K={r['K']:5d} N={r['N']:5d}  {row['error']}")
+            else:
+                print(f"b{b} {r['module']:36s} M={r['M']:7d} K={r['K']:5d} N={r['N']:5d}  dense "
+                      f"{row['dense_ms']:.4f} ms  2:4 {row['sparse_ms']:.4f} ms  {row['speedup']:.2f}×", flush=True)
+    timed = [r for r in results if "speedup" in r]
+    if timed:
+        print("\nmin(K, N) | layers | 2:4 faster | median speed-up")
+        for lo, hi in ((0, 128), (128, 256), (256, 512), (512, 1 << 30)):
+            sel = [r for r in timed if lo <= min(r["K"], r["N"]) < hi]
+            if sel:
+                print(f"{lo}–{hi if hi < 1 << 30 else '∞'} | {len(sel)} | {sum(r['speedup'] > 1 for r in sel)} | "
+                      f"{statistics.median(r['speedup'] for r in sel):.2f}×")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"environment": info, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""The layer selection of bench/gpu_sparse24_layers.py (the GPU timing itself needs a GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from torch import nn
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu_sparse24_layers.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("gpu_sparse24_layers", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gemm_shapes_of_linear_and_pointwise_convs():
+    model = nn.Sequential(nn.Conv2d(8, 64, 3, padding=1), nn.Conv2d(64, 128, 1), nn.Conv2d(128, 128, 1, stride=2),
+                          nn.Conv2d(128, 128, 3, padding=1, groups=128), nn.Conv2d(128, 30, 1), nn.Flatten(),
+                          nn.Linear(30 * 4 * 4, 64))
+    rows = _bench().gemm_layers(model, (2, 8, 8, 8))
+    assert [(r["module"], r["M"], r["K"], r["N"]) for r in rows] == [
+        ("1", 2 * 8 * 8, 64, 128),  # 1×1 conv: M = batch × positions
+        ("4", 2 * 4 * 4, 128, 30),
+        ("6", 2, 480, 64),  # Linear: M = batch
+    ]  # 3×3, strided and depthwise convs are not plain GEMMs; the 8-channel input conv is not either
