@@ -230,13 +230,41 @@ def sparsify_cmd(model, min_channels, layers, permute_s, weights, allow_pickle, 
 @click.option("--opset", type=int, default=None, help="ONNX opset (default chosen for TensorRT 10/11 and ORT).")
 @click.option("--static-batch", is_flag=True, help="Fix the batch axis instead of making it dynamic.")
 @click.option("--no-parity", is_flag=True, help="Skip the ONNX Runtime vs torch check (not recommended).")
+@click.option("--nms", is_flag=True,
+              help="Detectors: box decoding, sigmoid and NMS in the graph; outputs num_detections, detection_boxes, "
+                   "detection_scores, detection_classes (builtin:demo-detector and folders pruned from it).")
+@click.option("--nms-plugin", type=click.Choice(["onnx", "efficient"]), default=None,
+              help="With --nms: the standard NonMaxSuppression op (default; runs in ONNX Runtime and TensorRT) or "
+                   "TensorRT's EfficientNMS_TRT plugin node (TensorRT only).")
+@click.option("--score-threshold", type=float, default=None,
+              help="With --nms: keep class scores above this, in [0, 1) (default 0.001, the mAP setting).")
+@click.option("--iou-threshold", type=float, default=None,
+              help="With --nms: suppress boxes overlapping a better one by more than this IoU, in [0, 1] "
+                   "(default 0.6).")
+@click.option("--max-detections", type=int, default=None,
+              help="With --nms: detections kept per image, K (default 100); outputs are padded to K.")
+@click.option("--pre-nms-topk", type=int, default=None,
+              help="With --nms: best-scoring candidates per image that enter NMS (default 3000, as in mAP).")
+@click.option("--class-agnostic", is_flag=True, help="With --nms: boxes of different classes suppress each other.")
 @click.option("-o", "--out", required=True, help="Output .onnx file.")
 @json_opt
-def export_cmd(model, input_shape, weights, allow_pickle, exporter, opset, static_batch, no_parity, out, as_json):
+def export_cmd(model, input_shape, weights, allow_pickle, exporter, opset, static_batch, no_parity, nms, nms_plugin,
+               score_threshold, iou_threshold, max_detections, pre_nms_topk, class_agnostic, out, as_json):
     """Export to ONNX and check ONNX Runtime's outputs against torch."""
     from .artifacts import ensure_output_file
     from .export import export_onnx
 
+    nms_options = {"score_threshold": score_threshold, "iou_threshold": iou_threshold,
+                   "max_detections": max_detections, "pre_nms_topk": pre_nms_topk, "plugin": nms_plugin,
+                   "class_agnostic": class_agnostic or None}
+    given = {k: v for k, v in nms_options.items() if v is not None}
+    if nms:
+        _export_nms(model, input_shape, weights, allow_pickle, exporter, opset, static_batch, no_parity, given,
+                    out, as_json)
+        return
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-").replace("plugin", "nms-plugin") for k in given)
+        raise TrtPruneError(f"{flags} only apply with --nms; add --nms or drop them")
     ensure_output_file(out)
     loaded = _load(model, weights, allow_pickle)
     shape = parse_shape(input_shape) or loaded.input_shape
@@ -257,6 +285,44 @@ def export_cmd(model, input_shape, weights, allow_pickle, exporter, opset, stati
     table.add_column("max rel", justify="right")
     for name, p in result.parity.items():
         table.add_row(name, f"{p['max_abs']:.2e}", f"{p['max_rel']:.2e}")
+    _emit(data, as_json, table)
+
+
+def _export_nms(model, input_shape, weights, allow_pickle, exporter, opset, static_batch, no_parity, options, out,
+                as_json):
+    """``export --nms``: every option and the model are checked before anything is written."""
+    from .artifacts import ensure_output_file
+    from .detection.nms_export import NMSConfig, check_decodable, export_detector_nms
+
+    config = NMSConfig(**options).validate()
+    loaded = _load(model, weights, allow_pickle)
+    shape = parse_shape(input_shape) or loaded.input_shape
+    check_decodable(loaded.model, shape, opset)
+    ensure_output_file(out)
+    result = export_detector_nms(loaded.model, out, shape, config, exporter=exporter, opset=opset,
+                                 dynamic_batch=not static_batch, check_parity=not no_parity)
+    data = result.to_dict()
+    parity = data.pop("parity")
+    data["parity_per_output"] = parity
+    data["parity"] = {"max_abs": max((p["max_abs"] for p in parity.values()), default=None),
+                      "max_rel": max((p["max_rel"] for p in parity.values()), default=None)}
+    from rich.table import Table
+
+    table = Table(title=f"{model} → {result.path} ({result.decode.exporter}, opset {result.decode.opset}, "
+                        f"{result.op})")
+    table.add_column("check")
+    table.add_column("result", justify="right")
+    for name, p in parity.items():
+        table.add_row(f"{name} (decode) max |Δ|", f"{p['max_abs']:.2e}")
+    for label, stats in (("NMS vs torch, same inputs", result.nms_parity),
+                         ("detections vs torch model", result.detections_parity)):
+        if stats:
+            table.add_row(label, f"{stats['paired']}/{stats['detections_expected']} paired, max box Δ "
+                                 f"{stats['max_box_diff']:.2e} px, {stats['images']} images")
+    for name, dims in result.output_shapes.items():
+        table.add_row(name, "x".join(map(str, dims)))
+    if result.nms_parity.get("note") and not as_json:
+        _console().print(f"[yellow]note:[/yellow] {result.nms_parity['note']}")
     _emit(data, as_json, table)
 
 

@@ -54,3 +54,21 @@ def kill_channels():
     positions ``pick(group)`` returns) dead (every weight that writes or reads them zero), so pruning exactly
     those channels must leave the outputs unchanged."""
     return _kill
+
+
+@pytest.fixture(scope="module")
+def detector():
+    """A DemoDetector with random weights and non-trivial BatchNorm statistics and biases, so that a mistake in
+    cutting or reordering a norm's tensors changes the outputs."""
+    from torch import nn
+
+    from trt_prune.models.demo_detector import DemoDetector
+
+    torch.manual_seed(0)
+    model = DemoDetector().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.1, 0.1)
+    return model

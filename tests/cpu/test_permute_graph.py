@@ -7,22 +7,9 @@ import torch
 from torch import nn
 
 from trt_prune.errors import SparsifyError
-from trt_prune.models.demo_detector import DemoDetector
 from trt_prune.sparsity import sparsify
 from trt_prune.sparsity.pattern import kept_magnitude
 from trt_prune.sparsity.permute import permute_for_24
-
-
-@pytest.fixture(scope="module")
-def detector():
-    torch.manual_seed(0)
-    model = DemoDetector().eval()
-    for m in model.modules():  # non-trivial statistics: a wrong permutation of a norm would show
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.1, 0.1)
-    return model
 
 
 def test_permutation_keeps_outputs_and_raises_kept_magnitude(detector):

@@ -17,19 +17,6 @@ from trt_prune.pruning.graph import CHANNEL_RULES, Channels
 SHAPE = (1, 3, 128, 128)
 
 
-@pytest.fixture(scope="module")
-def detector():
-    torch.manual_seed(0)
-    model = DemoDetector().eval()
-    # non-trivial BN statistics so that mistakes in BN surgery change the outputs
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.1, 0.1)
-    return model
-
-
 def _conv_out_channels(model):
     return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
