@@ -1,4 +1,4 @@
-"""Channel dependency graph, traced once with ``torch.export``.
+"""Channel dependency graph, from one recorded forward pass (:mod:`.record`) or ``torch.export``.
 
 Every channel of every activation is an *element*. Convolutions and Linear layers create fresh elements for
 their output channels; ops that keep channels in place (BatchNorm, activations, pooling, upsampling) pass

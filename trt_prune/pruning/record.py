@@ -1,12 +1,14 @@
-"""Record a model's ATen ops in one eager forward pass, as an fx graph with the metadata the channel rules read.
+"""Record a model's ATen ops in one forward pass, as a light graph with the metadata the channel rules read.
 
 Why not ``torch.export`` alone: export runs every op through fake tensors and proxies and builds a verified
 program; on a 2-core CPU that is 0.3 s for ResNet-50 and 0.4 s for a RetinaNet core before any channel is
 looked at, several times the cost of running the model. The channel rules only need the op sequence as export
 would show it (the *pre-dispatch* ATen ops: ``conv2d``, ``linear``, ``batch_norm``, ``layer_norm``…, not their
 autograd decompositions), the shapes, which parameter each weight is, and which module each op ran in. One
-forward pass under a pre-dispatch dispatch mode sees exactly those ops, with real tensors, at ~10% over the
-model's own run time. The result is a light graph in export's layout (parameter and input
+forward pass under a pre-dispatch dispatch mode sees exactly those ops. It runs on meta (shape-only) copies
+of the input, parameters and buffers, so no arithmetic is done and the cost does not grow with the input
+size; a model whose forward needs values (``.item()``, a data-dependent branch, an op without a meta kernel)
+is recorded from a real run instead. The result is a light graph in export's layout (parameter and input
 placeholders, ``call_function`` nodes with the op overloads and their arguments, ``getitem`` nodes for
 multi-output ops, ``val`` and ``nn_module_stack`` metadata), so the same rules walk either.
 
@@ -15,7 +17,7 @@ The pre-dispatch mode hooks use private torch APIs (the same ones ``make_fx(pre_
 to ``torch.export`` where it does not.
 
 Differences from export, on purpose: control flow follows the example (a data-dependent branch is recorded
-as taken instead of failing to trace), and the model runs once for real.
+as taken instead of failing to trace).
 """
 
 from __future__ import annotations
