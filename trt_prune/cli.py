@@ -345,6 +345,31 @@ def clean_cmd(onnx_file, out, as_json):
     _emit(result.to_dict(), as_json, table)
 
 
+@cli.command("fp16")
+@click.argument("onnx_file", metavar="FILE.onnx")
+@click.option("--io", "io_type", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Type of the graph's inputs and outputs.")
+@click.option("--block-node", multiple=True, help="Also keep this node in fp32 (repeatable).")
+@click.option("--atol", type=float, default=1e-2, show_default=True, help="Parity tolerance against fp32.")
+@click.option("--no-parity", is_flag=True, help="Skip the ONNX Runtime check against the fp32 model.")
+@click.option("-o", "--out", required=True, help="Output .onnx file (the input is never modified).")
+@json_opt
+def fp16_cmd(onnx_file, io_type, block_node, atol, no_parity, out, as_json):
+    """fp16 ONNX for TensorRT 11's strongly typed builds: sensitive ops kept fp32, checked against fp32."""
+    from .precision import to_fp16
+
+    result = to_fp16(onnx_file, out, keep_io_types=io_type == "fp32", block_nodes=tuple(block_node),
+                     check_parity=not no_parity, atol=atol)
+    from rich.table import Table
+
+    table = Table(title=f"{onnx_file} → {out}: fp16, {len(result.blocked)} nodes kept fp32")
+    for col in ("output", "max |Δ| vs fp32", "max rel"):
+        table.add_column(col)
+    for name, p in result.parity.items():
+        table.add_row(name, f"{p['max_abs']:.2e}", f"{p['max_rel']:.2e}")
+    _emit(result.to_dict(), as_json, table)
+
+
 def _backend_option():
     return click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime or tensorrt.")
 

@@ -35,6 +35,10 @@ class CleanError(TrtPruneError):
     """Graph cleaning failed or changed what the graph computes."""
 
 
+class PrecisionError(TrtPruneError):
+    """Reduced-precision conversion failed, or its result differs from the fp32 model beyond tolerance."""
+
+
 class BackendError(TrtPruneError):
     """A backend could not build or run a session."""
 

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from trt_prune.cli import cli
 
-COMMANDS = [["demo"], ["prune"], ["sparsify"], ["export"], ["clean"], ["build"], ["profile"], ["inspect"],
-            ["inspect", "sparsity"]]
+COMMANDS = [["demo"], ["prune"], ["sparsify"], ["export"], ["clean"], ["fp16"], ["build"], ["profile"],
+            ["inspect"], ["inspect", "sparsity"]]
 
 
 def run(*args, ok=True):
@@ -214,3 +214,20 @@ def test_inspect_refuses_external_data_outside_its_folder(tmp_path):
     (tmp_path / "secret.data").write_bytes(b"\0" * 256)
     res = run("inspect", "sparsity", folder / "evil.onnx", "--json", ok=False)
     _assert_error(res, "outside its folder")
+
+
+def test_fp16_command(chain, tmp_path):
+    import onnx
+
+    out, *_ = chain
+    before = (out / "clean.onnx").read_bytes()
+    res = json.loads(run("fp16", out / "clean.onnx", "-o", tmp_path / "h.onnx", "--json").stdout)
+    assert (out / "clean.onnx").read_bytes() == before  # the input is untouched
+    assert res["io_types"] and all(t == "float" for t in res["io_types"].values())
+    assert "float16" in res["initializers"]["by_dtype"] and all(p["max_abs"] < 0.05 for p in res["parity"].values())
+    model = onnx.load(tmp_path / "h.onnx")
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(before[: len(before) // 3])  # truncated
+    _assert_error(run("fp16", bad, "-o", tmp_path / "x.onnx", ok=False))
+    assert not (tmp_path / "x.onnx").exists()
