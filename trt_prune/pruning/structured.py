@@ -74,7 +74,7 @@ def count_params(model: nn.Module) -> int:
 def _aligned_keep(n: int, ratio: float, round_to: int, max_ratio: float | None = None) -> int:
     """Channels to keep out of ``n``: a multiple of ``round_to``, at least ``round_to`` and at least
     ``(1 - max_ratio)·n`` (rounded up to a multiple), at most ``n``."""
-    if n <= round_to:
+    if n <= round_to or ratio <= 0:  # nothing to remove (a group global pruning spared): leave it whole
         return n
     keep = int(round(n * (1.0 - ratio) / round_to)) * round_to
     if max_ratio is not None:
