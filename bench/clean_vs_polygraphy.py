@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -193,39 +191,11 @@ def run_model(name: str, result_path: Path, mem_gib: float, keep: Path | None, p
 
 # ---------------------------------------------------------------------------------------------------- driver
 def _spawn(name: str, timeout: float, mem_gib: float, tmp: Path, keep: Path | None) -> dict:
-    result_path, log_path = tmp / "result.json", tmp / "log.txt"
-    result_path.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, str(result_path),
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, str(tmp / "result.json"),
            "--mem-gib", str(mem_gib), "--timeout", str(timeout)]
     if keep is not None:
         cmd += ["--keep", str(keep)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    started = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the worker's own process group: it and its children only
-            proc.wait()
-            rc = None
-    wall = round(time.perf_counter() - started, 1)
-    try:
-        record = json.loads(result_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        record = {"model": name, "stage": "start"}
-    record["wall_s"] = wall
-    if record.get("stage") != "done":
-        tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-1:]
-        if rc is None:
-            why = f"timeout after {timeout:.0f} s during {record['stage']}"
-        elif rc < 0:
-            why = f"killed by signal {-rc} during {record['stage']}"
-        else:
-            why = f"worker exited {rc} during {record['stage']}"
-        record["error"] = why + (f" ({' '.join(tail[0].split())[:250]})" if tail else "")
-    return record
+    return prune_coverage.spawn_worker(cmd, {"model": name}, timeout, tmp, tail_chars=250)
 
 
 def verdict(r: dict) -> str:

@@ -362,12 +362,13 @@ def run_pair(name: str, engine: str, result_path: Path, mem_gib: float, repeats:
 # driver
 # ----------------------------------------------------------------------------------------------------------
 
-def _spawn(name: str, engine: str, timeout: float, mem_gib: float, repeats: int, tmp: Path) -> dict:
-    result_path = tmp / "result.json"
-    log_path = tmp / "log.txt"
+def spawn_worker(cmd: list[str], base: dict, timeout: float, tmp: Path, tail_chars: int = 200) -> dict:
+    """Run ``cmd`` (a worker writing its record to ``tmp/result.json`` after every stage) in its own process
+    group under ``timeout``; return its record, or ``base`` with ``stage`` "start", plus ``wall_s`` and, unless
+    the worker reached stage "done", an ``error`` saying how it ended (timeout, signal, exit code, last log
+    line)."""
+    result_path, log_path = tmp / "result.json", tmp / "log.txt"
     result_path.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, engine, str(result_path),
-           "--mem-gib", str(mem_gib), "--repeats", str(repeats)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
     with open(log_path, "w") as log:
@@ -383,7 +384,7 @@ def _spawn(name: str, engine: str, timeout: float, mem_gib: float, repeats: int,
     try:
         record = json.loads(result_path.read_text())
     except (OSError, json.JSONDecodeError):
-        record = {"model": name, "engine": engine, "stage": "start"}
+        record = {**base, "stage": "start"}
     record["wall_s"] = wall
     if record.get("stage") != "done":
         tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-1:]
@@ -393,9 +394,16 @@ def _spawn(name: str, engine: str, timeout: float, mem_gib: float, repeats: int,
             why = f"killed by signal {-rc} during {record['stage']}"
         else:
             why = f"worker exited {rc} during {record['stage']}"
-        record["error"] = why + (f" ({' '.join(tail[0].split())[:200]})" if tail else "")
-        if record["stage"] in ("build", "prune", "start"):
-            record["pruned"] = False
+        record["error"] = why + (f" ({' '.join(tail[0].split())[:tail_chars]})" if tail else "")
+    return record
+
+
+def _spawn(name: str, engine: str, timeout: float, mem_gib: float, repeats: int, tmp: Path) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, engine, str(tmp / "result.json"),
+           "--mem-gib", str(mem_gib), "--repeats", str(repeats)]
+    record = spawn_worker(cmd, {"model": name, "engine": engine}, timeout, tmp)
+    if "error" in record and record["stage"] in ("build", "prune", "start"):
+        record["pruned"] = False
     return record
 
 

@@ -84,15 +84,7 @@ def clean_onnx(src, dst, *, passes: Sequence[str] | None = None, check_parity: b
     unknown = [n for n in names if n not in PASSES]
     if unknown:
         raise CleanError(f"unknown clean pass(es) {unknown}; valid passes: {', '.join(PASSES)}")
-    src_path, dst_path = Path(src), Path(dst)
-    if dst_path.exists() and src_path.exists() and dst_path.resolve() == src_path.resolve():
-        raise CleanError(f"dst {str(dst_path)!r} is the source file itself; clean never overwrites its input, "
-                         "give another output path")
-    original = load_onnx(src_path, error=CleanError)
-    try:
-        check_model(original)
-    except onnx.checker.ValidationError as exc:
-        raise CleanError(f"{str(src_path)!r} is not a valid ONNX model ({_one_line(exc)}); re-export it") from exc
+    src_path, dst_path, original = load_source(src, dst, CleanError, "clean")
 
     try:
         graph = gs.import_onnx(original)
@@ -137,6 +129,22 @@ PLUGIN_CHECK_DOMAIN = "trt.plugins"
 def is_plugin(node: onnx.NodeProto) -> bool:
     """A node in ONNX's default domain whose op ONNX does not define: a TensorRT plugin."""
     return node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type)
+
+
+def load_source(src, dst, error: type[Exception], stage: str) -> tuple[Path, Path, onnx.ModelProto]:
+    """The checked input model of a stage that reads ONNX file ``src`` and writes ``dst``: ``dst`` may not be
+    ``src`` itself (inputs are never overwritten), and ``src`` must load and pass the ONNX checker; each
+    failure is one ``error`` saying what to do."""
+    src_path, dst_path = Path(src), Path(dst)
+    if dst_path.exists() and src_path.exists() and dst_path.resolve() == src_path.resolve():
+        raise error(f"dst {str(dst_path)!r} is the source file itself; {stage} never overwrites its input, "
+                    "give another output path")
+    model = load_onnx(src_path, error=error)
+    try:
+        check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise error(f"{str(src_path)!r} is not a valid ONNX model ({_one_line(exc)}); re-export it") from exc
+    return src_path, dst_path, model
 
 
 def check_model(model: onnx.ModelProto) -> None:

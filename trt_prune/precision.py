@@ -53,9 +53,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from trt_prune.clean import check_model, is_plugin, parity_points, probe_model
+from trt_prune.clean import check_model, is_plugin, load_source, parity_points, probe_model
 from trt_prune.errors import PrecisionError
-from trt_prune.onnx_io import PROTOBUF_LIMIT, compare_outputs, load_onnx, random_feeds, run_onnxruntime, save_onnx
+from trt_prune.onnx_io import PROTOBUF_LIMIT, compare_outputs, random_feeds, run_onnxruntime, save_onnx
 
 # op type -> why it stays fp32
 DEFAULT_BLOCK_OPS: dict[str, str] = {
@@ -159,15 +159,7 @@ def to_fp16(src, dst, *, keep_io_types: bool = True, block_ops: Iterable[str] | 
                                             or not isinstance(reduce_min_elements, int) or reduce_min_elements < 0):
         raise PrecisionError(f"reduce_min_elements must be an int >= 0 or None, got {reduce_min_elements!r}")
     ops = dict(DEFAULT_BLOCK_OPS) if block_ops is None else {str(op): "in block_ops" for op in block_ops}
-    src_path, dst_path = Path(src), Path(dst)
-    if dst_path.exists() and src_path.exists() and dst_path.resolve() == src_path.resolve():
-        raise PrecisionError(f"dst {str(dst_path)!r} is the source file itself; fp16 conversion never overwrites "
-                             "its input, give another output path")
-    original = load_onnx(src_path, error=PrecisionError)
-    try:
-        check_model(original)
-    except onnx.checker.ValidationError as exc:
-        raise PrecisionError(f"{str(src_path)!r} is not a valid ONNX model ({_one_line(exc)}); re-export it") from exc
+    src_path, dst_path, original = load_source(src, dst, PrecisionError, "fp16 conversion")
     if original.ByteSize() > PROTOBUF_LIMIT:
         raise PrecisionError(f"{str(src_path)!r} is over protobuf's 2 GiB; fp16 conversion of such models is not "
                              "supported (ONNX shape inference cannot run on it in memory)")

@@ -279,20 +279,25 @@ def _conv(state: TraceState, node, args):
         state.record_slot(module, "out", out)
         state.compute.append(ComputeNode(module, macs, inp.elements if inp else None, out))
         return Channels(1, out)
-    if groups == c_in == k_out and inp is not None:
+    if c_in == k_out and inp is not None:
+        return _grouped_in_place(state, module, inp, groups, macs)
+    raise PruneError(f"grouped convolution '{module}' (groups={groups}, in={c_in}, out={k_out}) has no pruning "
+                     f"rule yet; pass ignore=['{module}'] (CLI: --ignore {module})")
+
+
+def _grouped_in_place(state: TraceState, module: str, inp: Channels, groups: int, macs: int) -> Channels:
+    """A grouped conv (plain or transposed) with as many outputs as inputs: output channel i is input channel i.
+    Depthwise (one channel per group) prunes freely; otherwise (ResNeXt, RegNet) every group keeps the same
+    count, so the layer stays a grouped conv with ``groups`` groups of a smaller width."""
+    if groups == len(inp.elements):
         state.record_slot(module, "depthwise", inp.elements)
         state.compute.append(ComputeNode(module, macs, inp.elements, None))
         return Channels(1, list(inp.elements))
-    if c_in == k_out and inp is not None:
-        # Grouped (ResNeXt, RegNet): couple output channel i with input channel i and keep the same count in
-        # every group, so the layer stays a grouped conv with `groups` groups of a smaller width.
-        width = c_in // groups
-        state.record_slot(module, "grouped", inp.elements)
-        state.splits.append(SplitRecord(module, [inp.elements[j * width:(j + 1) * width] for j in range(groups)]))
-        state.compute.append(ComputeNode(module, macs, inp.elements, inp.elements))
-        return Channels(1, list(inp.elements))
-    raise PruneError(f"grouped convolution '{module}' (groups={groups}, in={c_in}, out={k_out}) has no pruning "
-                     f"rule yet; pass ignore=['{module}'] (CLI: --ignore {module})")
+    width = len(inp.elements) // groups
+    state.record_slot(module, "grouped", inp.elements)
+    state.splits.append(SplitRecord(module, [inp.elements[j * width:(j + 1) * width] for j in range(groups)]))
+    state.compute.append(ComputeNode(module, macs, inp.elements, inp.elements))
+    return Channels(1, list(inp.elements))
 
 
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -320,16 +325,7 @@ def _conv_transpose(state: TraceState, node, inp: Channels | None, module: str, 
         state.compute.append(ComputeNode(module, macs, inp.elements if inp else None, out))
         return Channels(1, out)
     if inp is not None and c_in == k_out and isinstance(conv, _CONV_TRANSPOSE) and weight == "weight":
-        if groups == c_in:  # depthwise: weight [C, 1, *k], channel i in, channel i out
-            state.record_slot(module, "depthwise", inp.elements)
-            state.compute.append(ComputeNode(module, macs, inp.elements, None))
-            return Channels(1, list(inp.elements))
-        # grouped with in == out: couple output channel i with input channel i, equal counts in every group
-        width = c_in // groups
-        state.record_slot(module, "grouped", inp.elements)
-        state.splits.append(SplitRecord(module, [inp.elements[j * width:(j + 1) * width] for j in range(groups)]))
-        state.compute.append(ComputeNode(module, macs, inp.elements, inp.elements))
-        return Channels(1, list(inp.elements))
+        return _grouped_in_place(state, module, inp, groups, macs)
     raise PruneError(f"grouped transposed convolution '{module}' (groups={groups}, in={c_in}, out={k_out}) has no "
                      f"pruning rule yet; pass ignore=['{module}'] (CLI: --ignore {module})")
 
