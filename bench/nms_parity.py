@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import commit, ort_session  # noqa: E402
 
 from trt_prune.data import RoadScenes  # noqa: E402
 from trt_prune.detection.metrics import coco_map, evaluate  # noqa: E402
@@ -53,26 +55,6 @@ VARIANTS = {
 }
 
 
-def _session(model: onnx.ModelProto | str):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
-                               check=True).stdout.strip()
-        return sha + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=300)
@@ -96,10 +78,10 @@ def main(argv=None) -> dict:
         export_onnx(wrapper, decode_path, shape, exporter=args.exporter, output_names=DECODED_NAMES)
         decode_model = onnx.load(str(decode_path))
         num_anchors, num_classes = int(wrapper.points.shape[0]), int(model.num_classes)
-        sessions = {name: _session(exported.path if i == 0 else
+        sessions = {name: ort_session(exported.path if i == 0 else
                                    append_nms(decode_model, cfg, num_anchors, num_classes))
                     for i, (name, cfg) in enumerate(VARIANTS.items())}
-        decode_session = _session(decode_path)
+        decode_session = ort_session(decode_path)
         export_info = exported.to_dict()
         print(f"exported ({exported.decode.exporter}) in {time.perf_counter() - started:.1f} s; running {n} images",
               flush=True)
@@ -141,7 +123,7 @@ def main(argv=None) -> dict:
     tail["max_box_diff"] = max(s["max_box_diff"] for s in tail_only)
     result = {
         "machine": machine_info(), "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
-        "commit": _commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "model": "builtin:demo-detector (shipped weights)", "input_shape": list(shape), "images": n,
         "exporter": exported.decode.exporter, "export": export_info, "torch_evaluate": torch_eval,
         "nms_tail_same_inputs": tail, "variants": rows, "seconds": round(time.perf_counter() - started, 1),

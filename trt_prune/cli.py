@@ -229,27 +229,40 @@ def sparsify_cmd(model, min_channels, layers, permute_s, weights, allow_pickle, 
               help="torch.export-based exporter (TorchScript as fallback) or TorchScript directly.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default chosen for TensorRT 10/11 and ORT).")
 @click.option("--static-batch", is_flag=True, help="Fix the batch axis instead of making it dynamic.")
+@click.option("--dynamic-hw", is_flag=True,
+              help="Make height and width of 4-D inputs dynamic too (TensorRT then needs an optimisation profile "
+                   "for them). Not with --nms: its anchors are computed for one size.")
 @click.option("--no-parity", is_flag=True, help="Skip the ONNX Runtime vs torch check (not recommended).")
+@click.option("--atol", type=float, default=1e-4, show_default=True,
+              help="Parity: an element fails when |onnx - torch| > atol + rtol * |torch| (with --nms, boxes are in "
+                   "pixels).")
+@click.option("--rtol", type=float, default=1e-3, show_default=True, help="Parity: relative tolerance.")
 @click.option("--nms", is_flag=True,
-              help="Detectors: box decoding, sigmoid and NMS in the graph; outputs num_detections, detection_boxes, "
-                   "detection_scores, detection_classes (builtin:demo-detector and folders pruned from it).")
+              help="Detectors: box decoding, score activation and NMS in the graph; outputs num_detections, "
+                   "detection_boxes, detection_scores, detection_classes (builtin:demo-detector, core:retinanet_"
+                   "resnet50_fpn, core:fcos_resnet50_fpn, core:ssd300_vgg16, core:ssdlite320_mobilenet_v3_large "
+                   "and folders pruned from them). Thresholds default to the model's own post-processing.")
 @click.option("--nms-plugin", type=click.Choice(["onnx", "efficient"]), default=None,
               help="With --nms: the standard NonMaxSuppression op (default; runs in ONNX Runtime and TensorRT) or "
                    "TensorRT's EfficientNMS_TRT plugin node (TensorRT only).")
 @click.option("--score-threshold", type=float, default=None,
-              help="With --nms: keep class scores above this, in [0, 1) (default 0.001, the mAP setting).")
+              help="With --nms: keep class scores above this, in [0, 1) (default: the model's own; 0.001 for "
+                   "the demo detector, the mAP setting).")
 @click.option("--iou-threshold", type=float, default=None,
               help="With --nms: suppress boxes overlapping a better one by more than this IoU, in [0, 1] "
-                   "(default 0.6).")
+                   "(default: the model's own; 0.6 for the demo detector).")
 @click.option("--max-detections", type=int, default=None,
-              help="With --nms: detections kept per image, K (default 100); outputs are padded to K.")
+              help="With --nms: detections kept per image, K (default: the model's own; 100 for the demo "
+                   "detector); outputs are padded to K.")
 @click.option("--pre-nms-topk", type=int, default=None,
-              help="With --nms: best-scoring candidates per image that enter NMS (default 3000, as in mAP).")
+              help="With --nms: best-scoring candidates that enter NMS, per image (demo detector, default 3000), "
+                   "per FPN level (RetinaNet, FCOS) or per class (SSD), as the model's own post-processing.")
 @click.option("--class-agnostic", is_flag=True, help="With --nms: boxes of different classes suppress each other.")
 @click.option("-o", "--out", required=True, help="Output .onnx file.")
 @json_opt
-def export_cmd(model, input_shape, weights, allow_pickle, exporter, opset, static_batch, no_parity, nms, nms_plugin,
-               score_threshold, iou_threshold, max_detections, pre_nms_topk, class_agnostic, out, as_json):
+def export_cmd(model, input_shape, weights, allow_pickle, exporter, opset, static_batch, dynamic_hw, no_parity, atol,
+               rtol, nms, nms_plugin, score_threshold, iou_threshold, max_detections, pre_nms_topk, class_agnostic,
+               out, as_json):
     """Export to ONNX and check ONNX Runtime's outputs against torch."""
     from .artifacts import ensure_output_file
     from .export import export_onnx
@@ -258,9 +271,12 @@ def export_cmd(model, input_shape, weights, allow_pickle, exporter, opset, stati
                    "max_detections": max_detections, "pre_nms_topk": pre_nms_topk, "plugin": nms_plugin,
                    "class_agnostic": class_agnostic or None}
     given = {k: v for k, v in nms_options.items() if v is not None}
+    if nms and dynamic_hw:
+        raise TrtPruneError("--dynamic-hw does not combine with --nms: the anchors in the graph are computed for one "
+                            "input size; export one file per size (--input-shape)")
     if nms:
-        _export_nms(model, input_shape, weights, allow_pickle, exporter, opset, static_batch, no_parity, given,
-                    out, as_json)
+        _export_nms(model, input_shape, weights, allow_pickle, exporter, opset, static_batch, no_parity, atol, rtol,
+                    given, out, as_json)
         return
     if given:
         flags = ", ".join("--" + k.replace("_", "-").replace("plugin", "nms-plugin") for k in given)
@@ -269,7 +285,7 @@ def export_cmd(model, input_shape, weights, allow_pickle, exporter, opset, stati
     loaded = _load(model, weights, allow_pickle)
     shape = parse_shape(input_shape) or loaded.input_shape
     result = export_onnx(loaded.model, out, shape, exporter=exporter, opset=opset, dynamic_batch=not static_batch,
-                         check_parity=not no_parity)
+                         dynamic_hw=dynamic_hw, check_parity=not no_parity, atol=atol, rtol=rtol)
     data = result.to_dict()
     first = next(iter(result.parity.values()), {})
     data["parity_per_output"] = data.pop("parity")
@@ -285,22 +301,28 @@ def export_cmd(model, input_shape, weights, allow_pickle, exporter, opset, stati
     table.add_column("max rel", justify="right")
     for name, p in result.parity.items():
         table.add_row(name, f"{p['max_abs']:.2e}", f"{p['max_rel']:.2e}")
+    if not as_json:
+        if result.fallback_reason:
+            _console().print(f"[yellow]note:[/yellow] TorchScript exported this model because dynamo failed: "
+                             f"{result.fallback_reason}")
+        for warning in result.trace_warnings:
+            _console().print(f"[yellow]warning:[/yellow] the TorchScript trace froze a value: {warning}")
     _emit(data, as_json, table)
 
 
-def _export_nms(model, input_shape, weights, allow_pickle, exporter, opset, static_batch, no_parity, options, out,
-                as_json):
+def _export_nms(model, input_shape, weights, allow_pickle, exporter, opset, static_batch, no_parity, atol, rtol,
+                options, out, as_json):
     """``export --nms``: every option and the model are checked before anything is written."""
     from .artifacts import ensure_output_file
-    from .detection.nms_export import NMSConfig, check_decodable, export_detector_nms
+    from .detection.nms_export import NMSConfig, decode_plan, export_detector_nms
 
-    config = NMSConfig(**options).validate()
+    NMSConfig(**options).validate()  # a bad option fails before the model loads
     loaded = _load(model, weights, allow_pickle)
     shape = parse_shape(input_shape) or loaded.input_shape
-    check_decodable(loaded.model, shape, opset)
+    config = decode_plan(loaded.model, shape, opset).config(**options)  # the model's own settings under options
     ensure_output_file(out)
     result = export_detector_nms(loaded.model, out, shape, config, exporter=exporter, opset=opset,
-                                 dynamic_batch=not static_batch, check_parity=not no_parity)
+                                 dynamic_batch=not static_batch, check_parity=not no_parity, atol=atol, rtol=rtol)
     data = result.to_dict()
     parity = data.pop("parity")
     data["parity_per_output"] = parity

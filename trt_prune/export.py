@@ -13,8 +13,12 @@ lies inside the parser range of TensorRT 10.x (opset 9 to 20 and later) and 11.x
 
 from __future__ import annotations
 
+import contextlib
+import io
+import linecache
 import re
 import time
+import traceback
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,7 +49,10 @@ class ExportResult:
     ``parity`` maps each output name to ``{"max_abs", "max_rel"}`` over all parity batches (see
     :func:`trt_prune.onnx_io.compare_outputs` for the definition of ``max_rel``); it is empty when the check
     was turned off. ``exporter`` is the exporter that produced the file; ``fallback_reason`` says why dynamo
-    was not it, or is ``None``.
+    was not it (with the module and source line where it failed, when found), or is ``None``.
+    ``dynamic_axes`` names the symbolic input axes (``batch``, ``height``, ``width``). ``trace_warnings``
+    holds what the TorchScript tracer warned about (a data-dependent branch or a Python number it froze into
+    the graph: the file may then be right only for inputs like the example), with the source line.
     """
 
     path: str
@@ -57,6 +64,8 @@ class ExportResult:
     input_shape: tuple[int, ...] | list[tuple[int, ...]]
     parity: dict[str, dict[str, float]] = field(default_factory=dict)
     export_seconds: float = 0.0
+    dynamic_axes: list[str] = field(default_factory=list)
+    trace_warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of every field."""
@@ -67,7 +76,7 @@ class ExportResult:
 
 
 def export_onnx(model, path, input_shape=(1, 3, 320, 320), *, exporter: str = "dynamo", opset: int | None = None,
-                dynamic_batch: bool = True, input_names: Sequence[str] = ("images",),
+                dynamic_batch: bool = True, dynamic_hw: bool = False, input_names: Sequence[str] = ("images",),
                 output_names: Sequence[str] = ("output",), check_parity: bool = True, atol: float = 1e-4,
                 rtol: float = 1e-3, seed: int = 0) -> ExportResult:
     """Export ``model`` to the ONNX file ``path`` and check it against torch in ONNX Runtime.
@@ -96,6 +105,12 @@ def export_onnx(model, path, input_shape=(1, 3, 320, 320), *, exporter: str = "d
     for label, value in (("atol", atol), ("rtol", rtol)):
         if not (isinstance(value, (int, float)) and value >= 0):
             raise ExportError(f"{label} must be a number >= 0, got {value!r}")
+    if dynamic_hw and not all(len(s) == 4 for s in shapes):
+        raise ExportError(f"dynamic height and width need [B, C, H, W] inputs, got shapes {shapes}; export "
+                          "with a fixed size")
+    axes = {0: "batch"} if dynamic_batch else {}
+    if dynamic_hw:
+        axes.update({2: "height", 3: "width"})
 
     generator = torch.Generator().manual_seed(seed)
     device = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
@@ -105,18 +120,24 @@ def export_onnx(model, path, input_shape=(1, 3, 320, 320), *, exporter: str = "d
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
+        _runs(model, example)
         with staging_folder(path) as tmp:
             staged = tmp / Path(path).name
             started = time.perf_counter()
-            used, fallback_reason = _export(model, example, staged, exporter, opset, dynamic_batch, names,
-                                            list(output_names), big)
+            used, fallback_reason, trace_warnings = _export(model, example, staged, exporter, opset, axes, names,
+                                                            list(output_names), big)
             seconds = time.perf_counter() - started
             onnx_model = load_onnx(staged, error=ExportError)
             _check(staged)
             parity = {}
             if check_parity:
-                parity = _parity(model, onnx_model, staged, dynamic_batch, names, atol, rtol, seed, device,
-                                 shapes[0][0])
+                try:
+                    parity = _parity(model, onnx_model, staged, axes, names, atol, rtol, seed, device, shapes[0])
+                except ExportError as exc:
+                    if fallback_reason:  # a frozen branch is the likely cause: say where dynamo stopped
+                        raise ExportError(f"{exc}. The file came from TorchScript because dynamo failed "
+                                          f"({fallback_reason})") from exc
+                    raise
             written = save_onnx(onnx_model, path, external_data=big or None)
     finally:
         for module, training in modes.items():
@@ -128,7 +149,8 @@ def export_onnx(model, path, input_shape=(1, 3, 320, 320), *, exporter: str = "d
         input_names=[v.name for v in onnx_model.graph.input if v.name not in _initializer_names(onnx_model)],
         output_names=[v.name for v in onnx_model.graph.output],
         input_shape=tuple(shapes[0]) if len(shapes) == 1 else [tuple(s) for s in shapes],
-        parity=parity, export_seconds=round(seconds, 3),
+        parity=parity, export_seconds=round(seconds, 3), dynamic_axes=list(axes.values()),
+        trace_warnings=trace_warnings,
     )
 
 
@@ -154,41 +176,143 @@ def _initializer_names(model) -> set[str]:
     return {t.name for t in model.graph.initializer}
 
 
-def _export(model, example, staged: Path, exporter: str, opset: int, dynamic_batch: bool, input_names: list[str],
-            output_names: list[str], big: bool) -> tuple[str, str | None]:
-    """Run the exporter(s); returns (exporter used, why dynamo was not used or None)."""
+def _runs(model, example) -> None:
+    """Run ``model`` once on ``example``; a failure (a wrong input shape, most often) is an ExportError."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(*example)
+    except Exception as exc:
+        where = locate_failure(model, exc)
+        shapes = ", ".join("x".join(map(str, t.shape)) for t in example)
+        raise ExportError(f"the model does not run on input shape {shapes}"
+                          f"{f' ({where})' if where else ''}: {_one_line(exc)}; give the input shape the model "
+                          "takes (--input-shape NxCxHxW)") from exc
+
+
+def _export(model, example, staged: Path, exporter: str, opset: int, axes: dict[int, str], input_names: list[str],
+            output_names: list[str], big: bool) -> tuple[str, str | None, list[str]]:
+    """Run the exporter(s); returns (exporter used, why dynamo was not used or None, TorchScript's warnings)."""
     import torch
 
     fallback_reason = None
     if exporter == "dynamo":
         try:
-            batch = torch.export.Dim("batch")
-            dynamic_shapes = tuple({0: batch} for _ in example) if dynamic_batch else None
-            torch.onnx.export(model, example, str(staged), dynamo=True, opset_version=opset,
-                              input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
-                              external_data=big, optimize=True, verbose=False)
-            return "dynamo", None
+            dims = {axis: torch.export.Dim(name) for axis, name in axes.items()}
+            dynamic_shapes = tuple({a: d for a, d in dims.items() if a < t.dim()} for t in example) if dims else None
+            # torch.export dumps the traced graph to stderr when it fails; the reason is reported instead
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                torch.onnx.export(model, example, str(staged), dynamo=True, opset_version=opset,
+                                  input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
+                                  external_data=big, optimize=True, verbose=False)
+            return "dynamo", None, []
         except Exception as exc:  # any dynamo failure is a reason to try TorchScript, whatever its type
-            fallback_reason = _one_line(exc)
+            fallback_reason = _reason(model, exc, example)
             for leftover in staged.parent.iterdir():
                 leftover.unlink()
     dynamic_axes = None
-    if dynamic_batch:
-        dynamic_axes = {name: {0: "batch"} for name in [*input_names, *output_names]}
+    if axes:
+        dynamic_axes = {name: dict(axes) for name in input_names}
+        dynamic_axes.update({name: {0: "batch"} for name in output_names if 0 in axes})
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
             # TorchScript export is deprecated in torch 2.9+; choosing it (or falling back to it) is deliberate
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("always", torch.jit.TracerWarning)
             torch.onnx.export(model, example, str(staged), dynamo=False, opset_version=opset,
                               input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
                               do_constant_folding=True)
     except Exception as exc:
         tried = f"dynamo failed ({fallback_reason}); " if fallback_reason else ""
         raise ExportError(f"ONNX export of {type(model).__name__} failed: {tried}TorchScript failed "
-                          f"({_one_line(exc)}); check that forward() runs on inputs of shape "
-                          f"{[tuple(t.shape) for t in example]}") from exc
-    return "torchscript", fallback_reason
+                          f"({_reason(model, exc, example)}); change the model code there (see the export "
+                          "section of the README), or export a part of the model that avoids it") from exc
+    trace_warnings = []
+    for w in caught:
+        if issubclass(w.category, torch.jit.TracerWarning):
+            text = f"{Path(w.filename).name}:{w.lineno}: {_one_line(w.message, 200)}"
+            if text not in trace_warnings:
+                trace_warnings.append(text)
+    return "torchscript", fallback_reason, trace_warnings
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or during, outermost first."""
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+_ATEN_OP = re.compile(r"aten(?:::|\.)(\w+)")
+
+
+def locate_failure(model, exc: BaseException, example=None) -> str | None:
+    """Where in ``model`` the failure ``exc`` happened, in words, or ``None`` when it cannot tell.
+
+    Python-level failures (a data-dependent branch, ``.item()``, a shape error) pass through the
+    ``forward`` of the module that failed: the innermost traceback frame whose ``self`` is a submodule of
+    ``model`` gives its path, class and source line. Failures to translate an op (no ONNX function for an
+    ATen op) happen after tracing, so no frame points at the model: the op is read from the message and,
+    given ``example``, one recorded forward pass finds the first module that calls it.
+    """
+    paths = {id(m): (name, type(m).__name__) for name, m in model.named_modules()}
+    found = None
+    for link in _chain(exc):
+        for frame, lineno in traceback.walk_tb(link.__traceback__):
+            owner = paths.get(id(frame.f_locals.get("self")))
+            if owner is not None:
+                found = (owner, frame.f_code.co_filename, lineno)
+    if found is not None:
+        (path, kind), filename, lineno = found
+        code = linecache.getline(filename, lineno).strip()
+        code = code if len(code) <= 100 else code[:97] + "..."
+        return f"in {_module_words(path, kind)} at {Path(filename).name}:{lineno}" + (f" `{code}`" if code else "")
+    ops = [m.group(1) for link in _chain(exc) for m in _ATEN_OP.finditer(str(link))]
+    if not ops:
+        return None
+    op = ops[-1]  # the innermost message names the op most precisely
+    module = _first_caller(model, op, example) if example is not None else None
+    return f"at op aten::{op}" + (f" in {_module_words(*module)}" if module else "")
+
+
+def _module_words(path: str, kind: str) -> str:
+    return f"module '{path}' ({kind})" if path else f"the top-level module ({kind})"
+
+
+def _first_caller(model, op: str, example) -> tuple[str, str] | None:
+    """``(path, class)`` of the innermost module around the first call of ATen ``op`` in a forward pass."""
+    from trt_prune.pruning.record import available, record
+
+    if not available() or len(example) != 1:
+        return None
+    try:
+        recording = record(model, example[0], meta=False)
+    except Exception:  # the model already failed once; finding the module is best effort
+        return None
+    want = op.lstrip("_")
+    for node in recording.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        name = schema.name.split("::")[-1] if schema is not None else ""
+        if name and name.lstrip("_") == want:
+            stack = node.meta.get("nn_module_stack") or {}
+            if not stack:
+                return "", type(model).__name__
+            path, kind = next(reversed(stack.values()))
+            return path, kind.rsplit(".", 1)[-1]  # the recorder keeps qualified class names
+    return None
+
+
+def _reason(model, exc: BaseException, example) -> str:
+    """Where and why an exporter failed, on one line: the innermost error of the chain (the outer ones are
+    generic wrappers such as "Failed to export the model with torch.export") and :func:`locate_failure`."""
+    root = _chain(exc)[-1]
+    where = locate_failure(model, exc, example)
+    return f"{where}: {_one_line(root, 300)}" if where else _one_line(root)
 
 
 def _one_line(exc: BaseException, limit: int = 400) -> str:
@@ -208,18 +332,22 @@ def _check(path: Path) -> None:
                           "or another opset") from exc
 
 
-def _parity(model, onnx_model, staged: Path, dynamic_batch: bool, input_names: list[str], atol: float,
-            rtol: float, seed: int, device, batch: int) -> dict[str, dict[str, float]]:
+def _parity(model, onnx_model, staged: Path, axes: dict[int, str], input_names: list[str], atol: float,
+            rtol: float, seed: int, device, shape: tuple[int, ...]) -> dict[str, dict[str, float]]:
     import torch
 
-    batches = [batch, batch + 1] if dynamic_batch else [batch]
+    cases = [{name: shape[axis] for axis, name in axes.items()}]  # the example's shape, then every dynamic axis
+    if axes:  # grown together
+        cases.append({name: shape[axis] + (1 if axis == 0 else 32) for axis, name in axes.items()})
     worst: dict[str, dict[str, float]] = {}
-    for index, b in enumerate(batches):
-        feeds = random_feeds(onnx_model, batch=b, seed=seed + index)
+    for index, dims in enumerate(cases):
+        batch = dims.get("batch", shape[0])
+        feeds = random_feeds(onnx_model, batch=batch, seed=seed + index, dims=dims)
+        label = "x".join(map(str, next(iter(feeds.values())).shape)) if feeds else f"batch {batch}"
         try:
             got = run_onnxruntime(staged, feeds)  # from the file: a proto past 2 GiB cannot be serialised
         except Exception as exc:
-            raise ExportError(f"ONNX Runtime cannot run the exported model at batch {b} ({_one_line(exc)}); "
+            raise ExportError(f"ONNX Runtime cannot run the exported model at input {label} ({_one_line(exc)}); "
                               "check the export with check_parity=False and inspect the file") from exc
         with torch.no_grad():
             reference = model(*(torch.from_numpy(feeds[name]).to(device) for name in input_names))
@@ -231,7 +359,7 @@ def _parity(model, onnx_model, staged: Path, dynamic_batch: bool, input_names: l
             try:
                 error = compare_outputs(actual, ref, atol=atol, rtol=rtol)
             except TrtPruneError as exc:
-                raise ExportError(f"output {name!r} at batch {b}: {exc}") from exc
+                raise ExportError(f"output {name!r} at input {label}: {exc}") from exc
             entry = worst.setdefault(name, {"max_abs": 0.0, "max_rel": 0.0, "mismatched": 0})
             entry["max_abs"] = max(entry["max_abs"], error["max_abs"])
             entry["max_rel"] = max(entry["max_rel"], error["max_rel"])

@@ -269,12 +269,15 @@ _NUMPY_OF_ONNX = {
 }
 
 
-def random_feeds(model: onnx.ModelProto, *, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+def random_feeds(model: onnx.ModelProto, *, batch: int = 1, seed: int = 0,
+                 dims: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
     """Seeded random inputs for every graph input of ``model`` (initializers listed as inputs excluded).
 
-    Symbolic or unknown dimensions become ``batch`` for the first axis and 1 elsewhere. Floats are standard
-    normal, integers lie in [0, 4), booleans are fair coins.
+    A symbolic dimension named in ``dims`` (``{"height": 352}``) takes that size; other symbolic or unknown
+    dimensions become ``batch`` for the first axis and 1 elsewhere. Floats are standard normal, integers lie
+    in [0, 4), booleans are fair coins.
     """
+    dims = dict(dims or {})
     rng = np.random.default_rng(seed)
     initializers = {t.name for t in model.graph.initializer}
     feeds = {}
@@ -288,7 +291,12 @@ def random_feeds(model: onnx.ModelProto, *, batch: int = 1, seed: int = 0) -> di
                                 f"parity check cannot generate; supported: {sorted(_NUMPY_OF_ONNX)}")
         shape = []
         for axis, dim in enumerate(tensor_type.shape.dim):
-            shape.append(dim.dim_value if dim.HasField("dim_value") else (batch if axis == 0 else 1))
+            if dim.HasField("dim_value"):
+                shape.append(dim.dim_value)
+            elif dim.HasField("dim_param") and dim.dim_param in dims:
+                shape.append(int(dims[dim.dim_param]))
+            else:
+                shape.append(batch if axis == 0 else 1)
         if np.issubdtype(dtype, np.floating):
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype is np.bool_:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -117,8 +118,13 @@ def test_node_module_reads_repeat_calls_and_metadata():
 def test_dynamo_failure_falls_back_to_torchscript(tmp_path):
     result = export_onnx(Branchy(), tmp_path / "branchy.onnx", (1, 3, 16, 16))
     assert result.exporter == "torchscript"
-    assert result.fallback_reason.startswith("TorchExportError")
+    # where dynamo stopped (module, file, line, code) and the innermost error, not the generic wrapper
+    line = next(i for i, text in enumerate(Path(__file__).read_text().splitlines(), 1) if "only known at run" in text)
+    assert result.fallback_reason.startswith(f"in the top-level module (Branchy) at test_export.py:{line} `if y.abs()")
+    assert "GuardOnDataDependentSymNode" in result.fallback_reason
     assert "\x1b" not in result.fallback_reason
+    # the tracer froze the branch: the report says so, with the line
+    assert any(w.startswith(f"test_export.py:{line}: ") and "boolean" in w for w in result.trace_warnings)
     assert result.parity["output"]["max_abs"] < 1e-5
     assert os.listdir(tmp_path) == ["branchy.onnx"]
 

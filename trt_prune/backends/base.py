@@ -311,6 +311,11 @@ class Backend(ABC):
         path = Path(onnx_path)
         if not path.is_file():
             raise BackendError(f"ONNX file {str(path)!r} does not exist; export the model first")
+        # one readable check before any backend parses it: a truncated or foreign file, or weights named
+        # outside the model's folder, get the same error whichever backend was asked for
+        from trt_prune.onnx_io import load_onnx
+
+        load_onnx(path, load_external_data=False, error=BackendError)
         if config is None:
             config = BuildConfig()
         elif not isinstance(config, BuildConfig):

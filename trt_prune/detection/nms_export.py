@@ -8,19 +8,25 @@ beyond ``num_detections``:
 - ``detection_scores [B, K]`` float32, sigmoid probabilities, sorted by decreasing score
 - ``detection_classes [B, K]`` int32, 0-based class indices
 
-How it is built. The detector plus box decoding (anchor points, ``softplus(raw) * stride``, clipping) and the
-sigmoid are a torch module, :class:`DetectorDecode`, exported by :func:`trt_prune.export.export_onnx` as it is
-(either exporter, dynamic batch, its own parity check on the decoded boxes and scores). The selection part
-(pre-NMS top-k, ``NonMaxSuppression``, the final top-K and the zero padding) is written with ``onnx.helper``
-and appended to that graph. Reasons: NMS's output has a data-dependent length, which the dynamo exporter can
-only emit through a custom translation table (``export_onnx`` exposes none) or a fake static shape, and
-torchvision's own ``nms`` symbolic is single-image, single-class; a hand-written tail is the same ONNX for
-both exporters. The selection is also kept out of the torch-vs-ONNX parity check of the export, where a
-1e-6 difference in a score can flip a top-k boundary and fail the check for no real reason; it is checked
-instead on identical decoded inputs (:func:`export_detector_nms`).
+Which models: ``builtin:demo-detector`` (and folders pruned from it), decoded here, and the cores of
+torchvision's RetinaNet, FCOS, SSD300 and SSDlite (``core:NAME``), decoded by
+:mod:`trt_prune.detection.torchvision_decode` with the detector's own anchors, box coder and settings;
+:func:`decode_plan` says which, and refuses the rest.
+
+How it is built. The detector plus box decoding (for the demo: anchor points, ``softplus(raw) * stride``, clipping)
+and the score activation are a torch module (:class:`DetectorDecode`, or ``CoreDecode``), exported by
+:func:`trt_prune.export.export_onnx` as it is (either exporter, dynamic batch, its own parity check on the decoded
+boxes and scores). The selection part (pre-NMS top-k, ``NonMaxSuppression``, the final top-K and the zero padding)
+is written with ``onnx.helper`` and appended to that graph. Reasons: NMS's output has a data-dependent length, which
+the dynamo exporter can only emit through a custom translation table (``export_onnx`` exposes none) or a fake static
+shape, and torchvision's own ``nms`` symbolic is single-image, single-class; a hand-written tail is the same ONNX
+for both exporters. The selection is also kept out of the torch-vs-ONNX parity check of the export, where a 1e-6
+difference in a score can flip a top-k boundary and fail the check for no real reason; it is checked instead on
+identical decoded inputs (:func:`export_detector_nms`).
 
 Semantics, matched to :func:`trt_prune.detection.decode.postprocess` (the function that ``evaluate`` and the
-demo use), which is the torch reference:
+demo use), which is the torch reference (for torchvision cores: the detector's own ``postprocess_detections``,
+whose pre-NMS top-k is per FPN level or per class instead of per image, see :class:`DecodePlan`):
 
 - candidates are (anchor, class) pairs with ``score > score_threshold`` (strict, as ONNX Runtime's
   NonMaxSuppression and torchvision's code both do); of those only the ``pre_nms_topk`` best-scoring ones
@@ -113,24 +119,93 @@ class NMSConfig:
 
 
 # --------------------------------------------------------------------------------------------- torch side
-def check_decodable(model, input_shape, opset: int | None = None) -> tuple[int, int, int]:
-    """``(num_classes, h, w)`` when ``--nms`` can decode ``model``'s output at ``input_shape`` in ``opset``
-    (``None``: the default), else :class:`ExportError`."""
+PRE_NMS_SCOPES = ("image", "level", "class")
+
+
+@dataclass
+class DecodePlan:
+    """How ``--nms`` decodes one model at one input size.
+
+    ``module``: ``images -> (boxes [B, N, 4], scores [B, N, C])``, the part exported by :func:`export_onnx`.
+    ``scope``: over what the ``pre_nms_topk`` best candidates are taken: the whole ``image`` (the demo
+    detector), each FPN ``level`` (RetinaNet, FCOS: ``level_sizes`` anchors each) or each ``class`` (SSD),
+    as the model's own post-processing does. ``defaults``: the model's own :class:`NMSConfig` settings.
+    ``reference(images, config)``: the torch model's own post-processing, per-image detection dicts.
+    """
+
+    module: nn.Module
+    num_classes: int
+    num_anchors: int
+    input_hw: tuple[int, int]
+    scope: str = "image"
+    level_sizes: tuple[int, ...] = ()
+    defaults: dict = field(default_factory=dict)
+    reference: object = None
+
+    def config(self, **options) -> NMSConfig:
+        """The model's own settings with ``options`` (non-``None`` values) over them, validated."""
+        given = {k: v for k, v in options.items() if v is not None}
+        return NMSConfig(**{**self.defaults, **given}).validate()
+
+    def reference_from_decoded(self, boxes, scores, config: NMSConfig):
+        """:func:`nms_reference` with this plan's pre-NMS scope."""
+        return nms_reference(boxes, scores, self.input_hw, config, self.scope, self.level_sizes)
+
+
+def decode_plan(model, input_shape, opset: int | None = None) -> DecodePlan:
+    """The :class:`DecodePlan` of ``model`` at ``input_shape`` when ``--nms`` can decode it in ``opset``
+    (``None``: the default): ``builtin:demo-detector`` (and folders pruned from it), and the cores of
+    torchvision's RetinaNet, FCOS, SSD and SSDlite (``core:NAME``). Anything else raises :class:`ExportError`."""
+    from trt_prune.models.cores import DetectionCore
     from trt_prune.models.demo_detector import DemoDetector
 
     if opset is not None and int(opset) < MIN_OPSET:
         raise ExportError(f"--nms needs opset {MIN_OPSET} or later, got {opset}")
-
-    if not isinstance(model, DemoDetector):
+    if not isinstance(model, (DemoDetector, DetectionCore)):
         raise ExportError(f"--nms needs a known box decoder; it has one for builtin:demo-detector (and folders "
-                          f"pruned from it), not for {type(model).__name__}. Export without --nms and decode "
-                          "outside the graph")
+                          "pruned from it) and for core:retinanet_resnet50_fpn, core:fcos_resnet50_fpn, "
+                          f"core:ssd300_vgg16, core:ssdlite320_mobilenet_v3_large; not for {type(model).__name__}. "
+                          "Export without --nms and decode outside the graph")
     if len(input_shape) != 4 or input_shape[1] != 3:
         raise ExportError(f"--nms needs an image input shape Bx3xHxW, got {'x'.join(map(str, input_shape))}")
     h, w = int(input_shape[2]), int(input_shape[3])
-    if h % 32 or w % 32:
-        raise ExportError(f"the demo detector needs H and W that are multiples of 32, got {h}x{w}")
-    return int(model.num_classes), h, w
+    if isinstance(model, DemoDetector):
+        if h % 32 or w % 32:
+            raise ExportError(f"the demo detector needs H and W that are multiples of 32, got {h}x{w}")
+        wrapper = DetectorDecode(model, (h, w))
+
+        def reference(images, config):
+            with torch.no_grad():
+                raw = model(images.to(wrapper.points.device))
+            return reference_detections(raw, (h, w), config, strides=model.strides)
+
+        return DecodePlan(wrapper, int(model.num_classes), int(wrapper.points.shape[0]), (h, w),
+                          reference=reference)
+
+    from trt_prune.detection.torchvision_decode import CoreDecode, core_kind, core_nms_defaults, core_reference
+
+    core_kind(model)  # a core without a decoder raises before any work
+    wrapper = CoreDecode(model, (h, w))
+
+    def reference(images, config):
+        images = images.to(wrapper.anchors.device)
+        if not config.class_agnostic:
+            return core_reference(model, images, config)
+        with torch.no_grad():  # torchvision has no class-agnostic mode: its steps, then one NMS over all classes
+            boxes, scores = wrapper(images)
+        return nms_reference(boxes, scores, (h, w), config, wrapper.scope, wrapper.level_sizes)
+
+    with torch.no_grad():
+        num_classes = int(wrapper(torch.zeros(1, 3, h, w, device=wrapper.anchors.device))[1].shape[-1])
+    return DecodePlan(wrapper, num_classes, wrapper.num_anchors, (h, w), wrapper.scope, wrapper.level_sizes,
+                      core_nms_defaults(model), reference)
+
+
+def check_decodable(model, input_shape, opset: int | None = None) -> tuple[int, int, int]:
+    """``(num_classes, h, w)`` when ``--nms`` can decode ``model``'s output at ``input_shape``, else
+    :class:`ExportError` (see :func:`decode_plan`)."""
+    plan = decode_plan(model, input_shape, opset)
+    return plan.num_classes, *plan.input_hw
 
 
 class DetectorDecode(nn.Module):
@@ -160,26 +235,43 @@ class DetectorDecode(nn.Module):
         return boxes, pred[..., 4:].sigmoid()
 
 
-def nms_reference(boxes, scores, input_hw, config: NMSConfig) -> list[dict[str, torch.Tensor]]:
+def _candidates(flat_scores, threshold: float, k: int):
+    """Indices into ``flat_scores`` with score ``> threshold``, at most the ``k`` best (torchvision's order)."""
+    keep = torch.nonzero(flat_scores > threshold).squeeze(1)
+    if keep.numel() > k:
+        keep = keep[flat_scores[keep].topk(k).indices]
+    return keep
+
+
+def nms_reference(boxes, scores, input_hw, config: NMSConfig, scope: str = "image",
+                  level_sizes=()) -> list[dict[str, torch.Tensor]]:
     """:func:`postprocess` from decoded ``boxes [B, N, 4]`` and ``scores [B, N, C]``, with ``config``'s options.
 
-    Same steps: strict score threshold, the ``pre_nms_topk`` best candidates, clipping, NMS per class
-    (``batched_nms``) or over all candidates (``nms``) when class-agnostic, the first ``max_detections``.
+    Same steps: strict score threshold, the ``pre_nms_topk`` best candidates (of the whole image, of each
+    level of ``level_sizes`` anchors, or of each class: ``scope``), clipping, NMS per class (``batched_nms``)
+    or over all candidates (``nms``) when class-agnostic, the first ``max_detections``.
     """
+    if scope not in PRE_NMS_SCOPES:
+        raise ExportError(f"unknown pre-NMS scope {scope!r}; choose one of {', '.join(PRE_NMS_SCOPES)}")
     boxes, scores = torch.as_tensor(boxes).float(), torch.as_tensor(scores).float()
     h, w = float(input_hw[0]), float(input_hw[1])
     nc = scores.shape[-1]
+    k, threshold = config.pre_nms_topk, config.score_threshold
     results = []
     for b in range(boxes.shape[0]):
-        flat = scores[b].reshape(-1)
-        keep = torch.nonzero(flat > config.score_threshold).squeeze(1)
-        if keep.numel() > config.pre_nms_topk:
-            keep = keep[flat[keep].topk(config.pre_nms_topk).indices]
-        anchor, label = keep // nc, keep % nc
+        if scope == "class":
+            parts = [(_candidates(scores[b, :, c], threshold, k), c) for c in range(nc)]
+            anchor = torch.cat([idx for idx, _ in parts])
+            label = torch.cat([torch.full_like(idx, c) for idx, c in parts])
+        else:
+            spans = [(0, scores.shape[1])] if scope == "image" else _spans(level_sizes)
+            keep = torch.cat([start * nc + _candidates(scores[b, start:end].reshape(-1), threshold, k)
+                              for start, end in spans])
+            anchor, label = keep // nc, keep % nc
         cand = boxes[b, anchor].clone()
         cand[:, 0::2] = cand[:, 0::2].clamp(0.0, w)
         cand[:, 1::2] = cand[:, 1::2].clamp(0.0, h)
-        cand_scores = flat[keep]
+        cand_scores = scores[b, anchor, label]
         if config.class_agnostic:
             kept = torchvision.ops.nms(cand, cand_scores, config.iou_threshold)
         else:
@@ -187,6 +279,11 @@ def nms_reference(boxes, scores, input_hw, config: NMSConfig) -> list[dict[str, 
         kept = kept[: config.max_detections]
         results.append({"boxes": cand[kept], "scores": cand_scores[kept], "labels": label[kept]})
     return results
+
+
+def _spans(level_sizes) -> list[tuple[int, int]]:
+    ends = np.cumsum([int(n) for n in level_sizes]).tolist()
+    return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
 def reference_detections(raw, input_hw, config: NMSConfig | None = None, strides=None
@@ -286,23 +383,43 @@ class _Tail:
         return names[0] if len(names) == 1 else names
 
 
-def _pre_nms_mask(t: _Tail, scores: str, total: int, config: NMSConfig) -> str:
-    """Scores ``[B, N, C]`` with every entry outside the ``pre_nms_topk`` best of its image set to 0."""
-    if config.pre_nms_topk >= total:
-        return scores
-    flat = t.op("Reshape", [scores, t.const("flat", [0, -1], np.int64)])
-    values, indices = t.op("TopK", [flat, t.const("pre_k", [config.pre_nms_topk], np.int64)], 2, axis=-1,
-                           largest=1, sorted=1)
-    zeros = t.op("ConstantOfShape", [t.op("Shape", [flat])],
+def _topk_mask(t: _Tail, scores: str, k: int, axis: int) -> str:
+    """``scores`` with every entry outside the ``k`` largest along ``axis`` set to 0."""
+    values, indices = t.op("TopK", [scores, t.const("pre_k", [k], np.int64)], 2, axis=axis, largest=1, sorted=1)
+    zeros = t.op("ConstantOfShape", [t.op("Shape", [scores])],
                  value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
-    masked = t.op("ScatterElements", [zeros, indices, values], axis=1)
-    return t.op("Reshape", [masked, t.op("Shape", [scores])])
+    return t.op("ScatterElements", [zeros, indices, values], axis=axis)
+
+
+def _pre_nms_mask(t: _Tail, scores: str, num_anchors: int, num_classes: int, config: NMSConfig, scope: str,
+                  level_sizes) -> str:
+    """Scores ``[B, N, C]`` with every entry outside the ``pre_nms_topk`` best of its ``scope`` set to 0."""
+    k = config.pre_nms_topk
+    if scope == "class":  # per class, over the anchors
+        if k >= num_anchors:
+            return scores
+        return _topk_mask(t, scores, k, axis=1)
+    spans = [(0, num_anchors)] if scope == "image" else _spans(level_sizes)
+    if all(k >= (end - start) * num_classes for start, end in spans):
+        return scores
+    flat_shape = t.const("flat", [0, -1], np.int64)
+    parts = []
+    for start, end in spans:
+        part = scores
+        if len(spans) > 1:
+            part = t.op("Slice", [scores, t.const("start", [start], np.int64), t.const("end", [end], np.int64),
+                                  t.const("axis", [1], np.int64)])
+        if k < (end - start) * num_classes:
+            flat = t.op("Reshape", [part, flat_shape])
+            part = t.op("Reshape", [_topk_mask(t, flat, k, axis=1), t.op("Shape", [part])])
+        parts.append(part)
+    return parts[0] if len(parts) == 1 else t.op("Concat", parts, axis=1)
 
 
 def _onnx_nms_tail(t: _Tail, boxes: str, scores: str, num_anchors: int, num_classes: int,
-                   config: NMSConfig) -> list[str]:
+                   config: NMSConfig, scope: str, level_sizes) -> list[str]:
     total = num_anchors * num_classes
-    scores = _pre_nms_mask(t, scores, total, config)
+    scores = _pre_nms_mask(t, scores, num_anchors, num_classes, config, scope, level_sizes)
     by_class = t.op("Transpose", [scores], perm=[0, 2, 1])  # [B, C, N]
     if config.class_agnostic:
         nms_boxes = t.op("Tile", [boxes, t.const("tile", [1, num_classes, 1], np.int64)])  # [B, C*N, 4]
@@ -344,8 +461,8 @@ def _onnx_nms_tail(t: _Tail, boxes: str, scores: str, num_anchors: int, num_clas
 
 
 def _efficient_tail(t: _Tail, boxes: str, scores: str, num_anchors: int, num_classes: int,
-                    config: NMSConfig) -> list[str]:
-    scores = _pre_nms_mask(t, scores, num_anchors * num_classes, config)
+                    config: NMSConfig, scope: str, level_sizes) -> list[str]:
+    scores = _pre_nms_mask(t, scores, num_anchors, num_classes, config, scope, level_sizes)
     t.op("EfficientNMS_TRT", [boxes, scores], list(OUTPUT_NAMES), plugin_version="1", background_class=-1,
          max_output_boxes=config.max_detections, score_threshold=float(config.score_threshold),
          iou_threshold=float(config.iou_threshold), score_activation=0,
@@ -353,11 +470,16 @@ def _efficient_tail(t: _Tail, boxes: str, scores: str, num_anchors: int, num_cla
     return list(OUTPUT_NAMES)
 
 
-def append_nms(decode_model: onnx.ModelProto, config: NMSConfig, num_anchors: int, num_classes: int
-               ) -> onnx.ModelProto:
+def append_nms(decode_model: onnx.ModelProto, config: NMSConfig, num_anchors: int, num_classes: int,
+               scope: str = "image", level_sizes=()) -> onnx.ModelProto:
     """A copy of ``decode_model`` (outputs :data:`DECODED_NAMES`: boxes ``[B, N, 4]``, scores ``[B, N, C]``)
-    with the post-processing of ``config`` appended; its outputs are :data:`OUTPUT_NAMES`."""
+    with the post-processing of ``config`` appended; its outputs are :data:`OUTPUT_NAMES`. ``scope`` and
+    ``level_sizes``: see :class:`DecodePlan`."""
     config = config.validate()
+    if scope not in PRE_NMS_SCOPES:
+        raise ExportError(f"unknown pre-NMS scope {scope!r}; choose one of {', '.join(PRE_NMS_SCOPES)}")
+    if scope == "level" and sum(level_sizes) != num_anchors:
+        raise ExportError(f"level sizes {list(level_sizes)} do not add up to the {num_anchors} anchors")
     model = onnx.ModelProto()
     model.CopyFrom(decode_model)
     graph = model.graph
@@ -370,7 +492,7 @@ def append_nms(decode_model: onnx.ModelProto, config: NMSConfig, num_anchors: in
     batch = graph.input[0].type.tensor_type.shape.dim[0]
     tail = _Tail()
     build = _efficient_tail if config.plugin == "efficient" else _onnx_nms_tail
-    build(tail, DECODED_NAMES[0], DECODED_NAMES[1], num_anchors, num_classes, config)
+    build(tail, DECODED_NAMES[0], DECODED_NAMES[1], num_anchors, num_classes, config, scope, level_sizes)
     graph.node.extend(tail.nodes)
     graph.initializer.extend(tail.initializers)
     del graph.output[:]
@@ -402,17 +524,23 @@ def compare_detections(actual, expected, box_tol: float = 1e-3, score_tol: float
     than comparing rank by rank, lets exact score ties come out in either order. Returns counts, the worst
     box and score differences over pairs, ``class_agreement`` (pairs / larger count; 1.0 when both are
     empty), ``identical_images`` (every detection paired both ways) and ``same`` (all images identical).
+
+    Exact score ties make "the same detections" ambiguous: at a top-k boundary either of two candidates with
+    equal scores may be kept (ONNX ``TopK`` keeps the lower index, torch's ``topk`` does not promise one).
+    ``tie_swaps`` counts the unpaired detections of images whose unpaired scores are the same on both sides
+    (within ``score_tol``), and ``same_up_to_ties`` says every image is identical or differs only so.
     """
     actual, expected = _per_image(actual), _per_image(expected)
     if len(actual) != len(expected):
         raise ExportError(f"{len(actual)} images of detections to compare with {len(expected)}")
     stats = {"images": len(expected), "detections_expected": 0, "detections_actual": 0, "paired": 0,
-             "identical_images": 0, "max_box_diff": 0.0, "max_score_diff": 0.0}
+             "identical_images": 0, "tie_swaps": 0, "tied_images": 0, "max_box_diff": 0.0, "max_score_diff": 0.0}
     for act, exp in zip(actual, expected, strict=True):
         ab, asc, al = (_np(act[k]).astype(np.float64) for k in ("boxes", "scores", "labels"))
         eb, esc, el = (_np(exp[k]).astype(np.float64) for k in ("boxes", "scores", "labels"))
         ab, eb = ab.reshape(-1, 4), eb.reshape(-1, 4)
         free = np.ones(len(al), bool)
+        found = np.zeros(len(el), bool)
         paired = 0
         for i in range(len(el)):
             box_diff = np.abs(ab - eb[i]).max(1) if len(ab) else np.zeros(0)
@@ -421,16 +549,24 @@ def compare_detections(actual, expected, box_tol: float = 1e-3, score_tol: float
             if ok.any():
                 j = int(np.flatnonzero(ok)[np.argmin(box_diff[ok])])
                 free[j] = False
+                found[i] = True
                 paired += 1
                 stats["max_box_diff"] = max(stats["max_box_diff"], float(box_diff[j]))
                 stats["max_score_diff"] = max(stats["max_score_diff"], float(score_diff[j]))
         stats["detections_expected"] += len(el)
         stats["detections_actual"] += len(al)
         stats["paired"] += paired
-        stats["identical_images"] += int(paired == len(el) == len(al))
+        identical = paired == len(el) == len(al)
+        stats["identical_images"] += int(identical)
+        if not identical:
+            lone_actual, lone_expected = np.sort(asc[free]), np.sort(esc[~found])
+            if len(lone_actual) == len(lone_expected) and np.all(np.abs(lone_actual - lone_expected) <= score_tol):
+                stats["tied_images"] += 1
+                stats["tie_swaps"] += len(lone_actual)
     larger = max(stats["detections_expected"], stats["detections_actual"])
     stats["class_agreement"] = stats["paired"] / larger if larger else 1.0
     stats["same"] = stats["identical_images"] == stats["images"]
+    stats["same_up_to_ties"] = stats["identical_images"] + stats["tied_images"] == stats["images"]
     return stats
 
 
@@ -451,51 +587,60 @@ class NMSExportResult:
     output_shapes: dict[str, list]
     nms_parity: dict = field(default_factory=dict)
     detections_parity: dict = field(default_factory=dict)
+    pre_nms_scope: str = "image"
 
     def to_dict(self) -> dict:
         data = self.decode.to_dict()
         data.update(path=self.path, output_names=list(self.output_names), decode_outputs=list(DECODED_NAMES),
-                    nms={**self.config.to_dict(), "op": self.op, "outputs": self.output_shapes},
+                    nms={**self.config.to_dict(), "op": self.op, "outputs": self.output_shapes,
+                         "pre_nms_scope": self.pre_nms_scope},
                     nms_parity=self.nms_parity, detections_parity=self.detections_parity)
         return data
 
 
 def check_images(input_hw, count: int, seed: int = 0) -> torch.Tensor:
-    """``count`` RoadScenes validation images at ``input_hw``, ``[count, 3, H, W]`` float32 in [0, 1]."""
+    """``count`` RoadScenes validation images at ``input_hw``, ``[count, 3, H, W]`` float32 in [0, 1].
+
+    RoadScenes draws sizes that are multiples of 32; other sizes (SSD300's 300x300) are cropped from the next
+    such size up."""
     from trt_prune.data import RoadScenes
 
-    try:
-        scenes = RoadScenes("val", length=max(count, 1), size=tuple(input_hw), seed=seed)
-    except ValueError as exc:
-        raise ExportError(f"cannot draw check images at {input_hw}: {exc}") from exc
-    return torch.stack([scenes[i][0] for i in range(count)], 0)
+    h, w = int(input_hw[0]), int(input_hw[1])
+    if h < 1 or w < 1:
+        raise ExportError(f"cannot draw check images at {h}x{w}; give a positive height and width")
+    size = (-(-h // 32) * 32, -(-w // 32) * 32)
+    scenes = RoadScenes("val", length=max(count, 1), size=size, seed=seed)
+    return torch.stack([scenes[i][0][:, :h, :w] for i in range(count)], 0)
 
 
 def export_detector_nms(model, path, input_shape=(1, 3, 320, 320), config: NMSConfig | None = None, *,
                         exporter: str = "dynamo", opset: int | None = None, dynamic_batch: bool = True,
-                        check_parity: bool = True) -> NMSExportResult:
-    """Export ``model`` (a detector :func:`check_decodable` accepts) with decoding and NMS in the graph.
+                        check_parity: bool = True, atol: float = 1e-4, rtol: float = 1e-3) -> NMSExportResult:
+    """Export ``model`` (a detector :func:`decode_plan` accepts) with decoding and NMS in the graph.
 
-    ``config`` validates first, then the model; nothing is written until every check passed, and ``path``
-    appears atomically. With ``check_parity``: the decode part is checked by :func:`export_onnx` (random
-    inputs, batch and batch+1), then, for the ``onnx`` plugin, the finished graph runs in ONNX Runtime on
-    RoadScenes validation images (batch and batch+1, when dynamic): its detections must equal
-    :func:`nms_reference` on the decode graph's own boxes and scores (else :class:`ExportError`), and are
-    compared with the torch model's :func:`reference_detections` (reported in ``detections_parity``).
+    ``config=None`` uses the model's own post-processing settings (:attr:`DecodePlan.defaults`). ``config``
+    validates first, then the model; nothing is written until every check passed, and ``path`` appears atomically.
+    With ``check_parity``: the decode part is checked by :func:`export_onnx` (random inputs, batch and batch+1,
+    ``atol`` and ``rtol``; boxes are in pixels), then, for the ``onnx`` plugin, the finished graph runs in ONNX
+    Runtime on RoadScenes validation images (batch and batch+1, when dynamic): its detections must equal
+    :func:`nms_reference` on the decode graph's own boxes and scores (else :class:`ExportError`), and are compared
+    with the torch model's own post-processing, :attr:`DecodePlan.reference` (reported in ``detections_parity``).
     """
     from trt_prune.export import export_onnx
     from trt_prune.onnx_io import load_onnx, run_onnxruntime, save_onnx, staging_folder
 
-    config = (config or NMSConfig()).validate()
-    num_classes, h, w = check_decodable(model, tuple(input_shape), opset)
-    wrapper = DetectorDecode(model, (h, w))
-    num_anchors = int(wrapper.points.shape[0])
+    if config is not None:
+        config.validate()
+    plan = decode_plan(model, tuple(input_shape), opset)
+    config = plan.config() if config is None else config
+    h, w = plan.input_hw
     with staging_folder(path) as tmp:
         decoded_path = tmp / "decode.onnx"
-        decoded = export_onnx(wrapper, decoded_path, tuple(input_shape), exporter=exporter, opset=opset,
-                              dynamic_batch=dynamic_batch, output_names=DECODED_NAMES, check_parity=check_parity)
+        decoded = export_onnx(plan.module, decoded_path, tuple(input_shape), exporter=exporter, opset=opset,
+                              dynamic_batch=dynamic_batch, output_names=DECODED_NAMES, check_parity=check_parity,
+                              atol=atol, rtol=rtol)
         decode_model = load_onnx(decoded_path, error=ExportError)
-        final = append_nms(decode_model, config, num_anchors, num_classes)
+        final = append_nms(decode_model, config, plan.num_anchors, plan.num_classes, plan.scope, plan.level_sizes)
         if config.plugin == "onnx":
             try:
                 onnx.checker.check_model(final, full_check=True)
@@ -516,21 +661,26 @@ def export_detector_nms(model, path, input_shape=(1, 3, 320, 320), config: NMSCo
                     boxes, scores = run_onnxruntime(decoded_path, {decoded.input_names[0]: chunk.numpy()}).values()
                 except Exception as exc:
                     raise ExportError(f"ONNX Runtime cannot run the graph with NMS at batch {b} ({exc})") from exc
-                nms_stats.append(compare_detections(got, nms_reference(boxes, scores, (h, w), config)))
-                with torch.no_grad():
-                    raw = model(chunk.to(wrapper.points.device))
-                det_stats.append(compare_detections(got, reference_detections(raw, (h, w), config,
-                                                                               strides=model.strides)))
+                nms_stats.append(compare_detections(got, plan.reference_from_decoded(boxes, scores, config)))
+                # boxes within the pixels the decode check allowed (1e-3 px at the default atol)
+                det_stats.append(compare_detections(got, plan.reference(chunk, config), box_tol=max(1e-3, atol)))
             nms_parity, det_parity = _merge(nms_stats), _merge(det_stats)
             if not det_parity["detections_expected"]:
                 count = det_parity["images"]
                 note = (f"the torch model finds nothing above score {config.score_threshold} on the {count} "
                         f"check image{'s' if count != 1 else ''}, so only empty outputs were compared")
                 nms_parity["note"] = det_parity["note"] = note
-            if not nms_parity["same"]:
+            if not nms_parity["same_up_to_ties"]:
+                hint = ""
+                distinct = int(np.unique(scores).size)
+                if distinct < min(scores.size, config.max_detections):
+                    # an untrained head (SSDlite's zero-initialised classifier) scores every box the same
+                    hint = (f"; the scores hold only {distinct} distinct value(s), as an untrained head gives, and "
+                            "exact ties may be broken in another order: load trained weights, or pass "
+                            "check_parity=False (--no-parity)")
                 raise ExportError(f"the graph's NMS differs from torch on the same decoded boxes and scores "
                                   f"({nms_parity['paired']} of {nms_parity['detections_expected']} detections "
-                                  "paired); nothing was written")
+                                  f"paired){hint}; nothing was written")
         written = save_onnx(final, path)
     op = "EfficientNMS_TRT" if config.plugin == "efficient" else "NonMaxSuppression"
     batch_dim = "batch" if dynamic_batch else int(input_shape[0])
@@ -538,7 +688,8 @@ def export_detector_nms(model, path, input_shape=(1, 3, 320, 320), config: NMSCo
     shapes = {OUTPUT_NAMES[0]: [batch_dim, 1], OUTPUT_NAMES[1]: [batch_dim, k, 4], OUTPUT_NAMES[2]: [batch_dim, k],
               OUTPUT_NAMES[3]: [batch_dim, k]}
     return NMSExportResult(path=str(written), config=config, decode=decoded, op=op, output_names=list(OUTPUT_NAMES),
-                           output_shapes=shapes, nms_parity=nms_parity, detections_parity=det_parity)
+                           output_shapes=shapes, nms_parity=nms_parity, detections_parity=det_parity,
+                           pre_nms_scope=plan.scope)
 
 
 def _merge(stats: list[dict]) -> dict:
@@ -549,4 +700,7 @@ def _merge(stats: list[dict]) -> dict:
     larger = max(total["detections_expected"], total["detections_actual"])
     total["class_agreement"] = total["paired"] / larger if larger else 1.0
     total["same"] = total["identical_images"] == total["images"]
+    total["tie_swaps"] = sum(s["tie_swaps"] for s in stats)
+    total["tied_images"] = sum(s["tied_images"] for s in stats)
+    total["same_up_to_ties"] = total["identical_images"] + total["tied_images"] == total["images"]
     return total

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..artifacts import MODEL_FORMAT, MODEL_JSON, MODEL_VERSION, MODEL_WEIGHTS, is_model_folder
 from ..errors import ModelSpecError, WeightsError
+from .cores import CORE_NAMES, core_spec, detection_core
 
 
 @dataclass
@@ -66,7 +67,8 @@ class LoadedModel:
 
 
 SPEC_HELP = ("builtin:NAME (" + ", ".join(f"builtin:{n}" for n in sorted(BUILTINS)) + "), torchvision:NAME, "
-             "timm:NAME, path/to/file.py:factory, or a folder written by 'trt-prune prune' or 'sparsify'")
+             "core:NAME (a torchvision detector's backbone and head: " + ", ".join(CORE_NAMES) + "), timm:NAME, "
+             "path/to/file.py:factory, or a folder written by 'trt-prune prune' or 'sparsify'")
 
 
 def builtin_weights_path(name: str) -> Path | None:
@@ -177,6 +179,9 @@ def _build(spec: str) -> tuple[nn.Module, tuple[int, ...], str]:
         detection = name in torchvision.models.list_models(module=torchvision.models.detection)
         kwargs = {"weights": None, "weights_backbone": None} if detection else {"weights": None}
         return builder(**kwargs), (1, 3, 224, 224), "detection" if detection else "classification"
+    if kind == "core":
+        spec_ = core_spec(name)  # unknown names raise, listing the valid ones
+        return detection_core(name), (1, 3, spec_.input_size, spec_.input_size), "detection"
     if kind == "timm":
         try:
             import timm

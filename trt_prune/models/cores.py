@@ -8,8 +8,13 @@ computes, flattened into a tuple): no transform, no anchors, no postprocessing.
 
 The core holds the detector's own ``backbone`` and head modules under the names ``backbone`` and ``head``
 (for Faster R-CNN ``head`` is the RPN head; the RoI box head is left out), so module paths read like
-torchvision's: ``head.classification_head.cls_logits``. All are built with ``weights=None,
-weights_backbone=None`` (random weights, plain BatchNorm, nothing downloaded).
+torchvision's: ``head.classification_head.cls_logits``, and its state dict loads a torchvision checkpoint of
+the detector (RetinaNet, FCOS and SSD keep no weights outside backbone and head). All are built with
+``weights=None, weights_backbone=None`` (random weights, plain BatchNorm, nothing downloaded).
+
+What the detector needs after the head (its anchor generator, box coder and post-processing settings) is
+kept as :attr:`DetectionCore.post`, a plain attribute: not a submodule, so pruning, state dicts and export
+never see it; :mod:`trt_prune.detection.torchvision_decode` uses it to put decoding and NMS in the graph.
 """
 
 from __future__ import annotations
@@ -65,14 +70,29 @@ CORES: dict[str, CoreSpec] = {
 CORE_NAMES: tuple[str, ...] = tuple(CORES)
 
 
+@dataclass
+class CorePost:
+    """The detector's parts after the head: ``anchor_generator`` (a parameter-free module), ``box_coder``,
+    the thresholds of its ``postprocess_detections`` and the class whose method that is."""
+
+    detector_class: type
+    anchor_generator: nn.Module
+    box_coder: object
+    score_thresh: float
+    nms_thresh: float
+    detections_per_img: int
+    topk_candidates: int
+
+
 class DetectionCore(nn.Module):
     """Backbone (+FPN) and head of a detector: ``forward(images)`` returns the head's tensors as a tuple."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, name: str):
+    def __init__(self, backbone: nn.Module, head: nn.Module, name: str, post: CorePost | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.name = name
+        self.post = post
 
     def forward(self, images):
         features = self.backbone(images)
@@ -116,4 +136,34 @@ def detection_core(name: str, **kwargs) -> DetectionCore:
 
     spec = core_spec(name)
     detector = torchvision.models.get_model_builder(spec.builder)(weights=None, weights_backbone=None, **kwargs)
-    return DetectionCore(detector.backbone, spec.head(detector), name).eval()
+    post = None
+    if hasattr(detector, "postprocess_detections") and hasattr(detector, "topk_candidates"):
+        post = CorePost(type(detector), detector.anchor_generator, detector.box_coder, detector.score_thresh,
+                        detector.nms_thresh, detector.detections_per_img, detector.topk_candidates)
+    return DetectionCore(detector.backbone, spec.head(detector), name, post).eval()
+
+
+def calibrate_batchnorm(model: nn.Module, images) -> nn.Module:
+    """Reset every BatchNorm's running statistics to those of ``images`` (one forward pass in train mode).
+
+    Randomly initialised cores have BatchNorm statistics that match nothing: activations shrink layer by layer
+    (SSDlite's head outputs are constant to 1e-15) and every box gets the same score. Statistics measured on
+    real-looking images give the spread of scores a trained detector has, which the NMS checks need (ties
+    make "the same detections" undefined). Returns ``model``, in eval mode; no parameter changes.
+    """
+    import torch
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: one batch sets the statistics exactly
+    model.train()
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.eval()
+    return model
