@@ -26,6 +26,7 @@ _PUBLIC = {
     "clean": ("trt_prune.clean", "clean_onnx"),
     "build": ("trt_prune.stages", "build"),
     "profile": ("trt_prune.profiling.profile", "profile_onnx"),
+    "profile_torch": ("trt_prune.profiling.profile", "profile_torch"),
     "report": ("trt_prune.stages", "report"),
     "inspect_sparsity": ("trt_prune.sparsity.inspect", "inspect_sparsity"),
     "run_demo": ("trt_prune.demo", "run_demo"),

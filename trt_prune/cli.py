@@ -446,8 +446,10 @@ def build_cmd(onnx_file, backend, fp16, sparse, batch, threads, out, as_json):
 
 
 @cli.command("profile")
-@click.argument("onnx_file", metavar="FILE.onnx")
-@_backend_option()
+@click.argument("onnx_file", metavar="FILE.onnx|MODEL")
+@click.option("--backend", default="onnxruntime", show_default=True,
+              help="onnxruntime or tensorrt (FILE.onnx), or torch (MODEL: a spec such as builtin:demo-detector, or "
+                   "a model folder; CUDA when present).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
 @shape_opt
 @click.option("--iterations", type=click.IntRange(min=1), default=200, show_default=True)
@@ -456,24 +458,81 @@ def build_cmd(onnx_file, backend, fp16, sparse, batch, threads, out, as_json):
               help="Keep timing at least this many seconds.")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--layer-runs", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Rows in the layer table.")
+@click.option("--top", type=click.IntRange(min=1), default=15, show_default=True,
+              help="Rows in the layer tables (terminal and report).")
 @click.option("-o", "--out", default=None, help="Also write the result as JSON to this file.")
+@click.option("--html", "html_path", default=None, metavar="PATH",
+              help="Write a self-contained HTML report (summary, plots, per-layer tables) to this file.")
+@click.option("--compare", "compare_path", default=None, metavar="PROFILE.json",
+              help="Baseline profile (written by 'trt-prune profile -o') to set beside this one, layer by layer, "
+                   "in the report.")
+@click.option("--png-dir", default=None, metavar="DIR", help="Also write the report's plots as PNG files here.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
+              help="--backend torch: where to run (default: CUDA when torch sees a GPU).")
+@click.option("--fp16", is_flag=True, help="--backend torch: half precision (CUDA only).")
+@click.option("--channels-last", is_flag=True, help="--backend torch: channels_last memory format.")
+@click.option("--cuda-graph", is_flag=True, help="--backend torch: time CUDA-graph replays (CUDA only).")
+@click.option("--sparse24", is_flag=True,
+              help="--backend torch: run layers whose weights hold 2:4 on cuSPARSELt (CUDA and --fp16).")
 @json_opt
 def profile_cmd(onnx_file, backend, batch, input_shape, iterations, warmup, duration, threads, layer_runs, top, out,
-                as_json):
+                html_path, compare_path, png_dir, device, fp16, channels_last, cuda_graph, sparse24, as_json):
     """Latency percentiles, throughput and per-layer times mapped back to PyTorch modules."""
-    from .artifacts import ensure_output_file, write_json
-    from .profiling.profile import profile_onnx
+    from .artifacts import ensure_output_dir, ensure_output_file, write_json
+    from .backends import BuildConfig, backend_names
+    from .profiling.profile import profile_onnx, profile_torch
 
-    if out:
-        ensure_output_file(out)
-    result = profile_onnx(onnx_file, backend=backend, batch=batch, input_shape=parse_shape(input_shape),
-                          warmup_s=warmup, iterations=iterations, min_duration_s=duration, threads=threads,
-                          layer_runs=layer_runs)
-    data = result.to_dict()
-    data.pop("samples_ms", None)
+    # Everything that can fail on bad input fails here, before the long timing run, and writes nothing.
+    if backend not in backend_names():
+        raise TrtPruneError(f"unknown backend {backend!r}; choose one of {', '.join(backend_names())}")
+    torch_flags = {"--device": device, "--fp16": fp16, "--channels-last": channels_last, "--cuda-graph": cuda_graph,
+                   "--sparse24": sparse24}
+    given = [flag for flag, value in torch_flags.items() if value]
+    if given and backend != "torch":
+        raise TrtPruneError(f"{', '.join(given)} only apply to --backend torch; for ONNX Runtime and TensorRT "
+                            "convert the ONNX file (trt-prune fp16) or build with trt-prune build")
+    if backend != "torch" and not Path(onnx_file).is_file():
+        raise TrtPruneError(f"ONNX file {onnx_file!r} does not exist; export one (trt-prune export), or profile "
+                            "the PyTorch model with --backend torch")
+    if compare_path and not (html_path or png_dir):
+        raise TrtPruneError(f"--compare {compare_path} only feeds the report; add --html report.html or "
+                            "--png-dir DIR")
+    compare = None
+    if compare_path:
+        from .profiling.html import load_profile
+
+        compare = load_profile(compare_path)
+    for path in (out, html_path):
+        if path:
+            ensure_output_file(path)
+    if png_dir:
+        ensure_output_dir(png_dir)
+    if backend == "torch":
+        extra = {k: v for k, v in (("device", device), ("channels_last", channels_last),
+                                   ("cuda_graph", cuda_graph), ("sparse24", sparse24)) if v}
+        result = profile_torch(onnx_file, batch=batch, input_shape=parse_shape(input_shape), warmup_s=warmup,
+                               iterations=iterations, min_duration_s=duration, threads=threads,
+                               layer_runs=layer_runs, config=BuildConfig(precision="fp16" if fp16 else "fp32",
+                                                                         extra=extra))
+    else:
+        result = profile_onnx(onnx_file, backend=backend, batch=batch, input_shape=parse_shape(input_shape),
+                              warmup_s=warmup, iterations=iterations, min_duration_s=duration, threads=threads,
+                              layer_runs=layer_runs)
+    full = result.to_dict()
+    data = {k: v for k, v in full.items() if k != "samples_ms"}
+    from .profiling.html import per_layer_share
+
+    data["per_layer_vs_e2e"] = per_layer_share(full)
     if out:
         write_json(out, data)
+    if html_path or png_dir:
+        from .profiling.html import render_plots, write_profile_html, write_profile_pngs
+
+        pngs = render_plots(full, compare, top)  # drawn once for both the PNG files and the page
+        if png_dir:
+            data["png"] = [str(p) for p in write_profile_pngs(full, png_dir, compare, top, pngs=pngs)]
+        if html_path:
+            data["html"] = str(write_profile_html(full, html_path, compare=compare, top=top, pngs=pngs))
     from rich.table import Table
 
     lat = result.latency_ms
@@ -486,6 +545,10 @@ def profile_cmd(onnx_file, backend, batch, input_shape, iterations, warmup, dura
         table.add_row(row["name"], row["op"], str(row.get("module") or ""), f"{row['ms']:.3f}")
     if result.cv_warning:
         _console().print(f"[yellow]warning:[/yellow] {result.cv_warning}")
+    if data["per_layer_vs_e2e"] and not as_json:
+        _console().print(data["per_layer_vs_e2e"])
+    if data.get("html") and not as_json:
+        _console().print(f"report written to {data['html']}")
     _emit(data, as_json, table)
 
 
@@ -511,6 +574,139 @@ def inspect_sparsity_cmd(onnx_file, as_json):
     for r in records:
         table.add_row(r.name, r.op, "x".join(map(str, r.shape)), "yes" if r.holds_24 else "no",
                       "yes" if r.eligible else "no", r.reason)
+    _emit(data, as_json, table)
+
+
+@cli.group("bench", cls=_Group)
+def bench_group():
+    """Regression benchmarks: record suites into a store, compare runs or live candidates (exit 1 on regression)."""
+
+
+store_opt = click.option("--store", default="trt-prune-bench.sqlite", show_default=True, metavar="FILE",
+                         help="SQLite result store (created on the first run).")
+
+
+@bench_group.command("run")
+@click.argument("suite_file", metavar="SUITE.yaml")
+@store_opt
+@click.option("--name", default=None, help="Run name, unique in the store (default: suite name + UTC time).")
+@json_opt
+def bench_run_cmd(suite_file, store, name, as_json):
+    """Measure every entry × variant × backend × batch of a suite and record it as one run."""
+    import time
+
+    from .bench.runner import run_suite
+    from .bench.store import Store
+    from .bench.suite import load_suite
+
+    suite = load_suite(suite_file)  # every bad value fails here, before any work
+    name = name or f"{suite.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    target = Store(store)
+    if target.path.is_file() and target.has_run(name):
+        raise TrtPruneError(f"the store {store!r} already has a run named {name!r}; choose another --name")
+    say = (lambda text: None) if as_json else (lambda text: _console().print(f"[dim]{text}[/dim]"))
+    result = run_suite(suite, target, name, progress=say)
+    from rich.table import Table
+
+    table = Table(title=f"run {name} ({result['commit'] or 'no git commit'}) → {store}")
+    for col in ("entry", "variant", "backend", "batch", "p50 ms", "p99 ms", "images/s", "mAP"):
+        table.add_column(col, justify="right" if col[0].isdigit() or " " in col or col in ("batch", "mAP")
+                         else "left")
+    for r in result["results"]:
+        table.add_row(r["entry"], r["variant"], r["backend"], str(r["batch"]), f"{r['p50_ms']:.3f}",
+                      f"{r['p99_ms']:.3f}", f"{r['images_s']:.1f}",
+                      "–" if r["accuracy"] is None else f"{r['accuracy']:.2f}")
+    _emit(result, as_json, table)
+
+
+@bench_group.command("compare")
+@click.option("--baseline", required=True, metavar="A",
+              help="A stored run (RUN or RUN:VARIANT), or an ONNX file, model spec or model folder to run live.")
+@click.option("--candidate", required=True, metavar="B", help="Same forms as --baseline.")
+@click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime, tensorrt or torch.")
+@click.option("--min-effect", type=float, default=0.05, show_default=True,
+              help="Smallest slowdown (fraction) that counts as a regression.")
+@click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True,
+              help="mAP points the candidate may lose before it is a regression, whatever its speed.")
+@store_opt
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Live runs: batch size.")
+@shape_opt
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Live runs: backend threads (1 keeps a 2-core machine's timings steady; see the README).")
+@click.option("--max-blocks", type=click.IntRange(min=2), default=40, show_default=True,
+              help="Live runs: stop adding interleaved rounds here; the verdict may stay inconclusive.")
+@click.option("--accuracy", type=click.Choice(["auto", "map", "none"]), default="auto", show_default=True,
+              help="Live runs: score mAP (auto: for the demo detector's family).")
+@click.option("--html", "html_path", default=None, metavar="PATH", help="Also write the comparison as HTML.")
+@json_opt
+def bench_compare_cmd(baseline, candidate, backend, min_effect, max_accuracy_drop, store, batch, input_shape,
+                      threads, max_blocks, accuracy, html_path, as_json):
+    """Regression verdict between A and B: exit 0 (no regression), 1 (regression), 2 (error)."""
+    from .artifacts import ensure_output_file
+    from .backends import backend_names
+    from .bench.live import Settings, compare_live
+    from .bench.runner import compare_stored, exit_code, is_stored
+    from .bench.store import Store
+
+    if backend not in backend_names():
+        raise TrtPruneError(f"unknown backend {backend!r}; choose one of {', '.join(backend_names())}")
+    settings = Settings(min_effect=min_effect, max_drop=max_accuracy_drop, batch=batch, threads=threads,
+                        max_blocks=max_blocks, min_blocks=min(8, max_blocks)).check()
+    if html_path:
+        ensure_output_file(html_path)
+    target = Store(store)
+    stored = [is_stored(target, ref) for ref in (baseline, candidate)]
+    if any(stored) and not all(stored):
+        which = candidate if stored[0] else baseline
+        raise TrtPruneError(f"{which!r} is not a run in {store!r}, but the other side is: compare two stored runs "
+                            "or two live candidates (ONNX files, specs, folders)")
+    if all(stored):
+        result = compare_stored(target, baseline, candidate, settings, backend if backend != "onnxruntime" else None)
+    else:
+        say = (lambda text: None) if as_json else (lambda text: _console().print(f"[dim]{text}[/dim]"))
+        result = compare_live(baseline, candidate, backend, settings, parse_shape(input_shape),
+                              None if accuracy == "auto" else accuracy, progress=say)
+    profiles = result.pop("profiles", None)
+    if html_path:
+        from .bench.report import write_comparison_html
+
+        result["html"] = str(write_comparison_html(result, html_path, profiles))
+    if as_json:
+        _emit(result, True)
+    else:
+        from .bench.report import comparison_table
+
+        _console().print(comparison_table(result))
+    sys.exit(exit_code(result))
+
+
+@bench_group.command("history")
+@store_opt
+@click.option("--entry", default=None, help="Only this entry (model spec).")
+@click.option("--html", "html_path", default=None, metavar="PATH",
+              help="Write the history of every entry over runs and commits as an offline HTML page with plots.")
+@json_opt
+def bench_history_cmd(store, entry, html_path, as_json):
+    """Every stored result over runs and commits; with --html, one plot per entry."""
+    from .artifacts import ensure_output_file
+    from .bench.store import Store
+
+    if html_path:
+        ensure_output_file(html_path)
+    rows = Store(store).history(entry)
+    data: dict = {"store": store, "results": rows}
+    if html_path:
+        from .bench.report import write_history_html
+
+        data["html"] = str(write_history_html(rows, html_path))
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} results in {store}")
+    for col in ("run", "commit", "entry", "variant", "backend", "batch", "p50 ms", "mAP"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["run"], str(r["commit"] or ""), r["entry"], r["variant"], r["backend"], str(r["batch"]),
+                      f"{r['p50_ms']:.3f}", "–" if r["accuracy"] is None else f"{r['accuracy']:.2f}")
     _emit(data, as_json, table)
 
 

@@ -53,3 +53,7 @@ class ProfileError(TrtPruneError):
 
 class OutputError(TrtPruneError):
     """An output path cannot be written."""
+
+
+class BenchError(TrtPruneError):
+    """Bad input to the regression benchmarks: statistics, suite files, the result store, a comparison."""

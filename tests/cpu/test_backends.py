@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fake_cuda import FakeCudart  # tests/cpu/fake_cuda.py (pytest puts this folder on sys.path)
 from torch import nn
 
 from trt_prune.backends import (
@@ -409,69 +410,6 @@ class _Enum:
         self.__dict__.update(members)
 
 
-class _FakeCudart:
-    """cuda.bindings.runtime's calls as used by the backend, on host memory."""
-
-    class cudaMemcpyKind:  # noqa: N801 - mirrors the real name
-        cudaMemcpyHostToDevice = 1
-        cudaMemcpyDeviceToHost = 2
-
-    class _Props:
-        name = b"Emulated GPU 80GB\x00\x00"
-        major, minor = 9, 0
-
-    class _Stream:
-        def __int__(self):
-            return 1234
-
-    def __init__(self):
-        self.buffers = {}
-        self.freed = 0
-
-    def cudaGetDeviceCount(self):
-        return 0, 1
-
-    def cudaGetDevice(self):
-        return 0, 0
-
-    def cudaGetDeviceProperties(self, device):
-        return 0, self._Props()
-
-    def cudaGetErrorString(self, err):
-        return 0, b"emulated error"
-
-    def cudaMalloc(self, nbytes):
-        buf = np.zeros(nbytes, np.uint8)
-        self.buffers[buf.ctypes.data] = buf
-        return 0, buf.ctypes.data
-
-    def cudaFree(self, ptr):
-        self.buffers.pop(ptr)
-        self.freed += 1
-        return (0,)
-
-    def cudaStreamCreate(self):
-        return 0, self._Stream()
-
-    def cudaStreamDestroy(self, stream):
-        return (0,)
-
-    def cudaStreamSynchronize(self, stream):
-        return (0,)
-
-    def cudaDeviceSynchronize(self):
-        return (0,)
-
-    def cudaMemcpyAsync(self, dst, src, count, kind, stream):
-        import ctypes
-
-        ctypes.memmove(dst, src, count)
-        return (0,)
-
-    def cudaMemcpy(self, dst, src, count, kind):
-        return self.cudaMemcpyAsync(dst, src, count, kind, None)
-
-
 LAYERS = [("/conv1/Conv + /act1/Relu", ["/conv1/Conv", "/act1/Relu"], 0.25),
           ("/conv2/Conv + /act2/Relu + /conv3/Conv", ["/conv2/Conv", "/act2/Relu", "/conv3/Conv"], 0.5)]
 
@@ -658,7 +596,7 @@ def emulated_trt(request, monkeypatch):
         if cudart is None:
             pytest.skip("no CUDA GPU visible to cuda.bindings: the real-CUDA variant runs on GPU machines")
     else:
-        cudart = _FakeCudart()
+        cudart = FakeCudart()
     trt = _fake_tensorrt(cudart)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     if request.param == "emulated":
@@ -701,7 +639,7 @@ def test_tensorrt_session_on_emulated_tensorrt(emulated_trt, small_onnx, tmp_pat
     assert "lots of tactic timing" not in (tmp_path / f"{key}.log").read_text()  # verbose lines are not kept
     timing = list(tmp_path.glob("timing_*.cache"))
     assert len(timing) == 1 and timing[0].read_bytes() == b"fresh+"
-    if isinstance(cudart, _FakeCudart):
+    if isinstance(cudart, FakeCudart):
         assert not cudart.buffers  # every device buffer freed on close
     with backend.build(small_onnx[1], config) as again:
         assert any("loaded from cache" in n for n in again.notes)

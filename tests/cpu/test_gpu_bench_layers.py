@@ -27,3 +27,19 @@ def test_gemm_shapes_of_linear_and_pointwise_convs():
         ("4", 2 * 4 * 4, 128, 30),
         ("6", 2, 480, 64),  # Linear: M = batch
     ]  # 3×3, strided and depthwise convs are not plain GEMMs; the 8-channel input conv is not either
+
+
+def test_torch_variants_bench_dry_run_on_the_cpu():
+    """bench/gpu_torch_variants.py's code path, on the CPU (fp32, no graphs, no 2:4 kernels)."""
+    path = BENCH.with_name("gpu_torch_variants.py")
+    spec = importlib.util.spec_from_file_location("gpu_torch_variants", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--dry-run", "--size", "64", "--batches", "1,2", "--seconds", "0",
+                          "--models", "builtin:demo-detector"])
+    rows = result["rows"]
+    assert [(r["variant"], r["batch"]) for r in rows] == [(v, b) for b in (1, 2) for v in module.VARIANTS]
+    assert all(r["speedup"] == 1.0 for r in rows if r["variant"] == "dense")
+    first = [r for r in rows if r["batch"] == 1]
+    assert all({"backbone", "neck", "head"} <= set(r["stages_ms"]) for r in first)  # per-module split, batch 1
+    assert all(r["env"]["device"] == "cpu" for r in rows)

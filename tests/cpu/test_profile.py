@@ -20,6 +20,7 @@ from trt_prune.profiling.layers import (
     GraphNode,
     attribute_nodes,
     build_module_map,
+    fill_from_neighbours,
     layer_module,
     module_path_from_node_name,
     parse_ort_profile,
@@ -227,7 +228,17 @@ def test_ort_profile_fully_optimised_maps_fused_layers(three_convs):
     assert Counter(r.module for r in mapped if any(graph_op == "Conv" for graph_op in
                                                    (n.op for n in graph.nodes if n.name in r.members))) == \
         {"c1": 1, "c2": 1, "c3": 1}
-    assert all(r.members for r in mapped)
+    layout = ("ReorderInput", "ReorderOutput")
+    assert all(r.members for r in mapped if r.op not in layout)
+    # layout conversions ORT inserts hold no ONNX node; each takes the module of the layer it converts for
+    for i, r in enumerate(rows):
+        if r.op in layout:
+            assert not r.members and r.module in modules
+            step = 1 if r.op == "ReorderInput" else -1
+            j = i + step
+            while rows[j].op in layout:
+                j += step
+            assert r.module == rows[j].module
     # every ONNX compute node lands in exactly one layer
     placed = Counter(m for r in rows for m in r.members)
     assert set(placed) == {n.name for n in graph.nodes if n.op not in PASSIVE_OPS}
@@ -256,8 +267,27 @@ def test_ort_profile_of_demo_detector_maps_every_conv(tmp_path):
     silu = [r for r in rows if r.op == "QuickGelu"]
     assert silu and all(sorted(ops[m] for m in r.members) == ["Mul", "Sigmoid"] for r in silu)
     assert all(r.module.endswith(".act") for r in silu)
-    unmapped = [r for r in rows if r.module is None]
-    assert all(r.op in ("ReorderInput", "ReorderOutput") for r in unmapped)
+    # every layer maps to a module: fused ones, layout conversions, and the Splits the dynamo exporter's
+    # optimiser leaves without a scope
+    assert [r.name for r in rows if r.module is None] == []
+
+
+def test_unscoped_nodes_take_the_common_module_of_their_neighbours():
+    from onnx import helper
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="conv"),
+             helper.make_node("Split", ["a"], ["b", "c"], name="split", axis=1, num_outputs=2),
+             helper.make_node("Relu", ["b"], ["d"], name="m0"),
+             helper.make_node("Concat", ["c", "d"], ["e"], name="cat", axis=1),
+             helper.make_node("Identity", ["e"], ["f"], name="id"),
+             helper.make_node("Mul", ["f", "f"], ["g"], name="lonely")]
+    mapping = {"conv": "backbone.s1.cv1.conv", "split": None, "m0": "backbone.s1.m.0.act", "cat": "backbone.s1",
+               "id": None, "lonely": None}
+    filled = fill_from_neighbours(mapping, nodes)
+    assert filled["split"] == "backbone.s1"  # common ancestor of cv1.conv, m.0.act and the block's concat
+    assert filled["id"] is None  # passive ops stay unmapped
+    assert filled["lonely"] is None  # its only neighbour is unmapped
+    assert mapping["split"] is None  # the input is not modified
 
 
 def test_build_module_map_takes_a_resolver(three_convs):

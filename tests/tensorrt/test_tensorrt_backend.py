@@ -1,6 +1,10 @@
 """TensorRT backend on a real GPU. Skips, saying why, where TensorRT or a GPU is missing; the decisions it
-relies on (build plan, cache key, log and inspector parsing) are tested on the CPU in tests/cpu."""
+relies on (build plan, cache key and meta checks, log and inspector parsing, timing summary, CUDA-graph decision)
+are tested on the CPU in tests/cpu."""
 
+import hashlib
+import json
+import shutil
 import warnings
 
 import numpy as np
@@ -15,6 +19,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from trt_prune.backends import BuildConfig, get_backend  # noqa: E402
+from trt_prune.backends.tensorrt import cache_paths  # noqa: E402
 from trt_prune.errors import BackendError  # noqa: E402
 from trt_prune.models.demo_detector import DemoDetector  # noqa: E402
 from trt_prune.profiling.layers import Graph  # noqa: E402
@@ -101,9 +106,17 @@ def test_inspector_and_cache(demo, session):
                                      for row in session.inspector)
     cache = folder / "cache"
     key = session.cache_key
-    for suffix in (".engine", ".inspector.json", ".log", ".sparsity.json"):
+    for suffix in (".engine", ".meta.json", ".inspector.json", ".log", ".sparsity.json"):
         assert (cache / f"{key}{suffix}").is_file(), suffix
     assert list(cache.glob("timing_*.cache"))
+    import tensorrt as trt
+
+    meta = json.loads((cache / f"{key}.meta.json").read_text())
+    engine = (cache / f"{key}.engine").read_bytes()
+    env = session.env()
+    assert (meta["tensorrt"], meta["gpu"], meta["compute_capability"]) == (trt.__version__, env["gpu"],
+                                                                           env["compute_capability"])
+    assert meta["engine_bytes"] == len(engine) and meta["engine_sha256"] == hashlib.sha256(engine).hexdigest()
     with get_backend("tensorrt").build(path, BuildConfig(cache_dir=str(cache), **FP32)) as again:
         assert again.cache_key == key
         assert any("loaded from cache" in n for n in again.notes)
@@ -134,3 +147,70 @@ def test_sparse_build_reports_sparsity(tmp_path):
         assert set(ran) <= set(eligible)
         assert all(isinstance(row["sparse"], bool) for row in s.inspector)
         assert s.run({"x": np.zeros((1, 256, 28, 28), np.float16)})["y"].dtype == np.float16
+
+
+def _copy_entry(session, folder, dst):
+    """The session's cache entry, copied to ``dst`` so that it can be damaged without harming the shared one."""
+    dst.mkdir()
+    for path in cache_paths(folder / "cache", session.cache_key).values():
+        shutil.copy(path, dst / path.name)
+    return cache_paths(dst, session.cache_key)
+
+
+def test_meta_sidecar_for_another_gpu_is_refused(demo, session, tmp_path):
+    _, path, folder = demo
+    paths = _copy_entry(session, folder, tmp_path / "cache")
+    meta = json.loads(paths["meta"].read_text())
+    paths["meta"].write_text(json.dumps({**meta, "gpu": "Some Other GPU"}))
+    with pytest.raises(BackendError) as info:
+        get_backend("tensorrt").build(path, BuildConfig(cache_dir=str(tmp_path / "cache"), **FP32))
+    msg = str(info.value)
+    assert f"engine {paths['engine']} was built with TensorRT {meta['tensorrt']} on Some Other GPU" in msg
+    assert f"this machine has TensorRT {meta['tensorrt']} on {session.env()['gpu']}" in msg
+    assert "so the GPU differs: rebuild it (delete the cache entry or pass a new cache_dir)" in msg
+
+
+def test_truncated_engine_is_refused(demo, session, tmp_path):
+    _, path, folder = demo
+    paths = _copy_entry(session, folder, tmp_path / "cache")
+    config = BuildConfig(cache_dir=str(tmp_path / "cache"), **FP32)
+    data = paths["engine"].read_bytes()
+    half = data[:len(data) // 2]
+    paths["engine"].write_bytes(half)
+    with pytest.raises(BackendError, match=f"is {len(half)} bytes, but its meta sidecar recorded {len(data)}: the "
+                                           f"file is truncated"):
+        get_backend("tensorrt").build(path, config)
+    # with a sidecar that matches the truncated bytes, TensorRT's own deserialiser is what refuses them
+    meta = json.loads(paths["meta"].read_text())
+    meta.update(engine_bytes=len(half), engine_sha256=hashlib.sha256(half).hexdigest())
+    paths["meta"].write_text(json.dumps(meta))
+    with pytest.raises(BackendError, match="could not deserialise the engine file .* delete it and its sidecars"):
+        get_backend("tensorrt").build(path, config)
+
+
+def test_time_breakdown(session):
+    out = session.time_breakdown({"images": _images(2)}, warmup_s=0.2, iterations=30)
+    assert out["iterations"] == 30 and out["throughput_qps"] > 0 and out["cuda_graph"] is False
+    for phase in ("latency", "enqueue", "h2d", "gpu_compute", "d2h"):
+        assert 0 <= out[phase]["min"] <= out[phase]["median"] <= out[phase]["p99"] <= out[phase]["max"]
+    assert out["h2d"]["min"] > 0 and out["gpu_compute"]["min"] > 0 and out["d2h"]["min"] > 0
+    # latency spans the copies and the compute of the same iteration
+    assert out["latency"]["mean"] == pytest.approx(out["h2d"]["mean"] + out["gpu_compute"]["mean"]
+                                                   + out["d2h"]["mean"], rel=1e-6)
+    # one inference in flight at a time: the host wall time covers every device latency
+    assert out["host_wall_ms"] >= 30 * out["latency"]["mean"] * 0.99
+
+
+def test_cuda_graph_replays_the_same_outputs(demo, session):
+    _, path, folder = demo
+    config = BuildConfig(cache_dir=str(folder / "cache"), **{**FP32, "extra": {**FP32["extra"], "cuda_graph": True}})
+    with get_backend("tensorrt").build(path, config) as graphed:
+        assert graphed.cache_key == session.cache_key  # a run-time option: the same engine
+        assert any("loaded from cache" in n for n in graphed.notes)
+        for seed, batch in enumerate([2, 2, 1]):
+            x = _images(batch, seed)
+            np.testing.assert_allclose(graphed.run({"images": x})["preds"], session.run({"images": x})["preds"],
+                                       rtol=1e-5, atol=1e-5)
+        assert graphed.graph_captures == 2, graphed.notes  # batch 2 once, batch 1 once
+        assert graphed.time_breakdown({"images": _images(2)}, warmup_s=0.1, iterations=20)["cuda_graph"] is True
+        assert graphed.graph_captures == 2 and graphed.env()["cuda_graph"] is True

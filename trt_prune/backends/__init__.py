@@ -1,12 +1,15 @@
-"""Backends: one interface to build, run, time and profile an ONNX model.
+"""Backends: one interface to build, run, time and profile a model.
 
-``get_backend(name).build(onnx_path, BuildConfig(...))`` returns a :class:`Session`. Importing this package
-imports neither ONNX Runtime nor TensorRT; each backend imports its library when it is used.
+``get_backend(name).build(onnx_path, BuildConfig(...))`` returns a :class:`Session` (ONNX Runtime, TensorRT);
+the torch backend builds from the PyTorch model instead (``get_backend("torch").build(model_or_spec, ...)``).
+Importing this package imports neither ONNX Runtime, TensorRT nor torch; each backend imports its library
+when it is used.
 """
 
 # Imported for their @register_backend side effect; neither imports its library at module level.
 from trt_prune.backends import onnxruntime as _onnxruntime  # noqa: E402,F401
 from trt_prune.backends import tensorrt as _tensorrt  # noqa: E402,F401
+from trt_prune.backends import torch_backend as _torch_backend  # noqa: E402,F401
 from trt_prune.backends.base import (
                                      Backend,
                                      BuildConfig,

@@ -11,6 +11,7 @@ Nothing here imports ONNX Runtime or TensorRT: the concrete backends import them
 
 from __future__ import annotations
 
+import importlib
 import math
 import time
 from abc import ABC, abstractmethod
@@ -235,10 +236,14 @@ class Session(ABC):
         samples: list[float] = []
         until = clock() + int(min_duration_s * 1e9)
         while len(samples) < iterations or clock() < until:
-            t0 = clock()
-            self._infer(prepared)
-            samples.append((clock() - t0) / 1e6)
+            samples.append(self._timed_call(prepared))
         return samples
+
+    def _timed_call(self, prepared: Any) -> float:
+        """One timed inference, in ms: a host timer around :meth:`_infer` (GPU backends use device events)."""
+        t0 = time.perf_counter_ns()
+        self._infer(prepared)
+        return (time.perf_counter_ns() - t0) / 1e6
 
     def profile_layers(self, feeds: Mapping[str, np.ndarray], runs: int = 20,
                        module_map: Mapping[str, str | None] | None = None) -> list[LayerTime]:
@@ -288,19 +293,28 @@ class Session(ABC):
 
 
 class Backend(ABC):
-    """Builds sessions from ONNX. Subclasses set ``name`` and ``install_hint`` and implement
-    :meth:`available` and :meth:`_build_impl`."""
+    """Builds sessions from ONNX. Subclasses set ``name``, ``install_hint`` and ``library`` (the module whose
+    import makes the backend available) and implement :meth:`_build_impl`; one that needs more than an import
+    overrides :meth:`available`."""
 
     name: ClassVar[str] = ""
     install_hint: ClassVar[str] = ""
+    library: ClassVar[str] = ""
 
-    @abstractmethod
     def available(self) -> tuple[bool, str]:
         """``(True, "")`` when this backend can build here, else ``(False, what is missing and how to fix it)``."""
+        try:
+            importlib.import_module(self.library)
+        except (ImportError, OSError) as exc:  # OSError: the package is there but a shared library is not
+            return False, f"the {self.library} package cannot be imported ({exc}); {self.install_hint}"
+        return True, ""
 
     def version(self) -> str | None:
         """Version of the library behind the backend, None when it is not installed."""
-        return None
+        try:
+            return importlib.import_module(self.library).__version__
+        except Exception:  # a half-installed library may fail to import in many ways; it has no version then
+            return None
 
     def build(self, onnx_path: str | Path, config: BuildConfig | None = None) -> Session:
         """Build a session for ``onnx_path``; raises :class:`BackendUnavailableError` when the backend

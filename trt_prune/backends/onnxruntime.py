@@ -65,20 +65,7 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
     install_hint = "pip install onnxruntime (or onnxruntime-gpu for the CUDA and TensorRT providers)"
-
-    def available(self) -> tuple[bool, str]:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError as exc:
-            return False, f"the onnxruntime package cannot be imported ({exc}); {self.install_hint}"
-        return True, ""
-
-    def version(self) -> str | None:
-        try:
-            import onnxruntime
-        except ImportError:
-            return None
-        return onnxruntime.__version__
+    library = "onnxruntime"
 
     def _build_impl(self, onnx_path: Path, config: BuildConfig) -> Session:
         import onnxruntime as ort

@@ -1,27 +1,54 @@
-"""TensorRT backend (10.x and 11.x): ONNX -> engine -> timed execution through cuda-python.
+"""TensorRT backend (10.x and 11.x): ONNX -> engine -> timed execution through cuda-python or PyCUDA.
 
 Every decision is a pure function tested without TensorRT: :func:`plan_build` (flags per TensorRT major
-version), :func:`engine_cache_key`, :func:`parse_build_log` (what the builder said about 2:4 sparsity) and
-:func:`summarize_inspector` (tactic, precision and sparsity per engine layer). The classes below only
-translate those into TensorRT and CUDA calls.
+version), :func:`engine_cache_key` and :func:`engine_meta` / :func:`check_engine_meta` /
+:func:`check_engine_bytes` (whether a stored engine may be loaded here), :func:`parse_build_log` (what the
+builder said about 2:4 sparsity), :func:`summarize_inspector` (tactic, precision and sparsity per engine layer),
+:func:`choose_cuda_api` (which CUDA library moves the tensors), :func:`timing_breakdown` (trtexec's summary
+from per-iteration timestamps) and :func:`cuda_graph_decision` (whether a run can be replayed from a CUDA
+graph). The classes below only translate those into TensorRT and CUDA calls.
 
 ``BuildConfig.extra`` keys: ``strongly_typed`` (bool; on TensorRT 10 create the network STRONGLY_TYPED so
 the ONNX's own types decide precision; TensorRT 11 is always strongly typed), ``tf32`` (bool, default True;
 False clears the TF32 flag for bit-faithful fp32, e.g. when comparing against ONNX Runtime),
-``workspace_mib`` (int; workspace memory-pool limit).
+``workspace_mib`` (int; workspace memory-pool limit). Two more only change how the engine is run, so they
+are not part of the cache key: ``cuda_graph`` (bool, default False; capture ``execute_async_v3`` into a CUDA
+graph once per input shape and replay it, as trtexec's ``--useCudaGraph``; where
+:func:`cuda_graph_decision` says a run cannot be captured, or capture fails, the session runs without a
+graph and says why in ``Session.notes``) and ``cuda_api`` (``"cuda-python"`` or ``"pycuda"``; default: the
+first of them that imports).
 
-With ``cache_dir`` set, the engine is stored under :func:`engine_cache_key` together with its build log
-(``.log``), parsed sparsity report (``.sparsity.json``) and engine-inspector JSON (``.inspector.json``); the
-timing cache is shared per TensorRT version and GPU.
+Cache layout, with ``cache_dir`` set (see :func:`cache_paths`): per engine, ``<key>.engine`` (the serialised
+engine), ``<key>.meta.json`` (its sidecar: TensorRT version, GPU name, compute capability, hardware
+compatibility level, build-configuration hash and fields, ONNX sha256, engine size and sha256),
+``<key>.log`` (builder log, INFO and worse), ``<key>.sparsity.json`` (parsed sparsity report) and
+``<key>.inspector.json`` (engine-inspector JSON); one ``timing_<gpu>_trt<version>.cache`` per TensorRT
+version and GPU. The engine is written first and the meta sidecar last, each atomically, so a sidecar marks
+a complete entry. Before a stored engine is deserialised its sidecar is checked against this machine and
+this build (:func:`check_engine_meta`) and its bytes against the sidecar (:func:`check_engine_bytes`): an
+engine for another TensorRT version or GPU, a truncated file, or one TensorRT cannot deserialise is refused
+with a :class:`BackendError` that names the file and says to delete the entry or use a new ``cache_dir``.
+An engine without a sidecar (stored by an older trt_prune, or a build that was cut off) is rebuilt.
+
+CUDA calls go through one small adapter, :class:`CudaApi` (device memory, streams, async copies, events,
+graph capture), with two implementations: :class:`CudaPythonApi` over ``cuda.bindings.runtime`` (NVIDIA's
+bindings, which TensorRT's own samples use since 10.14) and :class:`PyCudaApi` over ``pycuda.driver`` (the
+fallback where cuda-python is missing; it captures no CUDA graphs). :meth:`TensorRTSession.time_breakdown`
+records CUDA events around the input copies, the enqueue and the output copies of each inference and hands the
+timestamps to :func:`timing_breakdown`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
+import os
 import re
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,15 +63,20 @@ from trt_prune.backends.base import (
     Session,
     ShapeRange,
     TensorSpec,
-    read_onnx_io,
+    check_feeds,
+    onnx_io_specs,
     register_backend,
     resolve_shape_ranges,
 )
-from trt_prune.errors import BackendError, ProfileError
+from trt_prune.errors import BackendError, BackendUnavailableError, ProfileError
 
-INSTALL_HINT = ("pip install 'trt_prune[tensorrt]' (TensorRT 10 or 11 Python bindings plus cuda-python); "
-                "TensorRT needs an NVIDIA GPU and its driver")
-_KNOWN_EXTRA = {"strongly_typed", "tf32", "workspace_mib"}
+INSTALL_HINT = ("pip install 'trt_prune[tensorrt]' (TensorRT 10 or 11 Python bindings plus cuda-python; PyCUDA, "
+                "'trt_prune[pycuda]', also works); TensorRT needs an NVIDIA GPU and its driver")
+_BUILD_EXTRA = {"strongly_typed", "tf32", "workspace_mib"}
+_RUNTIME_EXTRA = {"cuda_graph", "cuda_api"}  # how an engine is run, not what is built: not in the cache key
+_KNOWN_EXTRA = _BUILD_EXTRA | _RUNTIME_EXTRA
+CUDA_APIS = ("cuda-python", "pycuda")
+_MODULES = {"cuda-python": "cuda.bindings.runtime", "pycuda": "pycuda.driver"}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -102,6 +134,7 @@ def plan_build(trt_version: str, config: BuildConfig) -> BuildPlan:
     workspace = config.extra.get("workspace_mib")
     if workspace is not None and (not isinstance(workspace, int) or workspace < 1):
         raise BackendError(f"extra['workspace_mib'] must be a positive integer, got {workspace!r}")
+    runtime_options(config)  # refuse a bad run-time option before minutes of building
 
     warnings: list[str] = []
     network_flags: list[str] = []
@@ -162,7 +195,8 @@ def engine_cache_key(onnx_sha256: str, trt_version: str, gpu_name: str,
     Engines do not move between GPU models or TensorRT versions, so the key covers the ONNX content hash,
     the TensorRT version, GPU name and compute capability, and every ``BuildConfig`` field that changes the
     engine: optimisation level, batch and shapes, precision, sparse weights and ``extra``. ``threads``
-    (host threads) and ``cache_dir`` (where the engine lives) do not change the engine and are left out.
+    (host threads), ``cache_dir`` (where the engine lives) and the run-time ``extra`` keys (``cuda_graph``,
+    ``cuda_api``) do not change the engine and are left out.
     """
     if not re.fullmatch(r"[0-9a-fA-F]{64}", onnx_sha256 or ""):
         raise BackendError(f"onnx_sha256 must be 64 hex digits (hashlib.sha256(...).hexdigest()), "
@@ -170,15 +204,304 @@ def engine_cache_key(onnx_sha256: str, trt_version: str, gpu_name: str,
     if not gpu_name:
         raise BackendError("gpu_name must be a non-empty string, e.g. 'NVIDIA H100 80GB HBM3'")
     cc = _cc_string(compute_capability)
-    build = {"optimization_level": config.optimization_level, "batch": list(config.batch),
-             "shapes": _shape_key(config.shapes), "precision": config.precision,
-             "sparse_weights": bool(config.sparse_weights), "extra": config.extra}
     payload = {"onnx": onnx_sha256.lower(), "tensorrt": str(trt_version), "gpu": gpu_name, "cc": cc,
-               "build": build}
+               "build": build_fields(config)}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=repr).encode()).hexdigest()
     slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-")
     version = re.sub(r"[^0-9.]+", "", str(trt_version))
     return f"{slug}_sm{cc.replace('.', '')}_trt{version}_{digest[:24]}"
+
+
+def runtime_options(config: BuildConfig) -> dict[str, Any]:
+    """The run-time ``extra`` keys, checked: ``{"cuda_graph": bool, "cuda_api": str | None}``."""
+    graph = config.extra.get("cuda_graph", False)
+    if not isinstance(graph, bool):
+        raise BackendError(f"extra['cuda_graph'] must be True or False, got {graph!r}")
+    api = config.extra.get("cuda_api")
+    if api is not None and api not in CUDA_APIS:
+        raise BackendError(f"extra['cuda_api'] must be one of {list(CUDA_APIS)} or None (pick whichever imports), "
+                           f"got {api!r}")
+    return {"cuda_graph": graph, "cuda_api": api}
+
+
+def build_fields(config: BuildConfig) -> dict[str, Any]:
+    """The ``BuildConfig`` fields that change the engine, JSON-ready (what the cache key and meta hash cover)."""
+    extra = {k: v for k, v in config.extra.items() if k not in _RUNTIME_EXTRA}
+    return {"optimization_level": config.optimization_level, "batch": list(config.batch),
+            "shapes": _shape_key(config.shapes), "precision": config.precision,
+            "sparse_weights": bool(config.sparse_weights), "extra": extra}
+
+
+def build_config_sha256(config: BuildConfig) -> str:
+    """SHA-256 of :func:`build_fields`: equal exactly when two configurations build the same engine."""
+    return hashlib.sha256(json.dumps(build_fields(config), sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def cache_paths(cache_dir: str | os.PathLike, key: str) -> dict[str, Path]:
+    """Where one cache entry's files live: ``engine``, ``meta``, ``log``, ``sparsity``, ``inspector``."""
+    folder = Path(cache_dir)
+    return {"engine": folder / f"{key}.engine", "meta": folder / f"{key}.meta.json",
+            "log": folder / f"{key}.log", "sparsity": folder / f"{key}.sparsity.json",
+            "inspector": folder / f"{key}.inspector.json"}
+
+
+META_FORMAT = 1
+_META_KEYS = ("tensorrt", "gpu", "compute_capability")
+# trt.HardwareCompatibilityLevel names. This backend builds with NONE; the others are honoured when reading a
+# sidecar so that an engine built elsewhere in a compatibility mode is judged by that mode's rule.
+HARDWARE_COMPATIBILITY = ("NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY")
+_REBUILD = "rebuild it (delete the cache entry or pass a new cache_dir)"
+
+
+def engine_meta(onnx_sha256: str, trt_version: str, gpu_name: str, compute_capability: str | Sequence[int],
+                config: BuildConfig, engine_bytes: bytes | None = None,
+                hardware_compatibility: str = "NONE") -> dict[str, Any]:
+    """The sidecar stored next to a cached engine: what it was built from, with and for.
+
+    With ``engine_bytes``, also its size and SHA-256, so that a truncated or overwritten file is caught
+    before TensorRT reads it.
+    """
+    if hardware_compatibility not in HARDWARE_COMPATIBILITY:
+        raise BackendError(f"hardware_compatibility {hardware_compatibility!r} is not one of "
+                           f"{list(HARDWARE_COMPATIBILITY)}")
+    meta: dict[str, Any] = {
+        "format": META_FORMAT, "tensorrt": str(trt_version), "gpu": gpu_name,
+        "compute_capability": _cc_string(compute_capability), "hardware_compatibility": hardware_compatibility,
+        "onnx_sha256": onnx_sha256.lower(), "build_config_sha256": build_config_sha256(config),
+        "build": build_fields(config)}
+    if engine_bytes is not None:
+        meta["engine_bytes"] = len(engine_bytes)
+        meta["engine_sha256"] = hashlib.sha256(engine_bytes).hexdigest()
+    return meta
+
+
+def _sm(cc: str) -> str:
+    return "sm_" + cc.replace(".", "")
+
+
+def check_engine_meta(meta: Mapping[str, Any], trt_version: str, gpu_name: str,
+                      compute_capability: str | Sequence[int], *, onnx_sha256: str | None = None,
+                      build_sha256: str | None = None, engine: str | os.PathLike = "the engine") -> None:
+    """Raise :class:`BackendError` unless the engine ``meta`` describes can be loaded here.
+
+    TensorRT engines load only under the TensorRT version that built them and, unless built in a hardware
+    compatibility mode, on the GPU model they were built for: a mismatch names both sides. ``AMPERE_PLUS``
+    engines load on any GPU of compute capability 8.0 or newer, ``SAME_COMPUTE_CAPABILITY`` ones on any GPU
+    of the same compute capability. Given ``onnx_sha256`` or ``build_sha256`` (:func:`build_config_sha256`),
+    the engine must also have been built from that ONNX and that build configuration.
+    """
+    name = os.fspath(engine)
+    if not isinstance(meta, Mapping):
+        raise BackendError(f"the meta sidecar of {name} must be a JSON object, got {type(meta).__name__}; "
+                           f"{_REBUILD}")
+    missing = [k for k in _META_KEYS if not meta.get(k)]
+    if missing:
+        raise BackendError(f"the meta sidecar of {name} lacks {missing} (it has {sorted(meta)}); {_REBUILD}")
+    here_cc = _cc_string(compute_capability)
+    try:
+        built_cc = _cc_string(str(meta["compute_capability"]))
+    except BackendError:
+        raise BackendError(f"the meta sidecar of {name} has compute_capability {meta['compute_capability']!r}, "
+                           f"not of the form '9.0'; {_REBUILD}") from None
+    mode = meta.get("hardware_compatibility", "NONE")
+    if mode not in HARDWARE_COMPATIBILITY:
+        raise BackendError(f"the meta sidecar of {name} has hardware_compatibility {mode!r}, not one of "
+                           f"{list(HARDWARE_COMPATIBILITY)}; {_REBUILD}")
+    built_trt, built_gpu = str(meta["tensorrt"]).strip(), str(meta["gpu"]).strip()
+    same_trt = built_trt == str(trt_version).strip()
+    if mode == "AMPERE_PLUS":
+        same_gpu = tuple(map(int, here_cc.split("."))) >= (8, 0)
+    elif mode == "SAME_COMPUTE_CAPABILITY":
+        same_gpu = built_cc == here_cc
+    else:
+        same_gpu = built_gpu == gpu_name.strip() and built_cc == here_cc
+    if not (same_trt and same_gpu):
+        differs = [what for what, same in (("TensorRT version", same_trt), ("GPU", same_gpu)) if not same]
+        verb = "differs" if len(differs) == 1 else "differ"
+        rule = "" if mode == "NONE" else f" (hardware compatibility {mode})"
+        raise BackendError(f"engine {name} was built with TensorRT {built_trt} on {built_gpu} ({_sm(built_cc)})"
+                           f"{rule}; this machine has TensorRT {trt_version} on {gpu_name} ({_sm(here_cc)}), so "
+                           f"the {' and the '.join(differs)} {verb}: {_REBUILD}")
+    if onnx_sha256 is not None and str(meta.get("onnx_sha256", "")).lower() != onnx_sha256.lower():
+        raise BackendError(f"engine {name} was built from an ONNX with sha256 "
+                           f"{str(meta.get('onnx_sha256'))[:16]}..., not from this model (sha256 "
+                           f"{onnx_sha256[:16]}...): {_REBUILD}")
+    if build_sha256 is not None and meta.get("build_config_sha256") != build_sha256:
+        raise BackendError(f"engine {name} was built with another build configuration (sha256 "
+                           f"{str(meta.get('build_config_sha256'))[:16]}..., fields {meta.get('build')}) than the "
+                           f"one asked for (sha256 {build_sha256[:16]}...): {_REBUILD}")
+
+
+def check_engine_bytes(meta: Mapping[str, Any], data: bytes, engine: str | os.PathLike = "the engine") -> None:
+    """Raise :class:`BackendError` when ``data`` is not the engine the sidecar ``meta`` recorded: a different
+    size (a truncated or partly written file) or a different SHA-256. Sidecars without the fields pass."""
+    name = os.fspath(engine)
+    size = meta.get("engine_bytes")
+    if size is not None and size != len(data):
+        raise BackendError(f"engine file {name} is {len(data)} bytes, but its meta sidecar recorded {size}: the "
+                           f"file is truncated or was overwritten; delete it and its sidecars and build again "
+                           f"(or pass a new cache_dir)")
+    digest = meta.get("engine_sha256")
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise BackendError(f"engine file {name} does not match the sha256 its meta sidecar recorded "
+                           f"({str(digest)[:16]}...): the file is corrupt or was replaced; delete it and its "
+                           f"sidecars and build again (or pass a new cache_dir)")
+
+
+def choose_cuda_api(have_cuda_python: bool, have_pycuda: bool, prefer: str | None = None) -> str:
+    """Which library moves tensors to and from the GPU: ``"cuda-python"`` (NVIDIA's ``cuda.bindings``, used by
+    TensorRT's own samples since 10.14) where it imports, else ``"pycuda"``. ``prefer`` (``extra["cuda_api"]``)
+    names one of them; it must then be importable. Raises :class:`BackendUnavailableError` naming both pip
+    packages when neither is there."""
+    have = {"cuda-python": bool(have_cuda_python), "pycuda": bool(have_pycuda)}
+    if prefer is not None:
+        if prefer not in CUDA_APIS:
+            raise BackendError(f"extra['cuda_api'] must be one of {list(CUDA_APIS)} or None, got {prefer!r}")
+        if not have[prefer]:
+            other = next(name for name in CUDA_APIS if name != prefer)
+            hint = f", or drop extra['cuda_api'] to use {other}, which is installed" if have[other] else ""
+            raise BackendUnavailableError(f"extra['cuda_api'] asks for {prefer}, but {_MODULES[prefer]} cannot be "
+                                          f"imported here: pip install {prefer}{hint}")
+        return prefer
+    for name in CUDA_APIS:
+        if have[name]:
+            return name
+    raise BackendUnavailableError("the TensorRT backend needs cuda-python or PyCUDA to move tensors to and from the "
+                                  "GPU, and neither cuda.bindings nor pycuda.driver can be imported: pip install "
+                                  "cuda-python (preferred; or pip install 'trt_prune[tensorrt]'), or pip install "
+                                  "pycuda")
+
+
+_TIMELINE = ("enqueue_start", "enqueue_end", "h2d_start", "compute_start", "compute_end", "d2h_end")
+
+
+def timing_breakdown(enqueue_start: Sequence[float], enqueue_end: Sequence[float], h2d_start: Sequence[float],
+                     compute_start: Sequence[float], compute_end: Sequence[float], d2h_end: Sequence[float], *,
+                     host_wall_ms: float | None = None, cv_threshold: float | None = None) -> dict[str, Any]:
+    """trtexec's performance summary from per-iteration timestamps, all in ms.
+
+    ``enqueue_start``/``enqueue_end`` are host times around the enqueue call (``execute_async_v3`` or the
+    graph launch); ``h2d_start``, ``compute_start``, ``compute_end`` and ``d2h_end`` are CUDA event times on one
+    stream, relative to one reference event. Per iteration: Latency = D2H end - H2D start, Enqueue time =
+    enqueue end - enqueue start, H2D = compute start - H2D start, GPU compute = compute end - compute start,
+    D2H = D2H end - compute end. Each gets ``min, max, mean, median, p90, p95, p99`` (plus ``p50, std, cv, n``
+    from :func:`trt_prune.profiling.stats.summarize`).
+
+    ``throughput_qps`` is iterations per second of ``host_wall_ms`` (trtexec's "Total Host Walltime"), or, where
+    that is not given, of the device span from the first H2D start to the last D2H end (``throughput_basis``
+    says which). ``warnings`` holds trtexec's two: GPU compute time varying more than ``cv_threshold``
+    (default :data:`trt_prune.profiling.stats.CV_THRESHOLD`), and an enqueue time as long as the GPU compute
+    time (the host, not the GPU, bounds throughput; CUDA graphs help). Raises :class:`ProfileError` on
+    timestamps that are empty, of unequal lengths, not finite, or out of order.
+    """
+    from trt_prune.profiling.stats import CV_THRESHOLD, cv_warning, summarize
+
+    columns = {}
+    for name, values in zip(_TIMELINE, (enqueue_start, enqueue_end, h2d_start, compute_start, compute_end,
+                                        d2h_end), strict=True):
+        arr = np.asarray(list(values), dtype=np.float64)
+        if arr.ndim != 1:
+            raise ProfileError(f"{name} must be a flat list of ms per iteration, got shape {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise ProfileError(f"{name} holds values that are not finite: {arr[~np.isfinite(arr)][:5].tolist()}")
+        columns[name] = arr
+    lengths = {name: len(arr) for name, arr in columns.items()}
+    if len(set(lengths.values())) != 1 or lengths["h2d_start"] == 0:
+        raise ProfileError(f"every timestamp list needs one value per iteration, at least one; got lengths {lengths}")
+    order = (("enqueue_start", "enqueue_end"), ("h2d_start", "compute_start"), ("compute_start", "compute_end"),
+             ("compute_end", "d2h_end"))
+    for first, then in order:
+        bad = np.nonzero(columns[then] < columns[first])[0]
+        if bad.size:
+            i = int(bad[0])
+            raise ProfileError(f"iteration {i}: {then} ({columns[then][i]} ms) is before {first} "
+                               f"({columns[first][i]} ms); record the events in stream order and read them against "
+                               f"one reference event")
+    n = lengths["h2d_start"]
+    c = columns
+    phases = {"latency": c["d2h_end"] - c["h2d_start"], "enqueue": c["enqueue_end"] - c["enqueue_start"],
+              "h2d": c["compute_start"] - c["h2d_start"], "gpu_compute": c["compute_end"] - c["compute_start"],
+              "d2h": c["d2h_end"] - c["compute_end"]}
+    summaries = {}
+    for name, values in phases.items():
+        summary = summarize(values.tolist())
+        summary["median"] = summary["p50"]
+        summaries[name] = summary
+    if host_wall_ms is not None:
+        if not (isinstance(host_wall_ms, (int, float)) and math.isfinite(host_wall_ms) and host_wall_ms > 0):
+            raise ProfileError(f"host_wall_ms must be a finite time > 0, got {host_wall_ms!r}")
+        span, basis = float(host_wall_ms), "host wall time"
+    else:
+        span, basis = float(c["d2h_end"].max() - c["h2d_start"].min()), "device span"
+        if span <= 0:
+            raise ProfileError(f"the {n} iterations span no device time (first H2D start = last D2H end); pass "
+                               f"host_wall_ms")
+    warnings = []
+    unstable = cv_warning(summaries["gpu_compute"], CV_THRESHOLD if cv_threshold is None else cv_threshold)
+    if unstable:
+        warnings.append(f"GPU compute time: {unstable}")
+    if summaries["enqueue"]["mean"] >= summaries["gpu_compute"]["mean"]:
+        warnings.append(f"enqueue time (mean {summaries['enqueue']['mean']:.4g} ms) is at least the GPU compute "
+                        f"time (mean {summaries['gpu_compute']['mean']:.4g} ms): the host, not the GPU, bounds "
+                        f"throughput; try extra['cuda_graph']=True")
+    return {"iterations": n, "throughput_qps": n / (span / 1000.0), "throughput_basis": basis,
+            "host_wall_ms": None if host_wall_ms is None else float(host_wall_ms),
+            "total_gpu_compute_ms": float(phases["gpu_compute"].sum()), **summaries, "warnings": warnings}
+
+
+# Ops whose output size depends on the input values: TensorRT sizes their outputs at run time, after a device
+# to host synchronisation that a CUDA graph cannot hold. Loops and conditionals may also synchronise.
+DATA_DEPENDENT_OPS = frozenset({"NonZero", "NonMaxSuppression", "Unique", "Compress"})
+CONTROL_FLOW_OPS = frozenset({"Loop", "If", "Scan"})
+
+
+def onnx_op_types(model: Any) -> set[str]:
+    """Every ``op_type`` in an ``onnx.ModelProto``, including those inside If/Loop/Scan subgraphs."""
+    found: set[str] = set()
+    stack = [model.graph]
+    while stack:
+        graph = stack.pop()
+        for node in graph.node:
+            found.add(node.op_type)
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    stack.append(attr.g)
+                stack.extend(attr.graphs)
+    return found
+
+
+def cuda_graph_decision(trt_version: str, input_shapes: Mapping[str, Sequence[int]],
+                        output_shapes: Mapping[str, Sequence[int]], onnx_ops: Iterable[str] = (),
+                        api_supports_graphs: bool = True) -> tuple[bool, str]:
+    """Whether this run (these input shapes) can be captured into a CUDA graph and replayed: ``(True, "")`` or
+    ``(False, why not)``.
+
+    It can when TensorRT is 8.0 or newer, every input and output shape of the run is known (a graph replays
+    fixed sizes and addresses: one graph per input shape), no op has a data-dependent output size
+    (:data:`DATA_DEPENDENT_OPS`) or control flow (:data:`CONTROL_FLOW_OPS`), and the CUDA adapter can capture.
+    """
+    major, _, _ = parse_trt_version(trt_version)
+    if major < 8:
+        return False, f"TensorRT {trt_version} is older than 8.0, whose enqueue can be captured into a CUDA graph"
+    if not api_supports_graphs:
+        return False, "the PyCUDA adapter does not capture CUDA graphs; install cuda-python (pip install cuda-python)"
+    for kind, shapes in (("input", input_shapes), ("output", output_shapes)):
+        for name, shape in shapes.items():
+            if any(int(d) < 0 for d in shape):
+                why = ("is not set for this run" if kind == "input"
+                       else "depends on the input values (a data-dependent shape)")
+                return False, (f"{kind} {name!r} has shape {tuple(int(d) for d in shape)}, which {why}; a CUDA "
+                               f"graph replays fixed shapes")
+    ops = set(onnx_ops)
+    dds = sorted(ops & DATA_DEPENDENT_OPS)
+    if dds:
+        return False, (f"the model has {', '.join(dds)} node(s), whose output sizes depend on the data; TensorRT "
+                       f"reads them back to the host mid-run, which a CUDA graph cannot replay")
+    flow = sorted(ops & CONTROL_FLOW_OPS)
+    if flow:
+        return False, (f"the model has {', '.join(flow)} node(s); TensorRT may synchronise with the host to run "
+                       f"control flow, which a CUDA graph cannot replay")
+    return True, ""
 
 
 _ELIGIBLE = "Layers eligible for sparse math:"
@@ -283,7 +606,332 @@ def summarize_inspector(info: Mapping[str, Any] | str) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Thin layer over tensorrt and cuda.bindings
+# Thin layer over tensorrt and the CUDA libraries
+
+
+def _import_error(module: str) -> str | None:
+    """None when ``module`` imports, else why not (the bindings raise OSError, not ImportError, when a shared
+    library is missing)."""
+    try:
+        __import__(module)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _cuda(result: Any, what: str, cudart: Any) -> Any:
+    """Unwrap a cuda.bindings result tuple ``(err, *values)``, raising on error."""
+    err = result[0]
+    if int(err) != 0:
+        _, text = cudart.cudaGetErrorString(err)
+        raise BackendError(f"CUDA {what} failed: {err} ({text.decode() if isinstance(text, bytes) else text})")
+    if len(result) == 1:
+        return None
+    return result[1] if len(result) == 2 else result[1:]
+
+
+class CudaApi(ABC):
+    """The CUDA calls the session makes: device memory, streams, async copies, timing events, graph capture.
+
+    Pointers are ints; streams, events and graphs are whatever the library hands out. Every failing call
+    raises :class:`BackendError` naming the call.
+    """
+
+    name: str = ""
+    supports_graphs: bool = False
+
+    @abstractmethod
+    def device_info(self) -> tuple[str, str]:
+        """``(GPU name, "major.minor" compute capability)`` of the current device."""
+
+    @abstractmethod
+    def alloc(self, nbytes: int) -> int: ...
+
+    @abstractmethod
+    def free(self, ptr: int) -> None: ...
+
+    @abstractmethod
+    def stream_create(self) -> Any: ...
+
+    @abstractmethod
+    def stream_handle(self, stream: Any) -> int:
+        """The ``cudaStream_t`` as an int, what ``execute_async_v3`` takes."""
+
+    @abstractmethod
+    def stream_sync(self, stream: Any) -> None: ...
+
+    @abstractmethod
+    def stream_destroy(self, stream: Any) -> None: ...
+
+    @abstractmethod
+    def copy_htod_async(self, dst: int, src: np.ndarray, stream: Any) -> None:
+        """Queue a copy of the contiguous host array ``src`` to device pointer ``dst``."""
+
+    @abstractmethod
+    def copy_dtoh_async(self, dst: np.ndarray, src: int, stream: Any) -> None:
+        """Queue a copy of ``dst.nbytes`` bytes from device pointer ``src`` into the contiguous array ``dst``."""
+
+    @abstractmethod
+    def event_create(self) -> Any: ...
+
+    @abstractmethod
+    def event_record(self, event: Any, stream: Any) -> None: ...
+
+    @abstractmethod
+    def event_elapsed_ms(self, start: Any, end: Any) -> float:
+        """Milliseconds from ``start`` to ``end``, waiting for ``end`` to complete."""
+
+    @abstractmethod
+    def event_destroy(self, event: Any) -> None: ...
+
+    def begin_capture(self, stream: Any) -> None:
+        raise BackendError(f"the {self.name} adapter does not capture CUDA graphs; install cuda-python")
+
+    def end_capture(self, stream: Any) -> Any:
+        """End the capture begun on ``stream`` and return the instantiated (executable) graph."""
+        raise BackendError(f"the {self.name} adapter does not capture CUDA graphs; install cuda-python")
+
+    def graph_launch(self, graph: Any, stream: Any) -> None:
+        raise BackendError(f"the {self.name} adapter does not launch CUDA graphs; install cuda-python")
+
+    def graph_destroy(self, graph: Any) -> None:
+        return None
+
+
+class CudaPythonApi(CudaApi):
+    """:class:`CudaApi` over cuda-python's ``cuda.bindings.runtime``."""
+
+    name = "cuda-python"
+    supports_graphs = True
+
+    def __init__(self, cudart: Any = None) -> None:
+        if cudart is None:
+            from cuda.bindings import runtime as cudart
+        self.cudart = cudart
+
+    @staticmethod
+    def device_count() -> tuple[int, str]:
+        """``(visible GPUs, "" or why none)``."""
+        from cuda.bindings import runtime as cudart
+
+        err, count = cudart.cudaGetDeviceCount()
+        return (count, "") if int(err) == 0 else (0, f"cudaGetDeviceCount: {err}")
+
+    def device_info(self) -> tuple[str, str]:
+        rt = self.cudart
+        device = _cuda(rt.cudaGetDevice(), "cudaGetDevice", rt)
+        props = _cuda(rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties", rt)
+        name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+        return name.rstrip("\x00").strip(), f"{props.major}.{props.minor}"
+
+    def alloc(self, nbytes: int) -> int:
+        return int(_cuda(self.cudart.cudaMalloc(nbytes), "cudaMalloc", self.cudart))
+
+    def free(self, ptr: int) -> None:
+        _cuda(self.cudart.cudaFree(ptr), "cudaFree", self.cudart)
+
+    def stream_create(self) -> Any:
+        return _cuda(self.cudart.cudaStreamCreate(), "cudaStreamCreate", self.cudart)
+
+    def stream_handle(self, stream: Any) -> int:
+        return int(stream)
+
+    def stream_sync(self, stream: Any) -> None:
+        _cuda(self.cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize", self.cudart)
+
+    def stream_destroy(self, stream: Any) -> None:
+        _cuda(self.cudart.cudaStreamDestroy(stream), "cudaStreamDestroy", self.cudart)
+
+    def copy_htod_async(self, dst: int, src: np.ndarray, stream: Any) -> None:
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        _cuda(self.cudart.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, kind, stream),
+              "cudaMemcpyAsync (host to device)", self.cudart)
+
+    def copy_dtoh_async(self, dst: np.ndarray, src: int, stream: Any) -> None:
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _cuda(self.cudart.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, stream),
+              "cudaMemcpyAsync (device to host)", self.cudart)
+
+    def event_create(self) -> Any:
+        return _cuda(self.cudart.cudaEventCreate(), "cudaEventCreate", self.cudart)
+
+    def event_record(self, event: Any, stream: Any) -> None:
+        _cuda(self.cudart.cudaEventRecord(event, stream), "cudaEventRecord", self.cudart)
+
+    def event_elapsed_ms(self, start: Any, end: Any) -> float:
+        _cuda(self.cudart.cudaEventSynchronize(end), "cudaEventSynchronize", self.cudart)
+        return float(_cuda(self.cudart.cudaEventElapsedTime(start, end), "cudaEventElapsedTime", self.cudart))
+
+    def event_destroy(self, event: Any) -> None:
+        _cuda(self.cudart.cudaEventDestroy(event), "cudaEventDestroy", self.cudart)
+
+    def begin_capture(self, stream: Any) -> None:
+        # thread-local: calls other threads make (another session, a data loader) do not invalidate the capture
+        mode = self.cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        _cuda(self.cudart.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture", self.cudart)
+
+    def end_capture(self, stream: Any) -> Any:
+        graph = _cuda(self.cudart.cudaStreamEndCapture(stream), "cudaStreamEndCapture", self.cudart)
+        try:
+            return _cuda(self.cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate", self.cudart)
+        finally:  # the executable graph keeps what it needs
+            self.cudart.cudaGraphDestroy(graph)
+
+    def graph_launch(self, graph: Any, stream: Any) -> None:
+        _cuda(self.cudart.cudaGraphLaunch(graph, stream), "cudaGraphLaunch", self.cudart)
+
+    def graph_destroy(self, graph: Any) -> None:
+        _cuda(self.cudart.cudaGraphExecDestroy(graph), "cudaGraphExecDestroy", self.cudart)
+
+
+class PyCudaApi(CudaApi):
+    """:class:`CudaApi` over ``pycuda.driver``, on the device's primary context (the one TensorRT, which uses
+    the CUDA runtime, works in). It captures no CUDA graphs."""
+
+    name = "pycuda"
+    supports_graphs = False
+
+    def __init__(self, driver: Any = None) -> None:
+        if driver is None:
+            import pycuda.driver as driver
+
+            try:
+                import pycuda.autoprimaryctx  # noqa: F401  (retains and activates the primary context)
+            except ImportError:  # PyCUDA before 2021.1
+                import pycuda.autoinit  # noqa: F401
+        self.driver = driver
+        self._allocations: dict[int, Any] = {}  # a DeviceAllocation frees its memory when collected
+
+    @staticmethod
+    def device_count() -> tuple[int, str]:
+        import pycuda.driver as driver
+
+        try:
+            driver.init()
+            return driver.Device.count(), ""
+        except Exception as exc:
+            return 0, f"pycuda.driver: {type(exc).__name__}: {exc}"
+
+    def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:  # pycuda.driver.Error and subclasses
+            raise BackendError(f"PyCUDA {what} failed: {type(exc).__name__}: {exc}") from exc
+
+    def device_info(self) -> tuple[str, str]:
+        device = self._call("Context.get_device", self.driver.Context.get_device)
+        major, minor = device.compute_capability()
+        return str(device.name()).strip(), f"{major}.{minor}"
+
+    def alloc(self, nbytes: int) -> int:
+        allocation = self._call("mem_alloc", self.driver.mem_alloc, nbytes)
+        ptr = int(allocation)
+        self._allocations[ptr] = allocation
+        return ptr
+
+    def free(self, ptr: int) -> None:
+        allocation = self._allocations.pop(ptr, None)
+        if allocation is not None:
+            self._call("DeviceAllocation.free", allocation.free)
+
+    def stream_create(self) -> Any:
+        return self._call("Stream", self.driver.Stream)
+
+    def stream_handle(self, stream: Any) -> int:
+        return int(stream.handle)
+
+    def stream_sync(self, stream: Any) -> None:
+        self._call("Stream.synchronize", stream.synchronize)
+
+    def stream_destroy(self, stream: Any) -> None:
+        return None  # PyCUDA destroys a stream when the object is collected
+
+    def copy_htod_async(self, dst: int, src: np.ndarray, stream: Any) -> None:
+        self._call("memcpy_htod_async", self.driver.memcpy_htod_async, dst, src, stream)
+
+    def copy_dtoh_async(self, dst: np.ndarray, src: int, stream: Any) -> None:
+        self._call("memcpy_dtoh_async", self.driver.memcpy_dtoh_async, dst, src, stream)
+
+    def event_create(self) -> Any:
+        return self._call("Event", self.driver.Event)
+
+    def event_record(self, event: Any, stream: Any) -> None:
+        self._call("Event.record", event.record, stream)
+
+    def event_elapsed_ms(self, start: Any, end: Any) -> float:
+        self._call("Event.synchronize", end.synchronize)
+        return float(self._call("Event.time_till", start.time_till, end))
+
+    def event_destroy(self, event: Any) -> None:
+        return None
+
+
+def make_cuda_api(name: str) -> CudaApi:
+    """The adapter :func:`choose_cuda_api` named."""
+    if name == "cuda-python":
+        return CudaPythonApi()
+    if name == "pycuda":
+        return PyCudaApi()
+    raise BackendError(f"unknown CUDA API {name!r}; use one of {list(CUDA_APIS)}")
+
+
+def _read_json(path: Path, what: str, entry: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BackendError(f"cannot read the {what} {path}: {type(exc).__name__}: {exc}; delete it and the other "
+                           f"files of its cache entry ({entry}) and build again, or pass a new cache_dir") from exc
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` so that ``path`` is either complete or absent, even if the process dies mid-write."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def read_cached_engine(paths: Mapping[str, Path], trt_version: str, gpu_name: str, compute_capability: str,
+                       onnx_sha256: str, build_sha256: str, notes: list[str]) -> tuple[bytes | None, Any]:
+    """The engine bytes and stored sparsity report of a cache entry, or ``(None, None)`` when there is none to
+    use. Raises :class:`BackendError` when the entry is for another machine or build, or is damaged."""
+    engine_file, meta_file = paths["engine"], paths["meta"]
+    if not engine_file.is_file():
+        return None, None
+    if not meta_file.is_file():
+        notes.append(f"cached engine {engine_file} has no {meta_file.name} (stored by an older trt_prune, or its "
+                     f"build was cut off); rebuilding it")
+        return None, None
+    entry = f"{engine_file.stem}.*"  # keys hold dots (the TensorRT version): strip only ".engine"
+    meta = _read_json(meta_file, "engine meta sidecar", entry)
+    check_engine_meta(meta, trt_version, gpu_name, compute_capability, onnx_sha256=onnx_sha256,
+                      build_sha256=build_sha256, engine=engine_file)
+    data = engine_file.read_bytes()
+    check_engine_bytes(meta, data, engine_file)
+    sparsity = _read_json(paths["sparsity"], "sparsity report", entry) if paths["sparsity"].is_file() else None
+    notes.append(f"engine loaded from cache {engine_file}")
+    return data, sparsity
+
+
+def deserialize_engine(runtime: Any, data: bytes, source: str | os.PathLike | None,
+                       log_lines: Sequence[str] = ()) -> Any:
+    """``runtime.deserialize_cuda_engine(data)``, raising one :class:`BackendError` when it returns None or
+    raises. ``source`` is the engine file it came from (None: built just now)."""
+    try:
+        engine = runtime.deserialize_cuda_engine(data)
+        why = ""
+    except Exception as exc:
+        engine, why = None, f" ({type(exc).__name__}: {exc})"
+    if engine is not None:
+        return engine
+    if source is None:
+        raise BackendError(f"TensorRT could not deserialise the engine it just built{why}; log: {_tail(log_lines)}")
+    raise BackendError(f"TensorRT could not deserialise the engine file {os.fspath(source)} ({len(data)} bytes){why}: "
+                       f"it is corrupt, truncated or from another TensorRT build; delete it and its sidecars and "
+                       f"build again (or pass a new cache_dir); log: {_tail(log_lines)}")
 
 
 @register_backend
@@ -292,81 +940,74 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
     install_hint = INSTALL_HINT
+    library = "tensorrt"
 
     def available(self) -> tuple[bool, str]:
-        missing = []
+        trt_error = _import_error("tensorrt")
+        errors = {name: _import_error(module) for name, module in _MODULES.items()}
+        missing = [f"the tensorrt package ({trt_error})"] if trt_error else []
         try:
-            import tensorrt  # noqa: F401
-        except Exception as exc:  # the bindings raise OSError, not ImportError, when libnvinfer is missing
-            missing.append(f"the tensorrt package ({type(exc).__name__}: {exc})")
-        try:
-            from cuda.bindings import runtime  # noqa: F401
-        except Exception as exc:
-            missing.append(f"cuda-python's cuda.bindings ({type(exc).__name__}: {exc})")
+            api = choose_cuda_api(errors["cuda-python"] is None, errors["pycuda"] is None)
+        except BackendUnavailableError:
+            missing.append(f"cuda-python's cuda.bindings ({errors['cuda-python']}) or PyCUDA's pycuda.driver "
+                           f"({errors['pycuda']})")
+            api = None
         if missing:
             return False, f"cannot import {' and '.join(missing)}; {INSTALL_HINT}"
-        from cuda.bindings import runtime as cudart
-
-        err, count = cudart.cudaGetDeviceCount()
-        if int(err) != 0 or count < 1:
-            return False, (f"no CUDA GPU is visible (cudaGetDeviceCount: {err}, count {count}); TensorRT needs "
-                           f"an NVIDIA GPU and driver")
+        count, why = (CudaPythonApi if api == "cuda-python" else PyCudaApi).device_count()
+        if count < 1:
+            return False, (f"no CUDA GPU is visible ({why or 'device count 0'}); TensorRT needs an NVIDIA GPU "
+                           f"and driver")
         return True, ""
 
-    def version(self) -> str | None:
-        try:
-            import tensorrt
-        except Exception:
-            return None
-        return tensorrt.__version__
-
     def _build_impl(self, onnx_path: Path, config: BuildConfig) -> Session:
+        import onnx
         import tensorrt as trt
-        from cuda.bindings import runtime as cudart
 
         plan = plan_build(trt.__version__, config)
-        inputs, _ = read_onnx_io(onnx_path)
+        options = runtime_options(config)
+        api = make_cuda_api(choose_cuda_api(_import_error(_MODULES["cuda-python"]) is None,
+                                            _import_error(_MODULES["pycuda"]) is None, options["cuda_api"]))
+        model = onnx.load(str(onnx_path), load_external_data=False)
+        inputs, _ = onnx_io_specs(model)
         ranges = resolve_shape_ranges(inputs, config)
-        gpu_name, cc = _device_info(cudart)
+        gpu_name, cc = api.device_info()
         from trt_prune.onnx_io import onnx_sha256  # hashes external weight files too
 
-        key = engine_cache_key(onnx_sha256(onnx_path), trt.__version__, gpu_name, cc,
-                               replace(config, shapes=ranges))
+        onnx_hash = onnx_sha256(onnx_path)
+        build_config = replace(config, shapes=ranges)
+        key = engine_cache_key(onnx_hash, trt.__version__, gpu_name, cc, build_config)
         logger = _make_logger(trt)
         trt.init_libnvinfer_plugins(logger, "")  # engines that use plugins cannot deserialise without it
         notes = list(plan.warnings)
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
-        engine_file = cache_dir / f"{key}.engine" if cache_dir else None
-        sparsity = None
-        if engine_file is not None and engine_file.is_file():
-            engine_bytes = engine_file.read_bytes()
-            notes.append(f"engine loaded from cache {engine_file}")
-            report = engine_file.with_suffix(".sparsity.json")
-            if report.is_file():  # what the builder said when this engine was built
-                sparsity = json.loads(report.read_text(encoding="utf-8"))
-        else:
+        paths = cache_paths(cache_dir, key) if cache_dir else None
+        engine_bytes, sparsity, source = None, None, None
+        if paths is not None:
+            engine_bytes, sparsity = read_cached_engine(paths, trt.__version__, gpu_name, cc, onnx_hash,
+                                                        build_config_sha256(build_config), notes)
+            source = paths["engine"] if engine_bytes is not None else None
+        if engine_bytes is None:
             timing_file = None
             if cache_dir is not None:
                 cache_dir.mkdir(parents=True, exist_ok=True)
                 timing_file = cache_dir / f"timing_{re.sub(r'[^A-Za-z0-9]+', '-', gpu_name)}_trt{trt.__version__}.cache"
             engine_bytes = _build_engine(trt, logger, onnx_path, plan, ranges, timing_file)
             sparsity = parse_build_log(logger.lines)
-            if engine_file is not None:
-                engine_file.write_bytes(engine_bytes)
-                engine_file.with_suffix(".log").write_text("\n".join(logger.lines) + "\n", encoding="utf-8")
-                engine_file.with_suffix(".sparsity.json").write_text(json.dumps(sparsity, indent=1),
-                                                                     encoding="utf-8")
+            if paths is not None:
+                _write_atomic(paths["engine"], engine_bytes)
+                paths["log"].write_text("\n".join(logger.lines) + "\n", encoding="utf-8")
+                paths["sparsity"].write_text(json.dumps(sparsity, indent=1), encoding="utf-8")
+                meta = engine_meta(onnx_hash, trt.__version__, gpu_name, cc, build_config, engine_bytes)
+                _write_atomic(paths["meta"], json.dumps(meta, indent=1).encode())  # last: the entry is complete
         runtime = trt.Runtime(logger)
-        engine = runtime.deserialize_cuda_engine(engine_bytes)
-        if engine is None:
-            raise BackendError(f"TensorRT could not deserialise the engine for {str(onnx_path)!r}; "
-                               f"log: {_tail(logger.lines)}")
+        engine = deserialize_engine(runtime, engine_bytes, source, logger.lines)
         inspector_json = json.loads(engine.create_engine_inspector().get_engine_information(
             trt.LayerInformationFormat.JSON))
-        if engine_file is not None:
-            engine_file.with_suffix(".inspector.json").write_text(json.dumps(inspector_json, indent=1),
-                                                                  encoding="utf-8")
-        session = TensorRTSession(trt, cudart, runtime, engine, logger, onnx_path, ranges)
+        if paths is not None:
+            paths["inspector"].write_text(json.dumps(inspector_json, indent=1), encoding="utf-8")
+        session = TensorRTSession(trt, api, runtime, engine, logger, onnx_path, ranges,
+                                  cuda_graph=options["cuda_graph"], onnx_ops=onnx_op_types(model))
         session.notes.extend(notes)
         session.plan = plan
         session.cache_key = key
@@ -441,29 +1082,11 @@ def _build_engine(trt: Any, logger: Any, onnx_path: Path, plan: BuildPlan, range
     return bytes(memoryview(serialized))
 
 
-def _cuda(result: Any, what: str, cudart: Any) -> Any:
-    """Unwrap a cuda.bindings result tuple ``(err, *values)``, raising on error."""
-    err = result[0]
-    if int(err) != 0:
-        _, text = cudart.cudaGetErrorString(err)
-        raise BackendError(f"CUDA {what} failed: {err} ({text.decode() if isinstance(text, bytes) else text})")
-    if len(result) == 1:
-        return None
-    return result[1] if len(result) == 2 else result[1:]
-
-
-def _device_info(cudart: Any) -> tuple[str, str]:
-    device = _cuda(cudart.cudaGetDevice(), "cudaGetDevice", cudart)
-    props = _cuda(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties", cudart)
-    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-    return name.rstrip("\x00").strip(), f"{props.major}.{props.minor}"
-
-
 class DeviceBuffers:
-    """Named device allocations through ``cuda.bindings.runtime``, grown on demand and freed on close."""
+    """Named device allocations, grown on demand and freed on close."""
 
-    def __init__(self, cudart: Any) -> None:
-        self._cudart = cudart
+    def __init__(self, api: CudaApi) -> None:
+        self._api = api
         self._ptrs: dict[str, tuple[int, int]] = {}
 
     def get(self, name: str, nbytes: int) -> int:
@@ -471,14 +1094,15 @@ class DeviceBuffers:
         ptr, size = self._ptrs.get(name, (0, 0))
         if size < max(nbytes, 1):
             if ptr:
-                _cuda(self._cudart.cudaFree(ptr), "cudaFree", self._cudart)
-            ptr = int(_cuda(self._cudart.cudaMalloc(max(nbytes, 1)), "cudaMalloc", self._cudart))
+                self._api.free(ptr)
+            ptr = self._api.alloc(max(nbytes, 1))
             self._ptrs[name] = (ptr, max(nbytes, 1))
         return ptr
 
     def free(self) -> None:
         for ptr, _ in self._ptrs.values():
-            self._cudart.cudaFree(ptr)
+            with contextlib.suppress(BackendError):  # closing after a CUDA error must still release the rest
+                self._api.free(ptr)
         self._ptrs.clear()
 
 
@@ -488,29 +1112,40 @@ class _Prepared:
     host_inputs: dict[str, np.ndarray]
     host_outputs: dict[str, np.ndarray]
     device: dict[str, int]
+    graph: Any = None  # the executable CUDA graph replacing execute_async_v3, when one is used
 
 
 class TensorRTSession(Session):
-    """A deserialised engine with one execution context and one CUDA stream."""
+    """A deserialised engine with one execution context and one CUDA stream.
+
+    With ``cuda_graph``, :meth:`run`, :meth:`time` and :meth:`time_breakdown` replay ``execute_async_v3``
+    from a CUDA graph captured once per input shape (the copies stay outside the graph, as in trtexec);
+    :meth:`profile_layers` always runs without one.
+    """
 
     backend_name = "tensorrt"
 
-    def __init__(self, trt: Any, cudart: Any, runtime: Any, engine: Any, logger: Any, onnx_path: Path,
-                 ranges: Mapping[str, ShapeRange]) -> None:
+    def __init__(self, trt: Any, api: CudaApi, runtime: Any, engine: Any, logger: Any, onnx_path: Path,
+                 ranges: Mapping[str, ShapeRange], cuda_graph: bool = False,
+                 onnx_ops: Iterable[str] = ()) -> None:
         super().__init__()
-        self._trt, self._cudart = trt, cudart
+        self._trt, self._api = trt, api
         self._runtime, self._engine, self._logger = runtime, engine, logger
         self.onnx_path = Path(onnx_path)
         self.ranges = dict(ranges)
+        self.cuda_graph = bool(cuda_graph)
+        self._onnx_ops = frozenset(onnx_ops)
         self.plan: BuildPlan | None = None
         self.cache_key: str | None = None
         self.sparsity: dict[str, list[str]] | None = None
         self.inspector: list[dict[str, Any]] = []  # summarize_inspector() rows
         self.inspector_json: dict[str, Any] = {}  # the engine inspector's JSON as TensorRT wrote it
         self.device: dict[str, str] = {}
+        self.graph_captures = 0  # CUDA graphs captured so far (one per input shape and buffer layout)
+        self._graphs: dict[tuple[Any, ...], Any] = {}  # (input shapes, device addresses) -> graph or None
         self._context = engine.create_execution_context()
-        self._stream = _cuda(cudart.cudaStreamCreate(), "cudaStreamCreate", cudart)
-        self._buffers = DeviceBuffers(cudart)
+        self._stream = api.stream_create()
+        self._buffers = DeviceBuffers(api)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         specs = {n: TensorSpec(n, tuple(int(d) for d in engine.get_tensor_shape(n)),
                                np.dtype(trt.nptype(engine.get_tensor_dtype(n))).name) for n in names}
@@ -529,7 +1164,60 @@ class TensorRTSession(Session):
     def env(self) -> dict[str, Any]:
         return {"backend": self.backend_name, "backend_version": self._trt.__version__, **self.device,
                 "strongly_typed": self.plan.strongly_typed if self.plan else None,
-                "builder_flags": list(self.plan.builder_flags) if self.plan else None}
+                "builder_flags": list(self.plan.builder_flags) if self.plan else None,
+                "cuda_api": self._api.name, "cuda_graph": self.cuda_graph}
+
+    def time_breakdown(self, feeds: Mapping[str, np.ndarray], warmup_s: float = 1.0, iterations: int = 100,
+                       min_duration_s: float = 0.0) -> dict[str, Any]:
+        """trtexec's performance summary (:func:`timing_breakdown`) from CUDA events around the input copies,
+        the enqueue and the output copies of each inference, one inference in flight at a time.
+
+        Warm-up, ``iterations`` and ``min_duration_s`` work as in :meth:`time`. The result also says whether
+        a CUDA graph was replayed (``cuda_graph``).
+        """
+        self._check_open()
+        if not isinstance(iterations, int) or iterations < 1:
+            raise BackendError(f"iterations must be a positive integer, got {iterations!r}")
+        if warmup_s < 0 or min_duration_s < 0 or not math.isfinite(warmup_s + min_duration_s):
+            raise BackendError(f"warmup_s and min_duration_s must be finite and >= 0, got {warmup_s!r} and "
+                               f"{min_duration_s!r}")
+        check_feeds(self.inputs, feeds)
+        prepared = self._prepare(dict(feeds))
+        api, stream = self._api, self._stream
+        clock = time.perf_counter_ns
+        end = clock() + int(warmup_s * 1e9)
+        while warmup_s > 0 and clock() < end:
+            self._infer(prepared)
+        events = [api.event_create() for _ in range(5)]
+        ref, h2d, c0, c1, d2h = events
+        rows: dict[str, list[float]] = {name: [] for name in _TIMELINE}
+        try:
+            api.event_record(ref, stream)
+            t0 = clock()
+            until = t0 + int(min_duration_s * 1e9)
+            while len(rows["h2d_start"]) < iterations or clock() < until:
+                api.event_record(h2d, stream)
+                self._copy_inputs(prepared)
+                api.event_record(c0, stream)
+                e0 = clock()
+                self._enqueue(prepared)
+                e1 = clock()
+                api.event_record(c1, stream)
+                self._copy_outputs(prepared)
+                api.event_record(d2h, stream)
+                api.stream_sync(stream)
+                rows["enqueue_start"].append((e0 - t0) / 1e6)
+                rows["enqueue_end"].append((e1 - t0) / 1e6)
+                for name, event in zip(_TIMELINE[2:], (h2d, c0, c1, d2h), strict=True):
+                    rows[name].append(api.event_elapsed_ms(ref, event))
+            wall_ms = (clock() - t0) / 1e6
+        finally:
+            for event in events:
+                with contextlib.suppress(BackendError):
+                    api.event_destroy(event)
+        result = timing_breakdown(**rows, host_wall_ms=wall_ms)
+        result["cuda_graph"] = prepared.graph is not None
+        return result
 
     def _prepare_on(self, context: Any, feeds: dict[str, np.ndarray], tag: str) -> _Prepared:
         for spec in self._inputs:
@@ -556,21 +1244,87 @@ class TensorRTSession(Session):
         return _Prepared(context, host_inputs, host_outputs, device)
 
     def _prepare(self, feeds: dict[str, np.ndarray]) -> _Prepared:
-        return self._prepare_on(self._context, feeds, "main")
+        prepared = self._prepare_on(self._context, feeds, "main")
+        if self.cuda_graph:
+            prepared.graph = self._graph_for(prepared)
+        return prepared
+
+    def _note_once(self, note: str) -> None:
+        if note not in self.notes:
+            self.notes.append(note)
+
+    def _graph_for(self, prepared: _Prepared) -> Any:
+        """The CUDA graph for this run's input shapes, captured on first use; None where none can be used."""
+        shapes = {n: tuple(a.shape) for n, a in prepared.host_inputs.items()}
+        ok, why = cuda_graph_decision(self._trt.__version__, shapes,
+                                      {n: a.shape for n, a in prepared.host_outputs.items()}, self._onnx_ops,
+                                      self._api.supports_graphs)
+        if not ok:
+            self._note_once(f"CUDA graph not used: {why}")
+            return None
+        # A graph replays the addresses it was captured with; buffers only grow, so a graph captured before a
+        # reallocation points at freed memory and is dropped.
+        addresses = tuple(sorted(prepared.device.items()))
+        for key in [k for k in self._graphs if k[1] != addresses]:
+            self._destroy_graph(self._graphs.pop(key))
+        key = (tuple(sorted(shapes.items())), addresses)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(prepared)
+        return self._graphs[key]
+
+    def _capture(self, prepared: _Prepared) -> Any:
+        api, stream = self._api, self._stream
+        # One plain enqueue first: after a shape change TensorRT may do set-up work on the first enqueue that
+        # must not end up inside the graph.
+        self._execute(prepared.context)
+        api.stream_sync(stream)
+        api.begin_capture(stream)
+        try:
+            ok = prepared.context.execute_async_v3(api.stream_handle(stream))
+        except Exception:
+            with contextlib.suppress(Exception):
+                api.graph_destroy(api.end_capture(stream))
+            raise
+        try:
+            graph = api.end_capture(stream)
+        except BackendError as exc:  # e.g. the engine synchronised mid-run and invalidated the capture
+            self._note_once(f"CUDA graph capture failed ({exc}); running without a graph")
+            return None
+        if not ok:
+            self._destroy_graph(graph)
+            raise BackendError(f"TensorRT execute_async_v3 failed while capturing a CUDA graph; log: "
+                               f"{_tail(self._logger.lines)}")
+        self.graph_captures += 1
+        return graph
+
+    def _destroy_graph(self, graph: Any) -> None:
+        if graph is not None:
+            with contextlib.suppress(BackendError):
+                self._api.graph_destroy(graph)
+
+    def _execute(self, context: Any) -> None:
+        if not context.execute_async_v3(self._api.stream_handle(self._stream)):
+            raise BackendError(f"TensorRT execute_async_v3 failed; log: {_tail(self._logger.lines)}")
+
+    def _copy_inputs(self, prepared: _Prepared) -> None:
+        for name, arr in prepared.host_inputs.items():
+            self._api.copy_htod_async(prepared.device[name], arr, self._stream)
+
+    def _enqueue(self, prepared: _Prepared) -> None:
+        if prepared.graph is not None:
+            self._api.graph_launch(prepared.graph, self._stream)
+        else:
+            self._execute(prepared.context)
+
+    def _copy_outputs(self, prepared: _Prepared) -> None:
+        for name, arr in prepared.host_outputs.items():
+            self._api.copy_dtoh_async(arr, prepared.device[name], self._stream)
 
     def _infer(self, prepared: _Prepared) -> None:
-        cudart, stream = self._cudart, self._stream
-        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        for name, arr in prepared.host_inputs.items():
-            _cuda(cudart.cudaMemcpyAsync(prepared.device[name], arr.ctypes.data, arr.nbytes, h2d, stream),
-                  "cudaMemcpyAsync (host to device)", cudart)
-        if not prepared.context.execute_async_v3(int(stream)):
-            raise BackendError(f"TensorRT execute_async_v3 failed; log: {_tail(self._logger.lines)}")
-        for name, arr in prepared.host_outputs.items():
-            _cuda(cudart.cudaMemcpyAsync(arr.ctypes.data, prepared.device[name], arr.nbytes, d2h, stream),
-                  "cudaMemcpyAsync (device to host)", cudart)
-        _cuda(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize", cudart)
+        self._copy_inputs(prepared)
+        self._enqueue(prepared)
+        self._copy_outputs(prepared)
+        self._api.stream_sync(self._stream)
 
     def _run_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prepared = self._prepare(feeds)
@@ -588,7 +1342,7 @@ class TensorRTSession(Session):
         profiler = _make_profiler(self._trt)
         context.profiler = profiler
         try:
-            prepared = self._prepare_on(context, feeds, "profile")
+            prepared = self._prepare_on(context, feeds, "profile")  # never a CUDA graph: the profiler needs layers
             self._infer(prepared)  # first run: lazy initialisation, not counted
             profiler.reset()
             host_ms = []
@@ -617,9 +1371,13 @@ class TensorRTSession(Session):
         return rows
 
     def _close_impl(self) -> None:
+        for graph in self._graphs.values():
+            self._destroy_graph(graph)
+        self._graphs.clear()
         self._buffers.free()
         if self._stream is not None:
-            self._cudart.cudaStreamDestroy(self._stream)
+            with contextlib.suppress(BackendError):
+                self._api.stream_destroy(self._stream)
             self._stream = None
         self._context = None
         self._engine = None

@@ -6,9 +6,10 @@ from trt_prune.profiling.profile import (
                                          interleaved_timings,
                                          make_feeds,
                                          profile_onnx,
+                                         profile_torch,
                                          resolve_input_shapes,
 )
 from trt_prune.profiling.stats import cv_warning, summarize
 
 __all__ = ["ProfileResult", "aggregate_layers", "cv_warning", "interleaved_timings", "make_feeds",
-           "profile_onnx", "resolve_input_shapes", "summarize"]
+           "profile_onnx", "profile_torch", "resolve_input_shapes", "summarize"]

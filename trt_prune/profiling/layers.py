@@ -21,15 +21,18 @@ The mapping rule (:func:`resolve_ort_anchor`, :func:`attribute_nodes`):
 1. Each ORT name resolves to one *anchor* ONNX node: strip ``"fused "`` and ``_token_<n>``; an exact node
    name wins; ``<tensor>_nchwc`` resolves to the tensor's producer; ``<node>/<Name>Fusion/`` to ``<node>``;
    failing that, the longest node name that is a ``/``-bounded prefix. No anchor: the layer keeps its ORT
-   name with module None (layout conversions, nodes ORT invented).
-2. ONNX nodes no ORT layer is anchored on were either removed (Constant, Identity, Dropout, constant
-   folding) or fused. A fused node joins the layer of a neighbour it shares an exclusive edge with: first
-   its producer (the producer's output feeds only this node: activations and residual Adds fuse into the
-   op before them), else its consumer (its output feeds only that node: the Sigmoid of a SiLU joins the
-   Mul's QuickGelu; a Conv joins the Relu whose output names an NCHWc conv). This repeats until nothing
-   changes, so chains (Conv -> Add -> Relu) follow. Nodes that attach nowhere are reported unattributed.
+   name; a layout conversion (``ReorderInput``/``ReorderOutput``) takes the module of the layer it converts
+   for (the next, resp. previous, layer in execution order), anything else stays with module None.
+2. ONNX nodes no ORT layer is anchored on were either removed (Constant, Identity, Dropout, constant folding) or
+   fused. A fused node joins the layer of a neighbour it shares an exclusive edge with: first its producer (the
+   producer's output feeds only this node: activations and residual Adds fuse into the op before them; never a Conv,
+   Gemm or MatMul, which no backend fuses into the layer before), else its consumer (its output feeds only that
+   node: the Sigmoid of a SiLU joins the Mul's QuickGelu; a Conv joins the Relu whose output names an NCHWc conv).
+   This repeats until nothing changes, so chains (Conv -> Add -> Relu) follow. Nodes that attach nowhere are
+   reported unattributed.
 3. A layer's module is that of its heaviest member (Conv, Gemm, MatMul... before element-wise ops), so a
-   Conv+SiLU layer counts for the conv module.
+   Conv+SiLU layer counts for the conv module. ONNX nodes whose metadata names no module (made by an
+   exporter's optimiser) take the deepest common module of their neighbours (:func:`fill_from_neighbours`).
 """
 
 from __future__ import annotations
@@ -270,6 +273,8 @@ def attribute_nodes(anchors: Mapping[str, str | None], graph: Graph) -> NodeAttr
     pending = [n for n in graph.nodes if n.name not in group and n.name not in removed_set]
 
     def from_producer(node: GraphNode) -> str | None:
+        if node.op in HEAVY_OPS:  # a backend fuses followers (activations, adds) into a conv, never a conv
+            return None
         for t in node.inputs:
             p = producers.get(t)
             if p in group and consumers.get(t) == [node.name] and t not in graph_outputs:
@@ -332,7 +337,23 @@ def ort_layer_times(profile: OrtProfile, graph: Graph,
     for n in profile.nodes:
         members = attribution.members.get(n.name, [])
         rows.append(LayerTime(n.name, n.op, n.ms, layer_module(members, ops, module_map), list(members)))
+    _attribute_layout_changes(rows)
     return rows, attribution
+
+
+def _attribute_layout_changes(rows: list[LayerTime]) -> None:
+    """Layout conversions ONNX Runtime inserts (``ReorderInput`` / ``ReorderOutput``) map to no ONNX node;
+    they exist for one layer: a ``ReorderInput`` converts the input of the next layer that runs, a
+    ``ReorderOutput`` the output of the previous one. Rows are in execution order; each takes that layer's
+    module (and keeps no ONNX members)."""
+    for i, row in enumerate(rows):
+        if row.module is not None or row.op not in ("ReorderInput", "ReorderOutput"):
+            continue
+        span = range(i + 1, len(rows)) if row.op == "ReorderInput" else range(i - 1, -1, -1)
+        owner = next((rows[j] for j in span if rows[j].op not in ("ReorderInput", "ReorderOutput")
+                      and rows[j].module is not None), None)
+        if owner is not None:
+            row.module = owner.module
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -421,4 +442,47 @@ def build_module_map(model: Any, node_module: Callable[[Any], str | None] | None
     :func:`default_node_module`.
     """
     resolve = node_module or default_node_module()
-    return {n.name: resolve(n) for n in model.graph.node}
+    mapping = {n.name: resolve(n) for n in model.graph.node}
+    return fill_from_neighbours(mapping, model.graph.node)
+
+
+def fill_from_neighbours(mapping: dict[str, str | None], nodes: Sequence[Any]) -> dict[str, str | None]:
+    """Give a node that names no module the deepest module around all its mapped neighbours.
+
+    Exporters' graph optimisers create nodes without the metadata that names their module (the dynamo
+    exporter's optimiser turns a ``chunk`` into a ``Split`` with no scope). The module that ran such a node
+    called both its producer's module and its consumers' modules, so it is their deepest common ancestor: the
+    ``Split`` of ``backbone.stage1.1.cv1``'s output feeding ``backbone.stage1.1.m.0`` and the block's ``Concat``
+    lands in ``backbone.stage1.1``. Repeats until nothing changes (chains of unnamed nodes); passive ops
+    (Constant, Identity…) are left alone.
+    """
+    producer: dict[str, str] = {}
+    users: dict[str, list[str]] = {}
+    for n in nodes:
+        for t in n.output:
+            producer[t] = n.name
+        for t in n.input:
+            users.setdefault(t, []).append(n.name)
+    out = dict(mapping)
+    changed = True
+    while changed:
+        changed = False
+        for n in nodes:
+            if out.get(n.name) is not None or n.op_type in PASSIVE_OPS:
+                continue
+            around = [producer.get(t) for t in n.input] + [u for t in n.output for u in users.get(t, [])]
+            modules = [out[m] for m in around if m is not None and out.get(m) is not None]
+            if modules:
+                out[n.name] = _common_ancestor(modules)
+                changed = True
+    return out
+
+
+def _common_ancestor(paths: Sequence[str]) -> str:
+    parts = [p.split(".") if p else [] for p in paths]
+    common = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)

@@ -9,9 +9,12 @@ Throughput is derived from the latency of sequential inference calls, one call i
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import os
 import platform
 import random
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -123,8 +126,52 @@ def make_feeds(specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]],
     return feeds
 
 
+GPU_QUERY = ("nvidia-smi", "--query-gpu=name,clocks.sm,clocks.mem", "--format=csv,noheader")
+GPU_PROBE_TIMEOUT_S = 5.0
+
+
+def parse_gpu_query(text: str) -> dict[str, str]:
+    """``gpu``, ``gpu_sm_clock`` and ``gpu_mem_clock`` from the output of :data:`GPU_QUERY` (its first GPU,
+    the one a session uses by default); ``{}`` when the text is not such output."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    parts = [p.strip() for p in first.split(",")]
+    if len(parts) != 3 or not parts[0]:
+        return {}
+    return {"gpu": parts[0], "gpu_sm_clock": parts[1], "gpu_mem_clock": parts[2]}
+
+
+def gpu_info() -> dict[str, str]:
+    """GPU name and current clocks from ``nvidia-smi`` where it exists; ``{}`` on any failure.
+
+    Clocks change with load and power state, so a GPU number without them is hard to compare. The probe must
+    never cost a result: no binary, a hang (timeout), an error or odd output all give ``{}``.
+    """
+    exe = shutil.which(GPU_QUERY[0])
+    if exe is None:
+        return {}
+    try:
+        done = subprocess.run([exe, *GPU_QUERY[1:]], capture_output=True, text=True, timeout=GPU_PROBE_TIMEOUT_S,
+                              check=False)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return parse_gpu_query(done.stdout) if done.returncode == 0 else {}
+
+
+def _dist_version(*names: str) -> str | None:
+    """Installed version of the first distribution found, read from metadata without importing it."""
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, OS and Python: stored with every result so numbers keep their context."""
+    """CPU model, cores, OS, Python and package versions, plus the GPU and its clocks where ``nvidia-smi``
+    answers: stored with every result so numbers keep their context."""
+    from trt_prune import __version__
+
     cpu = None
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -138,9 +185,14 @@ def machine_info() -> dict[str, Any]:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
-    return {"cpu": cpu or platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "usable_cores": usable, "platform": platform.platform(), "python": sys.version.split()[0],
-            "numpy": np.__version__}
+    info: dict[str, Any] = {
+        "cpu": cpu or platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "usable_cores": usable, "platform": platform.platform(), "python": sys.version.split()[0],
+        "numpy": np.__version__, "trt_prune": __version__}
+    ort_version = _dist_version("onnxruntime", "onnxruntime-gpu")
+    if ort_version:
+        info["onnxruntime"] = ort_version
+    return {**info, **gpu_info()}
 
 
 def _module_map_for(onnx_path: Path, module_map: Any) -> Mapping[str, str | None] | None:
@@ -181,22 +233,53 @@ def profile_onnx(onnx_path: str | Path, backend: str = "onnxruntime", batch: int
                                  batch=(batch, batch, batch), shapes={n: (s, s, s) for n, s in shapes.items()})
     mapping = _module_map_for(path, module_map)
     with chosen.build(path, config) as session:
-        feeds = make_feeds(session.inputs, shapes, seed)
-        samples = session.time(feeds, warmup_s=warmup_s, iterations=iterations, min_duration_s=min_duration_s)
-        rows: list[LayerTime] = []
-        if per_layer:
-            rows = session.profile_layers(feeds, runs=layer_runs, module_map=mapping)
-        env = {**machine_info(), **session.env()}
-        notes = list(session.notes)
-        run_ms = session.profile_run_ms if per_layer else None
+        return _measure(session, backend, str(path), batch, shapes, warmup_s, iterations, min_duration_s,
+                        per_layer, layer_runs, mapping, seed)
+
+
+def profile_torch(model, batch: int = 1, input_shape: Sequence[int] | None = None, warmup_s: float = 1.0,
+                  iterations: int = 200, min_duration_s: float = 1.0, threads: int | None = None,
+                  per_layer: bool = True, layer_runs: int = 20, seed: int = 0,
+                  config: BuildConfig | None = None) -> ProfileResult:
+    """:func:`profile_onnx` for the torch backend: ``model`` is an ``nn.Module``, a model spec or a folder.
+
+    ``input_shape`` is the full shape (its batch axis is replaced by ``batch``); by default the spec's own.
+    ``config.extra`` carries the torch options (device, channels_last, cuda_graph, sparse24). Per-layer rows
+    are each module's own time (see :mod:`trt_prune.backends.torch_backend`), keyed by module path.
+    """
+    base = config if config is not None else BuildConfig()
+    shapes = dict(base.shapes)
+    if input_shape is not None:
+        shape = (batch, *[int(d) for d in list(input_shape)[1:]])
+        shapes = {"images": (shape, shape, shape)}
+    config = dataclasses.replace(base, threads=threads if threads is not None else base.threads,
+                                 batch=(batch, batch, batch), shapes=shapes)
+    with get_backend("torch").build(model, config) as session:
+        spec = session.inputs[0]
+        label = model if isinstance(model, str) else session.label
+        return _measure(session, "torch", str(label), batch, {spec.name: tuple(spec.shape)}, warmup_s, iterations,
+                        min_duration_s, per_layer, layer_runs, None, seed)
+
+
+def _measure(session: Session, backend: str, source: str, batch: int, shapes: Mapping[str, Sequence[int]],
+             warmup_s: float, iterations: int, min_duration_s: float, per_layer: bool, layer_runs: int,
+             mapping: Mapping[str, str | None] | None, seed: int) -> ProfileResult:
+    """Time ``session`` end to end, then profile its layers in a separate run, into one record."""
+    feeds = make_feeds(session.inputs, shapes, seed)
+    samples = session.time(feeds, warmup_s=warmup_s, iterations=iterations, min_duration_s=min_duration_s)
+    rows: list[LayerTime] = []
+    if per_layer:
+        rows = session.profile_layers(feeds, runs=layer_runs, module_map=mapping)
+    env = {**machine_info(), **session.env()}
+    run_ms = session.profile_run_ms if per_layer else None
     latency = summarize(samples)
     ips = 1000.0 / latency["mean"] if latency["mean"] > 0 else float("inf")
     per_layer_rows = sorted((r.to_dict() for r in rows), key=lambda r: r["ms"], reverse=True)
     return ProfileResult(
-        backend=backend, onnx=str(path), batch=batch, input_shapes={n: list(s) for n, s in shapes.items()},
+        backend=backend, onnx=source, batch=batch, input_shapes={n: list(s) for n, s in shapes.items()},
         latency_ms=latency, throughput_ips=ips, throughput_images_s=ips * batch, per_layer=per_layer_rows,
         per_layer_sum_ms=sum(r.ms for r in rows) if per_layer else None, per_layer_run_ms=run_ms,
-        cv_warning=cv_warning(latency), env=env, samples_ms=list(samples), notes=notes)
+        cv_warning=cv_warning(latency), env=env, samples_ms=list(samples), notes=list(session.notes))
 
 
 def _row_get(row: LayerTime | Mapping[str, Any], key: str) -> Any:
@@ -242,15 +325,24 @@ def aggregate_layers(per_layer: Sequence[LayerTime | Mapping[str, Any]], by: str
 def interleaved_timings(sessions: Mapping[str, Session], feeds: Mapping[str, Mapping[str, np.ndarray]],
                         rounds: int = 10, iterations_per_round: int = 10, warmup_s: float = 0.5,
                         seed: int = 0, discard_first: int = 1) -> dict[str, list[float]]:
-    """Time several sessions fairly on a noisy machine: round by round, each session runs
-    ``iterations_per_round`` timed calls, in an order shuffled anew every round (seeded), so drifts in
-    clock speed or background load spread over all variants instead of landing on one. Every session is
-    warmed up for ``warmup_s`` first; the first ``discard_first`` calls of each turn are dropped because
-    they pay for caches the previous session evicted. Compare the results by their medians.
+    """Time several sessions fairly on a noisy machine (:func:`interleaved_blocks`), samples pooled per session.
+    Compare the results by their medians."""
+    blocks = interleaved_blocks(sessions, feeds, rounds, iterations_per_round, warmup_s, seed, discard_first)
+    return {name: [s for block in per for s in block] for name, per in blocks.items()}
+
+
+def interleaved_blocks(sessions: Mapping[str, Session], feeds: Mapping[str, Mapping[str, np.ndarray]],
+                       rounds: int = 10, iterations_per_round: int = 10, warmup_s: float = 0.5,
+                       seed: int | random.Random = 0, discard_first: int = 1) -> dict[str, list[list[float]]]:
+    """Round by round, each session runs ``iterations_per_round`` timed calls, in an order shuffled anew every
+    round, so drifts in clock speed or background load spread over all variants instead of landing on one.
+    Returns one block of samples (ms) per session and round. Every session is warmed up for ``warmup_s``
+    first; the first ``discard_first`` calls of each turn are dropped because they pay for caches the previous
+    session evicted. ``seed`` may be a ``random.Random`` to continue a sequence across calls.
     """
     names = list(sessions)
     if not names:
-        raise ProfileError("interleaved_timings needs at least one session")
+        raise ProfileError("interleaved timing needs at least one session")
     missing = [n for n in names if n not in feeds]
     if missing:
         raise ProfileError(f"no feeds for session(s) {missing}; feeds must have a key per session {names}")
@@ -259,16 +351,16 @@ def interleaved_timings(sessions: Mapping[str, Session], feeds: Mapping[str, Map
             raise ProfileError(f"{label} must be a positive integer, got {value!r}")
     if not isinstance(discard_first, int) or discard_first < 0:
         raise ProfileError(f"discard_first must be an integer >= 0, got {discard_first!r}")
-    rng = random.Random(seed)
+    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
     if warmup_s > 0:
         for name in names:
             sessions[name].time(feeds[name], warmup_s=warmup_s, iterations=1)
-    out: dict[str, list[float]] = {name: [] for name in names}
+    out: dict[str, list[list[float]]] = {name: [] for name in names}
     order = list(names)
     for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
             samples = sessions[name].time(feeds[name], warmup_s=0.0,
                                           iterations=iterations_per_round + discard_first)
-            out[name].extend(samples[discard_first:])
+            out[name].append(samples[discard_first:])
     return out

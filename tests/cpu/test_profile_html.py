@@ -1,0 +1,426 @@
+"""The profile report: summary, side-by-side comparison, PNG plots and the offline HTML page, on real profiles
+of two small exported conv nets; the CLI's --html/--compare/--png-dir; the GPU probe; a headless render."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from trt_prune.cli import cli
+from trt_prune.errors import ProfileError
+from trt_prune.export import export_onnx
+from trt_prune.profiling import profile as profile_mod
+from trt_prune.profiling import profile_onnx
+from trt_prune.profiling.html import (
+    PNG_NAMES,
+    check_profile,
+    compare_layers,
+    compare_totals,
+    format_ms,
+    layer_key,
+    load_profile,
+    per_layer_share,
+    render_plots,
+    summary_rows,
+    write_profile_html,
+    write_profile_pngs,
+)
+from trt_prune.profiling.profile import gpu_info, parse_gpu_query
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CHROMIUM = "/usr/bin/chromium"
+QUICK = {"warmup_s": 0.0, "iterations": 20, "min_duration_s": 0.0, "layer_runs": 3}
+QUICK_CLI = ["--iterations", "20", "--warmup", "0", "--duration", "0", "--layer-runs", "3"]
+
+
+class Wide(nn.Module):
+    """Two conv+relu blocks then a 1x1 head: ``stem.2`` exists only here."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                                  nn.ReLU())
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.stem(x))
+
+
+class Narrow(nn.Module):
+    """The same paths narrower, one block fewer, and a ``tail`` the wide net lacks."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(8, 4, 1)
+        self.tail = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.tail(self.head(self.stem(x)))
+
+
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("nets")
+    torch.manual_seed(0)
+    wide = folder / "wide.onnx"
+    narrow = folder / "narrow.onnx"
+    export_onnx(Wide().eval(), wide, (1, 3, 32, 32), exporter="torchscript")
+    export_onnx(Narrow().eval(), narrow, (1, 3, 32, 32), exporter="torchscript")
+    return wide, narrow
+
+
+@pytest.fixture(scope="module")
+def profiles(onnx_files):
+    """Real profiles (with samples) of the wide (baseline) and narrow nets."""
+    wide, narrow = onnx_files
+    return (profile_onnx(wide, threads=1, **QUICK).to_dict(), profile_onnx(narrow, threads=1, **QUICK).to_dict())
+
+
+def _images(page: str) -> list[bytes]:
+    srcs = re.findall(r'<img [^>]*src="([^"]*)"', page)
+    assert len(srcs) == page.count("<img ")
+    out = []
+    for src in srcs:
+        assert src.startswith("data:image/png;base64,"), src[:60]
+        out.append(base64.b64decode(src.split(",", 1)[1], validate=True))
+    return out
+
+
+def _sums(rows):
+    out = {}
+    for r in rows:
+        out[layer_key(r)] = out.get(layer_key(r), 0.0) + r["ms"]
+    return out
+
+
+# ---------------------------------------------------------------- summary and comparison
+
+
+def test_format_ms():
+    assert format_ms(5.26431) == "5.264"
+    assert format_ms(0.012994) == "0.013"
+    assert format_ms(1234.56) == "1234.6"
+    assert format_ms(0.0) == "0.000"
+    assert format_ms(None) == "–"
+
+
+def test_summary_rows_carry_the_profile(profiles):
+    _, narrow = profiles
+    rows = dict(summary_rows(narrow))
+    lat = narrow["latency_ms"]
+    assert rows["Latency median (p50)"] == f"{format_ms(lat['p50'])} ms"
+    for key, label in (("min", "Latency min"), ("max", "Latency max"), ("mean", "Latency mean"),
+                       ("p90", "Latency p90"), ("p95", "Latency p95"), ("p99", "Latency p99"),
+                       ("std", "Latency std")):
+        assert rows[label] == f"{format_ms(lat[key])} ms"
+    assert rows["Samples"] == "20" == str(lat["n"])
+    assert rows["Coefficient of variation"] == f"{lat['cv'] * 100:.1f} %"
+    assert rows["Throughput"].startswith(f"{narrow['throughput_ips']:.1f} inferences/s = "
+                                         f"{narrow['throughput_images_s']:.1f} images/s")
+    assert rows["Batch"] == "1" and rows["Input shapes"] == "images 1x3x32x32"
+    assert rows["Backend"].startswith(f"onnxruntime {narrow['env']['backend_version']}")
+    assert rows["Threads"] == "1"
+    assert rows["CPU"].startswith(narrow["env"]["cpu"])
+    assert f"trt_prune {narrow['env']['trt_prune']}" in rows["Versions"]
+    assert f"onnxruntime {narrow['env']['onnxruntime']}" in rows["Versions"]
+    assert ("Warning" in rows) == bool(narrow["cv_warning"])
+    # the per-layer share, recomputed from the rows
+    total = sum(r["ms"] for r in narrow["per_layer"])
+    assert total == pytest.approx(narrow["per_layer_sum_ms"])
+    share = rows["Per-layer vs end-to-end"]
+    assert share == per_layer_share(narrow)
+    assert share.startswith(f"per-layer sum {format_ms(total)} ms = {total / lat['mean'] * 100:.1f} % of the mean "
+                            f"end-to-end latency {format_ms(lat['mean'])} ms")
+    assert f"{format_ms(narrow['per_layer_run_ms'])} ms" in share and "instrumented" in share
+
+
+def test_summary_without_per_layer_times(profiles):
+    bare = {**profiles[0], "per_layer": [], "per_layer_sum_ms": None}
+    assert per_layer_share(bare) is None
+    assert dict(summary_rows(bare))["Per-layer vs end-to-end"] == "per-layer times were not collected"
+
+
+def test_compare_layers_matches_by_module(profiles):
+    wide, narrow = profiles
+    rows = compare_layers(wide, narrow)
+    base, other = _sums(wide["per_layer"]), _sums(narrow["per_layer"])
+    assert {r["key"] for r in rows} == set(base) | set(other)
+    by_key = {r["key"]: r for r in rows}
+    for key, r in by_key.items():
+        assert r["base_ms"] == (pytest.approx(base[key]) if key in base else None)
+        assert r["other_ms"] == (pytest.approx(other[key]) if key in other else None)
+        if key in base and key in other:
+            assert r["delta_ms"] == pytest.approx(other[key] - base[key])
+            assert r["ratio"] == (pytest.approx(other[key] / base[key]) if base[key] > 0 else None)
+        else:
+            assert r["delta_ms"] is None and r["ratio"] is None
+    # the modules each net really has: stem.0 and head in both, the second stem block only in the wide one
+    # (ORT fuses its conv and relu into one kernel, which counts for the conv), tail only in the narrow one
+    assert {"stem.0", "head"} <= {k for k in by_key if k in base and k in other}
+    base_only = [r for r in rows if r["other_ms"] is None]
+    assert any(r["key"] == "stem.2" and r["base_ms"] > 0 for r in base_only)
+    assert by_key["tail"]["base_ms"] is None and by_key["tail"]["other_ms"] > 0
+    changes = [abs(r["delta_ms"]) if r["delta_ms"] is not None else (r["base_ms"] or r["other_ms"]) for r in rows]
+    assert changes == sorted(changes, reverse=True)
+
+
+def test_compare_layers_sums_rows_sharing_a_module():
+    def prof(rows):
+        return {"backend": "x", "batch": 1, "throughput_ips": 1.0, "per_layer": rows,
+                "latency_ms": dict.fromkeys(("p50", "p90", "p95", "p99", "mean", "std", "min", "max", "cv", "n"), 1)}
+
+    base = prof([{"name": "a1", "op": "Conv", "module": "m", "ms": 1.0},
+                 {"name": "a2", "op": "Relu", "module": "m", "ms": 0.5},
+                 {"name": "reorder", "op": "Reorder", "module": None, "ms": 0.25}])
+    other = prof([{"name": "b", "op": "Conv", "module": "m", "ms": 1.0},
+                  {"name": "reorder", "op": "Reorder", "module": None, "ms": 0.75}])
+    rows = {r["key"]: r for r in compare_layers(base, other)}
+    assert rows["m"] == {"key": "m", "op": "Conv+Relu", "base_ms": 1.5, "other_ms": 1.0, "delta_ms": -0.5,
+                         "ratio": pytest.approx(2 / 3)}
+    assert rows["reorder"]["delta_ms"] == 0.5 and rows["reorder"]["ratio"] == 3.0
+
+
+def test_compare_totals(profiles):
+    wide, narrow = profiles
+    totals = compare_totals(wide, narrow)
+    for k in ("mean", "p50", "p99"):
+        t = totals[f"latency_{k}_ms"]
+        assert (t["base"], t["other"]) == (wide["latency_ms"][k], narrow["latency_ms"][k])
+        assert t["delta"] == pytest.approx(t["other"] - t["base"])
+        assert t["ratio"] == pytest.approx(t["other"] / t["base"])
+    assert totals["per_layer_sum_ms"]["base"] == pytest.approx(wide["per_layer_sum_ms"])
+    rows = compare_layers(wide, narrow)
+    assert totals["layers"] == {"matched": sum(r["delta_ms"] is not None for r in rows),
+                                "base_only": sum(r["other_ms"] is None for r in rows),
+                                "other_only": sum(r["base_ms"] is None for r in rows)}
+    assert totals["layers"]["base_only"] >= 1 and totals["layers"]["other_only"] >= 1
+
+
+# ---------------------------------------------------------------- plots and the page
+
+
+def test_plots_are_pngs(profiles, tmp_path):
+    wide, narrow = profiles
+    pngs = render_plots(narrow, compare=wide, top=5)
+    assert set(pngs) == {"histogram", "layers", "compare"}
+    assert all(data.startswith(PNG_SIGNATURE) for data in pngs.values())
+    written = write_profile_pngs(narrow, tmp_path / "png", compare=wide, top=5)
+    assert sorted(p.name for p in written) == sorted(PNG_NAMES.values())
+    assert all(p.read_bytes().startswith(PNG_SIGNATURE) for p in written)
+    assert b"http" not in b"".join(p.read_bytes() for p in written)  # no matplotlib URL in the metadata
+    no_samples = {k: v for k, v in narrow.items() if k != "samples_ms"}
+    assert set(render_plots(no_samples)) == {"layers"}
+
+
+def test_html_is_self_contained_and_carries_the_numbers(profiles, tmp_path):
+    wide, narrow = profiles
+    path = write_profile_html(narrow, tmp_path / "report.html", compare=wide, top=5, png_dir=tmp_path / "png")
+    page = path.read_text(encoding="utf-8")
+    assert "http://" not in page and "https://" not in page
+    assert not re.search(r"<(link|script)\b", page) and "@import" not in page and "url(" not in page
+    images = _images(page)
+    assert len(images) == 3 and all(img.startswith(PNG_SIGNATURE) for img in images)
+    on_disk = sorted((tmp_path / "png").iterdir())
+    assert sorted(p.name for p in on_disk) == sorted(PNG_NAMES.values())
+    assert sorted(p.read_bytes() for p in on_disk) == sorted(images)  # the same plots, embedded and on disk
+    for label, value in summary_rows(narrow):
+        assert f"<td>{label}</td><td>{value}</td>".replace("&", "&amp;") in page or "<" in value or ">" in value
+    assert f"{format_ms(narrow['latency_ms']['p50'])} ms" in page
+    assert f"{format_ms(narrow['latency_ms']['p99'])} ms" in page
+    for heading in ("By module", "By op", "By stage", "Comparison: wide → narrow", "Environment"):
+        assert heading in page
+    slowest = max(narrow["per_layer"], key=lambda r: r["ms"])
+    assert f"<td>{slowest['name']}</td>" in page and f"<td class=\"n\">{format_ms(slowest['ms'])}</td>" in page
+    totals = compare_totals(wide, narrow)
+    assert f"{totals['latency_p50_ms']['ratio']:.2f}×" in page
+    row = next(r for r in compare_layers(wide, narrow) if r["key"] == "stem.0")
+    assert f"{row['delta_ms']:+.4g}" in page
+
+
+def test_html_escapes_text(profiles, tmp_path):
+    evil = copy.deepcopy(profiles[0])
+    evil["per_layer"][0]["module"] = "<script>alert(1)</script>"
+    evil["notes"] = ["a & b <b>bold</b>"]
+    page = write_profile_html(evil, tmp_path / "evil.html").read_text(encoding="utf-8")
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "a &amp; b &lt;b&gt;bold&lt;/b&gt;" in page
+
+
+def test_html_without_samples_explains_the_missing_histogram(profiles, tmp_path):
+    stored = {k: v for k, v in profiles[1].items() if k != "samples_ms"}  # what 'profile -o' writes
+    page = write_profile_html(stored, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert len(_images(page)) == 1 and "stores no samples" in page
+
+
+def test_bad_profiles_raise_and_write_nothing(profiles, tmp_path):
+    good = profiles[0]
+    with pytest.raises(ProfileError, match="is a list, not a profile"):
+        check_profile([1, 2])
+    with pytest.raises(ProfileError, match=r"lacks \['per_layer'"):
+        check_profile({k: v for k, v in good.items() if k not in ("per_layer",)})
+    with pytest.raises(ProfileError, match=r"'latency_ms' lacks numbers for \['p99'\]"):
+        check_profile({**good, "latency_ms": {k: v for k, v in good["latency_ms"].items() if k != "p99"}})
+    with pytest.raises(ProfileError, match=r"per_layer\[0\]"):
+        check_profile({**good, "per_layer": [{"name": "x"}]})
+    with pytest.raises(ProfileError, match="top must be a positive integer"):
+        write_profile_html(good, tmp_path / "t.html", top=0)
+    out = tmp_path / "report.html"
+    out.write_text("old")
+    with pytest.raises(ProfileError, match="compare profile is not a profile"):
+        write_profile_html(good, out, compare={"backend": "onnxruntime"})
+    assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+def test_load_profile(profiles, tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({k: v for k, v in profiles[0].items() if k != "samples_ms"}))
+    assert load_profile(good)["latency_ms"] == profiles[0]["latency_ms"]
+    (tmp_path / "text.json").write_text("not json")
+    with pytest.raises(ProfileError, match="text.json' is not JSON"):
+        load_profile(tmp_path / "text.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ProfileError, match="list.json' is a list, not a profile"):
+        load_profile(tmp_path / "list.json")
+    with pytest.raises(ProfileError, match="cannot read profile .*missing.json"):
+        load_profile(tmp_path / "missing.json")
+
+
+def test_report_loads_no_backend_library(profiles, tmp_path):
+    """A report made from a stored profile, in a fresh interpreter, never loads onnxruntime, TensorRT or torch."""
+    stored = tmp_path / "p.json"
+    stored.write_text(json.dumps(profiles[1]))
+    code = ("import sys; from trt_prune.profiling.html import load_profile, write_profile_html; "
+            f"write_profile_html(load_profile({str(stored)!r}), {str(tmp_path / 'r.html')!r}); "
+            "print(sorted(m for m in ('onnxruntime', 'tensorrt', 'torch', 'onnx') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert done.stdout.strip() == "[]" and (tmp_path / "r.html").is_file()
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _cli(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_cli_html_png_and_compare(onnx_files, tmp_path):
+    wide, narrow = onnx_files
+    base = _cli("profile", wide, *QUICK_CLI, "--threads", "1", "-o", tmp_path / "wide.json", "--html",
+                tmp_path / "wide.html", "--json")
+    assert base.exit_code == 0, base.output + base.stderr
+    data = json.loads(base.stdout)
+    assert data["html"] == str(tmp_path / "wide.html") and "samples_ms" not in data
+    page = (tmp_path / "wide.html").read_text(encoding="utf-8")
+    assert f"{format_ms(data['latency_ms']['p50'])} ms" in page and "http" not in page
+    assert len(_images(page)) == 2  # histogram and layers; nothing to compare
+    env = data["env"]
+    assert {"cpu", "threads", "trt_prune", "numpy", "onnxruntime", "python"} <= set(env) and env["threads"] == 1
+    assert ("gpu" in env) == bool(gpu_info())
+    stored = json.loads((tmp_path / "wide.json").read_text())
+    assert "html" not in stored and stored["latency_ms"] == data["latency_ms"]
+
+    other = _cli("profile", narrow, *QUICK_CLI, "--threads", "1", "--compare", tmp_path / "wide.json", "--html",
+                 tmp_path / "cmp.html", "--png-dir", tmp_path / "png", "--top", "4", "--json")
+    assert other.exit_code == 0, other.output + other.stderr
+    data = json.loads(other.stdout)
+    assert data["png"] == [str(tmp_path / "png" / n) for n in PNG_NAMES.values()]
+    page = (tmp_path / "cmp.html").read_text(encoding="utf-8")
+    assert "Comparison: wide → narrow" in page and len(_images(page)) == 3
+    assert all(Path(p).read_bytes().startswith(PNG_SIGNATURE) for p in data["png"])
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is not JSON"),
+    (json.dumps({"backend": "onnxruntime", "model": "x"}), "is not a profile: it lacks"),
+])
+def test_cli_bad_compare_fails_before_profiling(onnx_files, tmp_path, content, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    result = _cli("profile", onnx_files[0], *QUICK_CLI, "--compare", bad, "--html", tmp_path / "sub" / "r.html",
+                  "--png-dir", tmp_path / "png", "-o", tmp_path / "p.json")
+    assert result.exit_code == 2
+    assert message in result.stderr and str(bad) in result.stderr and result.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]  # nothing written, no folder made
+
+
+def test_cli_compare_needs_a_report(onnx_files, tmp_path):
+    result = _cli("profile", onnx_files[0], *QUICK_CLI, "--compare", tmp_path / "x.json")
+    assert result.exit_code == 2 and "add --html" in result.stderr
+
+
+# ---------------------------------------------------------------- GPU probe
+
+
+def test_parse_gpu_query():
+    text = "NVIDIA H100 80GB HBM3, 1980 MHz, 2619 MHz\nNVIDIA H100 80GB HBM3, 345 MHz, 2619 MHz\n"
+    assert parse_gpu_query(text) == {"gpu": "NVIDIA H100 80GB HBM3", "gpu_sm_clock": "1980 MHz",
+                                     "gpu_mem_clock": "2619 MHz"}
+    assert parse_gpu_query("") == {} and parse_gpu_query("No devices were found") == {}
+
+
+@pytest.mark.parametrize("script, expected", [
+    ('echo "Fake GPU, 1500 MHz, 5000 MHz"', {"gpu": "Fake GPU", "gpu_sm_clock": "1500 MHz",
+                                             "gpu_mem_clock": "5000 MHz"}),
+    ('echo "Fake GPU, 1500 MHz, 5000 MHz"; exit 9', {}),  # an error exit: nothing, whatever it printed
+    ("exec sleep 5", {}),  # a hang: cut off by the timeout
+])
+def test_gpu_info_never_fails(tmp_path, monkeypatch, script, expected):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(profile_mod, "GPU_PROBE_TIMEOUT_S", 0.5)
+    assert gpu_info() == expected
+    info = profile_mod.machine_info()
+    assert {k: info[k] for k in expected} == expected and ("gpu" in info) == bool(expected)
+
+
+def test_gpu_info_without_nvidia_smi(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert gpu_info() == {}
+
+
+# ---------------------------------------------------------------- a real browser
+
+
+def _is_flat(png: Path) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:
+        import matplotlib.image
+
+        pixels = np.asarray(matplotlib.image.imread(png))
+    else:
+        with Image.open(png) as img:
+            pixels = np.asarray(img.convert("RGB"))
+    flat = pixels.reshape(-1, pixels.shape[-1])
+    return bool((flat == flat[0]).all())
+
+
+@pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason=f"{CHROMIUM} is not installed")
+def test_chromium_renders_the_page(profiles, tmp_path):
+    wide, narrow = profiles
+    page = write_profile_html(narrow, tmp_path / "report.html", compare=wide)
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2400",
+                    page.resolve().as_uri()], capture_output=True, timeout=120, check=True)
+    assert shot.read_bytes().startswith(PNG_SIGNATURE)
+    assert not _is_flat(shot)
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
