@@ -623,7 +623,8 @@ def bench_run_cmd(suite_file, store, name, as_json):
 @click.option("--baseline", required=True, metavar="A",
               help="A stored run (RUN or RUN:VARIANT), or an ONNX file, model spec or model folder to run live.")
 @click.option("--candidate", required=True, metavar="B", help="Same forms as --baseline.")
-@click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime, tensorrt or torch.")
+@click.option("--backend", default=None,
+              help="onnxruntime (live default), tensorrt or torch; with stored runs, only that backend's results.")
 @click.option("--min-effect", type=float, default=0.05, show_default=True,
               help="Smallest slowdown (fraction) that counts as a regression.")
 @click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True,
@@ -648,7 +649,7 @@ def bench_compare_cmd(baseline, candidate, backend, min_effect, max_accuracy_dro
     from .bench.runner import compare_stored, exit_code, is_stored
     from .bench.store import Store
 
-    if backend not in backend_names():
+    if backend is not None and backend not in backend_names():
         raise TrtPruneError(f"unknown backend {backend!r}; choose one of {', '.join(backend_names())}")
     settings = Settings(min_effect=min_effect, max_drop=max_accuracy_drop, batch=batch, threads=threads,
                         max_blocks=max_blocks, min_blocks=min(8, max_blocks)).check()
@@ -661,10 +662,10 @@ def bench_compare_cmd(baseline, candidate, backend, min_effect, max_accuracy_dro
         raise TrtPruneError(f"{which!r} is not a run in {store!r}, but the other side is: compare two stored runs "
                             "or two live candidates (ONNX files, specs, folders)")
     if all(stored):
-        result = compare_stored(target, baseline, candidate, settings, backend if backend != "onnxruntime" else None)
+        result = compare_stored(target, baseline, candidate, settings, backend)
     else:
         say = (lambda text: None) if as_json else (lambda text: _console().print(f"[dim]{text}[/dim]"))
-        result = compare_live(baseline, candidate, backend, settings, parse_shape(input_shape),
+        result = compare_live(baseline, candidate, backend or "onnxruntime", settings, parse_shape(input_shape),
                               None if accuracy == "auto" else accuracy, progress=say)
     profiles = result.pop("profiles", None)
     if html_path:

@@ -106,6 +106,9 @@ def test_history_and_stored_errors(recorded, tmp_path):
     assert res.exit_code == 2 and "'nope:dense' is not a run" in res.stderr
     res = run("bench", "compare", "--store", store, "--baseline", "base:dense", "--candidate", "base:missing")
     assert res.exit_code == 2 and "has no variant 'missing'" in res.stderr
+    res = run("bench", "compare", "--store", store, "--baseline", "base:dense", "--candidate", "base:slowed",
+              "--backend", "torch")  # the run holds onnxruntime results only
+    assert res.exit_code == 2 and "on backend 'torch'" in res.stderr
     with pytest.raises(BenchError, match="already has a run named 'base'"):
         Store(store).add_run("base", "t", None, "s", {}, {}, [])
     junk = tmp_path / "junk.sqlite"

@@ -424,3 +424,16 @@ def test_chromium_renders_the_page(profiles, tmp_path):
     assert shot.read_bytes().startswith(PNG_SIGNATURE)
     assert not _is_flat(shot)
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def test_per_layer_share_within_and_outside_ten_percent():
+    def prof(total, mean, run):
+        return {"per_layer": [{"name": "a", "op": "Conv", "module": "a", "ms": total}], "per_layer_sum_ms": total,
+                "per_layer_run_ms": run, "latency_ms": {"mean": mean}}
+
+    inside = per_layer_share(prof(5.2, 5.0, 5.6))
+    assert inside.startswith("per-layer sum 5.200 ms = 104.0 % of the mean end-to-end latency 5.000 ms")
+    assert "(within ±10 %" in inside and "5.600 ms" in inside
+    outside = per_layer_share(prof(5.64, 4.81, 6.28))
+    assert "outside ±10 %" in outside
+    assert "6.280 ms (130.6 % of the timed run)" in outside and "cover 89.8 % of that run" in outside

@@ -132,7 +132,8 @@ def per_layer_share(profile: Mapping[str, Any]) -> str | None:
             f"{format_ms(mean)} ms")
     run = profile.get("per_layer_run_ms")
     if share is not None and abs(share - 1) <= 0.10:
-        return text + " (within ±10 %)"
+        run_note = f" whose mean was {format_ms(run)} ms" if run is not None else ""
+        return text + f" (within ±10 %; per-layer times come from a separate instrumented run{run_note})"
     if run is not None and run > 0 and share is not None:
         # outside ±10 %: say which of the two effects it is, with the numbers
         return (text + f": outside ±10 % because the per-layer times come from a separate instrumented run, "
