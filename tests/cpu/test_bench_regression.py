@@ -102,6 +102,9 @@ def test_history_and_stored_errors(recorded, tmp_path):
     assert res.exit_code == 0
     rows = json.loads(res.stdout)["results"]
     assert [r["variant"] for r in rows] == ["dense", "fast", "slowed"] and rows[0]["run"] == "base"
+    from trt_prune.profiling.profile import machine_info
+
+    assert {r["machine"] for r in rows} == {machine_info()["cpu"]}  # no GPU here: the CPU names the machine
     res = run("bench", "compare", "--store", store, "--baseline", "base:dense", "--candidate", "nope:dense")
     assert res.exit_code == 2 and "'nope:dense' is not a run" in res.stderr
     res = run("bench", "compare", "--store", store, "--baseline", "base:dense", "--candidate", "base:missing")

@@ -300,12 +300,14 @@ def test_load_profile(profiles, tmp_path):
 
 
 def test_report_loads_no_backend_library(profiles, tmp_path):
-    """A report made from a stored profile, in a fresh interpreter, never loads onnxruntime, TensorRT or torch."""
+    """A report made from a stored profile, in a fresh interpreter, never loads onnxruntime, TensorRT, torch or
+    any of trt_prune's backend modules."""
     stored = tmp_path / "p.json"
     stored.write_text(json.dumps(profiles[1]))
     code = ("import sys; from trt_prune.profiling.html import load_profile, write_profile_html; "
             f"write_profile_html(load_profile({str(stored)!r}), {str(tmp_path / 'r.html')!r}); "
-            "print(sorted(m for m in ('onnxruntime', 'tensorrt', 'torch', 'onnx') if m in sys.modules))")
+            "print(sorted(m for m in ('onnxruntime', 'tensorrt', 'torch', 'onnx', 'trt_prune.backends') "
+            "if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert done.stdout.strip() == "[]" and (tmp_path / "r.html").is_file()

@@ -639,14 +639,15 @@ def render_history_html(rows: Sequence[Mapping[str, Any]]) -> str:
     runs: dict[str, Any] = {}
     for r in rows:
         runs.setdefault(r["run"], r.get("commit"))
-    groups: dict[tuple[str, str, Any], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((str(r["entry"]), str(r["backend"]), r["batch"]), []).append(r)
+    groups: dict[tuple[str, str, Any, str], list[dict[str, Any]]] = {}
+    for r in rows:  # one history per machine too, as asv keeps: timings of two machines are not one series
+        groups.setdefault((str(r["entry"]), str(r["backend"]), r["batch"], str(r.get("machine") or "")),
+                          []).append(r)
     figures = []
-    for (entry, backend, batch), group in groups.items():
+    for (entry, backend, batch, machine), group in groups.items():
         names = {r["run"] for r in group}
         mine = [(run, commit) for run, commit in runs.items() if run in names]
-        title = f"{entry} on {backend}, batch {batch}"
+        title = f"{entry} on {backend}, batch {batch}" + (f", {machine}" if machine else "")
         png = plot_history(group, mine, title)
         variants = sorted({str(r["variant"]) for r in group})
         caption = (f"{len(mine)} run(s), variants {', '.join(variants)}: p50 latency (solid) and p99 (dashed)"

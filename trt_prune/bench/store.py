@@ -158,15 +158,21 @@ class Store:
             return out
 
     def history(self, entry: str | None = None) -> list[dict[str, Any]]:
-        """Every stored result (no blocks), oldest first: the data of the history plot."""
+        """Every stored result (no blocks), oldest first: the data of the history plot. ``machine`` is the GPU
+        (else CPU) the result was measured on, from its environment fingerprint."""
         with self._connect() as conn:
             query = ("SELECT runs.name, runs.created, runs.git_commit, entry, variant, backend, batch, p50_ms, "
-                     "p99_ms, images_s, accuracy FROM results JOIN runs ON runs.id = results.run_id")
+                     "p99_ms, images_s, accuracy, results.env_json FROM results JOIN runs ON runs.id = results.run_id")
             args: tuple = ()
             if entry is not None:
                 query += " WHERE entry = ?"
                 args = (entry,)
             keys = ("run", "created", "commit", "entry", "variant", "backend", "batch", "p50_ms", "p99_ms",
                     "images_s", "accuracy")
-            return [dict(zip(keys, row, strict=True)) for row in conn.execute(query + " ORDER BY runs.created, "
-                                                                              "runs.id", args)]
+            out = []
+            for row in conn.execute(query + " ORDER BY runs.created, runs.id", args):
+                item = dict(zip(keys, row[:-1], strict=True))
+                env = json.loads(row[-1] or "{}")
+                item["machine"] = env.get("gpu") or env.get("cpu")
+                out.append(item)
+            return out

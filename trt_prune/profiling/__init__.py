@@ -1,15 +1,31 @@
-"""Profiling: latency statistics, per-layer times mapped to modules, and fair comparison of variants."""
+"""Profiling: latency statistics, per-layer times mapped to modules, and fair comparison of variants.
 
-from trt_prune.profiling.profile import (
-                                         ProfileResult,
-                                         aggregate_layers,
-                                         interleaved_timings,
-                                         make_feeds,
-                                         profile_onnx,
-                                         profile_torch,
-                                         resolve_input_shapes,
-)
-from trt_prune.profiling.stats import cv_warning, summarize
+Names load on first use, so ``import trt_prune.profiling.html`` (reports) imports no backend module.
+"""
 
-__all__ = ["ProfileResult", "aggregate_layers", "cv_warning", "interleaved_timings", "make_feeds",
-           "profile_onnx", "profile_torch", "resolve_input_shapes", "summarize"]
+from __future__ import annotations
+
+import importlib
+
+_PUBLIC = {
+    "ProfileResult": "trt_prune.profiling.profile",
+    "aggregate_layers": "trt_prune.profiling.aggregate",
+    "interleaved_timings": "trt_prune.profiling.profile",
+    "make_feeds": "trt_prune.profiling.profile",
+    "profile_onnx": "trt_prune.profiling.profile",
+    "profile_torch": "trt_prune.profiling.profile",
+    "resolve_input_shapes": "trt_prune.profiling.profile",
+    "cv_warning": "trt_prune.profiling.stats",
+    "summarize": "trt_prune.profiling.stats",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'trt_prune.profiling' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

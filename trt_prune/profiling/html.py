@@ -22,7 +22,7 @@ from typing import Any
 
 from trt_prune.artifacts import atomic_path, ensure_output_dir, write_text
 from trt_prune.errors import ProfileError
-from trt_prune.profiling.profile import AGGREGATE_KEYS, ROOT, aggregate_layers
+from trt_prune.profiling.aggregate import AGGREGATE_KEYS, ROOT, aggregate_layers
 
 REQUIRED_KEYS = ("backend", "batch", "latency_ms", "per_layer", "throughput_ips")
 REQUIRED_LATENCY = ("p50", "p90", "p95", "p99", "mean", "std", "min", "max", "cv", "n")

@@ -26,11 +26,8 @@ import numpy as np
 from trt_prune.backends import BuildConfig, LayerTime, Session, TensorSpec, get_backend
 from trt_prune.backends.base import read_onnx_io
 from trt_prune.errors import ProfileError
+from trt_prune.profiling.aggregate import AGGREGATE_KEYS, ROOT, UNMAPPED, aggregate_layers, stage_of  # noqa: F401
 from trt_prune.profiling.stats import cv_warning, summarize
-
-AGGREGATE_KEYS = ("module", "op", "stage")
-UNMAPPED = "(unmapped)"
-ROOT = "(root)"
 
 
 @dataclass
@@ -280,46 +277,6 @@ def _measure(session: Session, backend: str, source: str, batch: int, shapes: Ma
         latency_ms=latency, throughput_ips=ips, throughput_images_s=ips * batch, per_layer=per_layer_rows,
         per_layer_sum_ms=sum(r.ms for r in rows) if per_layer else None, per_layer_run_ms=run_ms,
         cv_warning=cv_warning(latency), env=env, samples_ms=list(samples), notes=list(session.notes))
-
-
-def _row_get(row: LayerTime | Mapping[str, Any], key: str) -> Any:
-    return row.get(key) if isinstance(row, Mapping) else getattr(row, key)
-
-
-def stage_of(module: str | None) -> str:
-    """First component of a module path (``backbone``, ``neck``, ``head``...); ``head.0.cls`` -> ``head``."""
-    if module is None:
-        return UNMAPPED
-    if module == "":
-        return ROOT
-    return module.split(".", 1)[0]
-
-
-def aggregate_layers(per_layer: Sequence[LayerTime | Mapping[str, Any]], by: str = "module"
-                     ) -> list[dict[str, Any]]:
-    """Sum per-layer times by ``module``, ``op`` or ``stage`` (first component of the module path).
-
-    Returns ``{key, ms, count, share}`` rows sorted by ``ms`` descending; ``share`` is the fraction of the
-    summed per-layer time. Layers without a module are grouped under ``"(unmapped)"``.
-    """
-    if by not in AGGREGATE_KEYS:
-        raise ProfileError(f"cannot aggregate by {by!r}; choose one of {list(AGGREGATE_KEYS)}")
-    totals: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for row in per_layer:
-        module = _row_get(row, "module")
-        if by == "module":
-            key = UNMAPPED if module is None else (module or ROOT)
-        elif by == "op":
-            key = str(_row_get(row, "op"))
-        else:
-            key = stage_of(module)
-        totals[key] = totals.get(key, 0.0) + float(_row_get(row, "ms"))
-        counts[key] = counts.get(key, 0) + 1
-    grand = sum(totals.values())
-    rows = [{"key": k, "ms": v, "count": counts[k], "share": (v / grand) if grand > 0 else 0.0}
-            for k, v in totals.items()]
-    return sorted(rows, key=lambda r: (-r["ms"], r["key"]))
 
 
 def interleaved_timings(sessions: Mapping[str, Session], feeds: Mapping[str, Mapping[str, np.ndarray]],
