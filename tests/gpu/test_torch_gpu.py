@@ -35,13 +35,17 @@ def test_fp16_graph_replay_matches_fp32(images):
     with backend.build(model, _config("fp32")) as session:
         reference = session.run({"images": images})["output"]
     with backend.build(model, _config(channels_last=True, cuda_graph=True)) as session:
-        got = session.run({"images": images})["output"]
+        got = session.run({"images": images})["output"]  # the graph's replay
         samples = session.time({"images": images}, warmup_s=0.2, iterations=20)
+        again = session.run({"images": images[::-1].copy()})["output"]  # new input copied into the captured one
         env = session.env()
+    with backend.build(model, _config("fp32")) as session:
+        flipped = session.run({"images": images[::-1].copy()})["output"]
     assert env["gpu"] and env["precision"] == "fp16" and env["cuda_graph"]
     assert len(samples) >= 20 and all(0 < s < 1000 for s in samples)
     scale = np.abs(reference).max()
     assert np.abs(got - reference).max() < 0.02 * scale
+    assert np.abs(again - flipped).max() < 0.02 * scale and np.abs(again - got).max() > 0.02 * scale
 
 
 def test_sparse24_layers_run_on_cusparselt_with_the_same_output(images):
