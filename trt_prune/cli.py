@@ -520,9 +520,11 @@ def profile_cmd(onnx_file, backend, batch, input_shape, iterations, warmup, dura
                               layer_runs=layer_runs)
     full = result.to_dict()
     data = {k: v for k, v in full.items() if k != "samples_ms"}
+    from .profiling.aggregate import AGGREGATE_KEYS, aggregate_layers
     from .profiling.html import per_layer_share
 
     data["per_layer_vs_e2e"] = per_layer_share(full)
+    data["aggregates"] = {by: aggregate_layers(result.per_layer, by) for by in AGGREGATE_KEYS}
     if out:
         write_json(out, data)
     if html_path or png_dir:
@@ -547,6 +549,8 @@ def profile_cmd(onnx_file, backend, batch, input_shape, iterations, warmup, dura
         _console().print(f"[yellow]warning:[/yellow] {result.cv_warning}")
     if data["per_layer_vs_e2e"] and not as_json:
         _console().print(data["per_layer_vs_e2e"])
+        stages = ", ".join(f"{r['key']} {r['ms']:.3f} ms ({r['share']:.0%})" for r in data["aggregates"]["stage"])
+        _console().print(f"by stage: {stages}")
     if data.get("html") and not as_json:
         _console().print(f"report written to {data['html']}")
     _emit(data, as_json, table)

@@ -150,6 +150,10 @@ def test_cli_profiles_a_model_on_the_torch_backend(tmp_path):
     data = json.loads(res.stdout)
     assert data["backend"] == "torch" and data["env"]["device"] == "cpu" and data["latency_ms"]["n"] == 3
     assert any(row["module"] == "backbone.stem.conv" for row in data["per_layer"])
+    stages = {row["key"]: row["ms"] for row in data["aggregates"]["stage"]}
+    assert {"backbone", "neck", "head"} <= set(stages)
+    assert sum(stages.values()) == pytest.approx(data["per_layer_sum_ms"])
+    assert data["aggregates"]["op"][0]["key"] == "Conv2d"  # convolutions dominate the detector
     assert (tmp_path / "r.html").read_text().count("backbone.stem.conv") >= 1
     for args, needle in ((["m.onnx", "--backend", "onnxruntime", "--fp16"], "--fp16 only apply to --backend torch"),
                          (["m.onnx", "--backend", "openvino"], "unknown backend 'openvino'"),
