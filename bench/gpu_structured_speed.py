@@ -18,15 +18,9 @@ import torch
 
 def graph_timer(model, x, replays: int):
     """Capture one forward as a CUDA graph; return a function timing ``replays`` replays (ms per replay)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.no_grad():
-        for _ in range(3):
-            model(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        model(x)
+    from trt_prune.backends.torch_backend import capture_cuda_graph
+
+    graph, _ = capture_cuda_graph(model, x)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def run() -> float:

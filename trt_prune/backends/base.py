@@ -181,27 +181,29 @@ def resolve_shape_ranges(specs: Sequence[TensorSpec], config: BuildConfig) -> di
 class Session(ABC):
     """A built model, ready to run. Use it as a context manager or call :meth:`close`.
 
-    Subclasses implement ``inputs``, ``outputs``, ``_run_impl`` and ``_profile_layers_impl``; the public
-    methods check their arguments first. Timing calls ``_prepare`` once and ``_infer`` per iteration, so a
-    backend can keep host-side conversion out of the timed loop.
+    Subclasses fill ``self._inputs`` and ``self._outputs`` and implement ``_run_impl`` and
+    ``_profile_layers_impl``; the public methods check their arguments first. Timing calls ``_prepare`` once
+    and ``_infer`` per iteration, so a backend can keep host-side conversion out of the timed loop.
     """
 
     backend_name: ClassVar[str] = "?"
 
     def __init__(self) -> None:
+        self._inputs: list[TensorSpec] = []
+        self._outputs: list[TensorSpec] = []
         self.notes: list[str] = []  # what the build decided that a user should know
         self.profile_run_ms: float | None = None  # backend-measured mean run time of the last profile_layers
         self._closed = False
 
     @property
-    @abstractmethod
     def inputs(self) -> list[TensorSpec]:
-        """Model inputs, in the model's order."""
+        """Model inputs, in the model's order (a subclass fills ``self._inputs`` when it builds)."""
+        return list(self._inputs)
 
     @property
-    @abstractmethod
     def outputs(self) -> list[TensorSpec]:
-        """Model outputs, in the model's order."""
+        """Model outputs, in the model's order (``self._outputs``)."""
+        return list(self._outputs)
 
     def env(self) -> dict[str, Any]:
         """Backend facts worth storing with a result (versions, providers, device, threads)."""
@@ -221,14 +223,7 @@ class Session(ABC):
         ``iterations`` calls and keeps going until ``min_duration_s`` seconds have passed, as trtexec's
         ``--iterations`` and ``--duration`` do. A call returns when its outputs are in host memory.
         """
-        self._check_open()
-        if not isinstance(iterations, int) or iterations < 1:
-            raise BackendError(f"iterations must be a positive integer, got {iterations!r}")
-        if warmup_s < 0 or min_duration_s < 0 or not math.isfinite(warmup_s + min_duration_s):
-            raise BackendError(f"warmup_s and min_duration_s must be finite and >= 0, got {warmup_s!r} and "
-                               f"{min_duration_s!r}")
-        check_feeds(self.inputs, feeds)
-        prepared = self._prepare(dict(feeds))
+        prepared = self._start_timing(feeds, warmup_s, iterations, min_duration_s)
         clock = time.perf_counter_ns
         end = clock() + int(warmup_s * 1e9)
         while warmup_s > 0 and clock() < end:
@@ -238,6 +233,18 @@ class Session(ABC):
         while len(samples) < iterations or clock() < until:
             samples.append(self._timed_call(prepared))
         return samples
+
+    def _start_timing(self, feeds: Mapping[str, np.ndarray], warmup_s: float, iterations: int,
+                      min_duration_s: float) -> Any:
+        """Check the arguments of a timing run (any backend's) and prepare the inputs once."""
+        self._check_open()
+        if not isinstance(iterations, int) or iterations < 1:
+            raise BackendError(f"iterations must be a positive integer, got {iterations!r}")
+        if warmup_s < 0 or min_duration_s < 0 or not math.isfinite(warmup_s + min_duration_s):
+            raise BackendError(f"warmup_s and min_duration_s must be finite and >= 0, got {warmup_s!r} and "
+                               f"{min_duration_s!r}")
+        check_feeds(self.inputs, feeds)
+        return self._prepare(dict(feeds))
 
     def _timed_call(self, prepared: Any) -> float:
         """One timed inference, in ms: a host timer around :meth:`_infer` (GPU backends use device events)."""

@@ -139,14 +139,6 @@ class OnnxRuntimeSession(Session):
         except Exception as exc:  # ORT raises its own exception types, not importable without ORT
             raise BackendError(f"ONNX Runtime could not load {str(self.onnx_path)!r}: {exc}") from exc
 
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return list(self._inputs)
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return list(self._outputs)
-
     def env(self) -> dict[str, Any]:
         import onnxruntime as ort
 

@@ -63,7 +63,6 @@ from trt_prune.backends.base import (
     Session,
     ShapeRange,
     TensorSpec,
-    check_feeds,
     onnx_io_specs,
     register_backend,
     resolve_shape_ranges,
@@ -1153,14 +1152,6 @@ class TensorRTSession(Session):
         self._inputs = [specs[n] for n in names if is_input[n]]
         self._outputs = [specs[n] for n in names if not is_input[n]]
 
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return list(self._inputs)
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return list(self._outputs)
-
     def env(self) -> dict[str, Any]:
         return {"backend": self.backend_name, "backend_version": self._trt.__version__, **self.device,
                 "strongly_typed": self.plan.strongly_typed if self.plan else None,
@@ -1175,14 +1166,7 @@ class TensorRTSession(Session):
         Warm-up, ``iterations`` and ``min_duration_s`` work as in :meth:`time`. The result also says whether
         a CUDA graph was replayed (``cuda_graph``).
         """
-        self._check_open()
-        if not isinstance(iterations, int) or iterations < 1:
-            raise BackendError(f"iterations must be a positive integer, got {iterations!r}")
-        if warmup_s < 0 or min_duration_s < 0 or not math.isfinite(warmup_s + min_duration_s):
-            raise BackendError(f"warmup_s and min_duration_s must be finite and >= 0, got {warmup_s!r} and "
-                               f"{min_duration_s!r}")
-        check_feeds(self.inputs, feeds)
-        prepared = self._prepare(dict(feeds))
+        prepared = self._start_timing(feeds, warmup_s, iterations, min_duration_s)
         api, stream = self._api, self._stream
         clock = time.perf_counter_ns
         end = clock() + int(warmup_s * 1e9)

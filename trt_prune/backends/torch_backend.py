@@ -265,14 +265,6 @@ class TorchSession(Session):
         self._graph = None
         self._static = self._graph_out = None
 
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return list(self._inputs)
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return list(self._outputs)
-
     def env(self) -> dict[str, Any]:
         import torch
 
@@ -315,7 +307,7 @@ class TorchSession(Session):
         # copy each new input into it (interleaved timing prepares once per block)
         if self._graph is None or self._static.shape != x.shape:
             self._static = x.clone(memory_format=torch.channels_last) if self.channels_last else x.clone()
-            self._graph, self._graph_out = _capture(self.model, self._static)
+            self._graph, self._graph_out = capture_cuda_graph(self.model, self._static)
         else:
             self._static.copy_(x)
         return self._static
@@ -418,7 +410,7 @@ def _elapsed(start, end, cuda: bool) -> float:
     return (end - start) / 1e6
 
 
-def _capture(model, x):
+def capture_cuda_graph(model, x):
     """Capture one forward pass of ``model`` on ``x`` as a CUDA graph (after warm-up on a side stream);
     returns the graph and the outputs it writes on every replay."""
     import torch
