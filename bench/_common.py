@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def commit() -> str:
-    """Short hash of HEAD, marked when the working tree has uncommitted changes; "unknown" outside git."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
-                               check=True).stdout.strip()
-        return sha + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """Short hash of HEAD (``+dirty`` with uncommitted changes to tracked files); "unknown" outside git."""
+    from trt_prune.bench.runner import git_commit
+
+    return git_commit(ROOT) or "unknown"
 
 
 def ort_session(model):

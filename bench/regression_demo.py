@@ -12,6 +12,7 @@ exit codes, ratios, intervals, accuracy and the top changed layers to
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ CANDIDATES = ("structured", "slowed", "pruned_hard")
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def main() -> dict:

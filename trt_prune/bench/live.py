@@ -203,19 +203,12 @@ def env_differences(base: Mapping[str, Any], cand: Mapping[str, Any]) -> list[st
 
 def profile_dict(arm: Arm, blocks: list[list[float]], layer_runs: int, batch: int) -> dict[str, Any]:
     """A ProfileResult dict of ``arm``: latency from its interleaved samples, layers from a separate run."""
-    from trt_prune.profiling.profile import ProfileResult
-    from trt_prune.profiling.stats import cv_warning, summarize
+    from trt_prune.profiling.profile import profile_record
 
     samples = [s for block in blocks for s in block]
-    latency = summarize(samples)
-    rows = arm.session.profile_layers(arm.feeds, runs=layer_runs) if layer_runs else []
-    ips = 1000.0 / latency["mean"]
-    result = ProfileResult(
-        backend=arm.backend, onnx=arm.onnx or arm.label, batch=batch,
-        input_shapes={k: list(v.shape) for k, v in arm.feeds.items()}, latency_ms=latency, throughput_ips=ips,
-        throughput_images_s=ips * batch, per_layer=sorted((r.to_dict() for r in rows), key=lambda r: -r["ms"]),
-        per_layer_sum_ms=sum(r.ms for r in rows) if rows else None, per_layer_run_ms=arm.session.profile_run_ms,
-        cv_warning=cv_warning(latency), env=arm.env(), samples_ms=samples)
+    shapes = {k: v.shape for k, v in arm.feeds.items()}
+    result = profile_record(arm.session, arm.backend, arm.onnx or arm.label, batch, shapes, samples, arm.feeds,
+                            layer_runs)
     return dataclasses.asdict(result)
 
 

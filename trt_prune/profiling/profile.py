@@ -264,19 +264,27 @@ def _measure(session: Session, backend: str, source: str, batch: int, shapes: Ma
     """Time ``session`` end to end, then profile its layers in a separate run, into one record."""
     feeds = make_feeds(session.inputs, shapes, seed)
     samples = session.time(feeds, warmup_s=warmup_s, iterations=iterations, min_duration_s=min_duration_s)
+    return profile_record(session, backend, source, batch, shapes, samples, feeds,
+                          layer_runs if per_layer else 0, mapping)
+
+
+def profile_record(session: Session, backend: str, source: str, batch: int, shapes: Mapping[str, Sequence[int]],
+                   samples: Sequence[float], feeds: Mapping[str, np.ndarray], layer_runs: int,
+                   mapping: Mapping[str, str | None] | None = None) -> ProfileResult:
+    """One :class:`ProfileResult` from latency ``samples`` already taken (by :meth:`Session.time` or an
+    interleaved run) and, when ``layer_runs`` > 0, a separate per-layer run of ``session`` on ``feeds``."""
     rows: list[LayerTime] = []
-    if per_layer:
+    if layer_runs:
         rows = session.profile_layers(feeds, runs=layer_runs, module_map=mapping)
-    env = {**machine_info(), **session.env()}
-    run_ms = session.profile_run_ms if per_layer else None
     latency = summarize(samples)
     ips = 1000.0 / latency["mean"] if latency["mean"] > 0 else float("inf")
     per_layer_rows = sorted((r.to_dict() for r in rows), key=lambda r: r["ms"], reverse=True)
     return ProfileResult(
         backend=backend, onnx=source, batch=batch, input_shapes={n: list(s) for n, s in shapes.items()},
         latency_ms=latency, throughput_ips=ips, throughput_images_s=ips * batch, per_layer=per_layer_rows,
-        per_layer_sum_ms=sum(r.ms for r in rows) if per_layer else None, per_layer_run_ms=run_ms,
-        cv_warning=cv_warning(latency), env=env, samples_ms=list(samples), notes=list(session.notes))
+        per_layer_sum_ms=sum(r.ms for r in rows) if layer_runs else None,
+        per_layer_run_ms=session.profile_run_ms if layer_runs else None, cv_warning=cv_warning(latency),
+        env={**machine_info(), **session.env()}, samples_ms=list(samples), notes=list(session.notes))
 
 
 def interleaved_timings(sessions: Mapping[str, Session], feeds: Mapping[str, Mapping[str, np.ndarray]],
