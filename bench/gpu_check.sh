@@ -2,10 +2,10 @@
 # One prepared run for a lent GPU machine (H100/H200; torch there, nothing downloadable). From the repo root:
 #   bash bench/gpu_check.sh            # results under $OUT (the device tool's folder) or bench/results/gpu
 # 1. installs wheels carried in .whl/ if any (none needed today: the image has onnx, onnxruntime, safetensors,
-#    click, rich, matplotlib); 2. runs the GPU tests (tests/gpu); 3. times 2:4 against dense per eligible
-#    GEMM layer (bench/gpu_sparse24_layers.py, issue 4's eligibility floor); 4. times dense / structured / 2:4 /
-#    structured+2:4 of the demo detector and resnet50 at 640x640, batch 1 and 8, on the torch backend
-#    (bench/gpu_torch_variants.py). Each step has its own time limit so one slow step cannot eat the rest;
+#    click, rich, matplotlib); 2. runs the GPU tests (tests/gpu, and the real-CUDA variants of the TensorRT
+#    backend's tests); 3. times 2:4 against dense per eligible GEMM layer (bench/gpu_sparse24_layers.py, issue
+#    4's eligibility floor); 4. times dense / structured / 2:4 / structured+2:4 of the demo detector and resnet50
+#    at 640x640, batch 1 and 8, on the torch backend (bench/gpu_torch_variants.py). Each step has its own time limit so one slow step cannot eat the rest;
 #    the last lines printed are the summary tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv | tee "$RESULTS/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$RESULTS/gpu.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$RESULTS/tests.txt"
+# tests/gpu, plus the TensorRT-backend tests whose CUDA side switches to the real cuda.bindings runtime where a
+# GPU is visible (adapter, page-locked staging, events, graph capture; TensorRT itself stays emulated)
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/cpu/test_tensorrt_logic.py \
+  tests/cpu/test_backends.py 2>&1 | tee "$RESULTS/tests.txt"
 timeout 180 python3 bench/gpu_sparse24_layers.py --json "$RESULTS/gpu_sparse24_layers.json" 2>&1 \
   | tee "$RESULTS/sparse24_layers.txt"
 timeout 240 python3 bench/gpu_torch_variants.py --seconds 1.5 --json "$RESULTS/gpu_torch_variants.json" 2>&1 \

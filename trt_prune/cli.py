@@ -7,6 +7,7 @@ done, 2 on bad input (one line on stderr saying what was wrong and what to do).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,20 +15,25 @@ import click
 
 from .errors import TrtPruneError
 
+# Rich sizes tables to the terminal, and to 80 columns when the output is a file or pipe (CI logs, `| tee`),
+# where wide tables would be cut to "…" in every cell; give those a width the tables fit (COLUMNS still rules).
+LOG_WIDTH = 160
 
-def _console():
+
+def _console(stderr: bool = True):
     from rich.console import Console
 
-    return Console(stderr=True)
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(stderr=stderr, width=LOG_WIDTH)
+    return console
 
 
 def _emit(data: dict, as_json: bool, table=None) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2, default=_default))
     elif table is not None:
-        from rich.console import Console
-
-        Console().print(table)
+        _console(stderr=False).print(table)
 
 
 def _default(obj):
@@ -469,14 +475,22 @@ def build_cmd(onnx_file, backend, fp16, sparse, batch, threads, out, as_json):
 @click.option("--png-dir", default=None, metavar="DIR", help="Also write the report's plots as PNG files here.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
               help="--backend torch: where to run (default: CUDA when torch sees a GPU).")
-@click.option("--fp16", is_flag=True, help="--backend torch: half precision (CUDA only).")
+@click.option("--fp16", is_flag=True,
+              help="--backend torch: half precision (CUDA only); tensorrt: the FP16 builder flag (TensorRT 10; 11 "
+                   "needs an fp16 ONNX, see trt-prune fp16).")
 @click.option("--channels-last", is_flag=True, help="--backend torch: channels_last memory format.")
-@click.option("--cuda-graph", is_flag=True, help="--backend torch: time CUDA-graph replays (CUDA only).")
+@click.option("--cuda-graph", is_flag=True,
+              help="--backend torch or tensorrt: time CUDA-graph replays (CUDA only), as trtexec --useCudaGraph.")
 @click.option("--sparse24", is_flag=True,
               help="--backend torch: run layers whose weights hold 2:4 on cuSPARSELt (CUDA and --fp16).")
+@click.option("--sparse", is_flag=True, help="--backend tensorrt: SPARSE_WEIGHTS (2:4 kernels where faster).")
+@click.option("--cache-dir", default=None, metavar="DIR",
+              help="--backend tensorrt: engine cache folder (the one 'trt-prune build -o' wrote); an engine built "
+                   "for the same ONNX, GPU, TensorRT version and options is loaded instead of rebuilt.")
 @json_opt
 def profile_cmd(onnx_file, backend, batch, input_shape, iterations, warmup, duration, threads, layer_runs, top, out,
-                html_path, compare_path, png_dir, device, fp16, channels_last, cuda_graph, sparse24, as_json):
+                html_path, compare_path, png_dir, device, fp16, channels_last, cuda_graph, sparse24, sparse, cache_dir,
+                as_json):
     """Latency percentiles, throughput and per-layer times mapped back to PyTorch modules."""
     from .artifacts import ensure_output_dir, ensure_output_file, write_json
     from .backends import BuildConfig, backend_names
@@ -485,12 +499,17 @@ def profile_cmd(onnx_file, backend, batch, input_shape, iterations, warmup, dura
     # Everything that can fail on bad input fails here, before the long timing run, and writes nothing.
     if backend not in backend_names():
         raise TrtPruneError(f"unknown backend {backend!r}; choose one of {', '.join(backend_names())}")
-    torch_flags = {"--device": device, "--fp16": fp16, "--channels-last": channels_last, "--cuda-graph": cuda_graph,
-                   "--sparse24": sparse24}
-    given = [flag for flag, value in torch_flags.items() if value]
-    if given and backend != "torch":
-        raise TrtPruneError(f"{', '.join(given)} only apply to --backend torch; for ONNX Runtime and TensorRT "
-                            "convert the ONNX file (trt-prune fp16) or build with trt-prune build")
+    applies = {"--device": ("torch",), "--fp16": ("torch", "tensorrt"), "--channels-last": ("torch",),
+               "--cuda-graph": ("torch", "tensorrt"), "--sparse24": ("torch",), "--sparse": ("tensorrt",),
+               "--cache-dir": ("tensorrt",)}
+    given = {"--device": device, "--fp16": fp16, "--channels-last": channels_last, "--cuda-graph": cuda_graph,
+             "--sparse24": sparse24, "--sparse": sparse, "--cache-dir": cache_dir}
+    wrong = [flag for flag, value in given.items() if value and backend not in applies[flag]]
+    if wrong:
+        where = "; ".join(f"{flag} to --backend {' or '.join(applies[flag])}" for flag in wrong)
+        verb = "does" if len(wrong) == 1 else "do"
+        raise TrtPruneError(f"{', '.join(wrong)} {verb} not apply to --backend {backend} ({where} only); for ONNX "
+                            "Runtime convert the ONNX file first (trt-prune fp16, trt-prune sparsify)")
     if backend != "torch" and not Path(onnx_file).is_file():
         raise TrtPruneError(f"ONNX file {onnx_file!r} does not exist; export one (trt-prune export), or profile "
                             "the PyTorch model with --backend torch")
@@ -515,9 +534,13 @@ def profile_cmd(onnx_file, backend, batch, input_shape, iterations, warmup, dura
                                layer_runs=layer_runs, config=BuildConfig(precision="fp16" if fp16 else "fp32",
                                                                          extra=extra))
     else:
+        if cache_dir:
+            ensure_output_dir(cache_dir)
+        config = BuildConfig(precision="fp16" if fp16 else "fp32", sparse_weights=sparse, cache_dir=cache_dir,
+                             extra={"cuda_graph": True} if cuda_graph else {})
         result = profile_onnx(onnx_file, backend=backend, batch=batch, input_shape=parse_shape(input_shape),
                               warmup_s=warmup, iterations=iterations, min_duration_s=duration, threads=threads,
-                              layer_runs=layer_runs)
+                              layer_runs=layer_runs, config=config)
     full = result.to_dict()
     data = {k: v for k, v in full.items() if k != "samples_ms"}
     from .profiling.aggregate import AGGREGATE_KEYS, aggregate_layers
@@ -547,6 +570,11 @@ def profile_cmd(onnx_file, backend, batch, input_shape, iterations, warmup, dura
         table.add_row(row["name"], row["op"], str(row.get("module") or ""), f"{row['ms']:.3f}")
     if result.cv_warning:
         _console().print(f"[yellow]warning:[/yellow] {result.cv_warning}")
+    if result.breakdown and not as_json:
+        from .profiling.html import breakdown_rows
+
+        for label, value in breakdown_rows(result.breakdown):
+            _console().print(f"{label}: {value}", highlight=False)
     if data["per_layer_vs_e2e"] and not as_json:
         _console().print(data["per_layer_vs_e2e"])
         stages = ", ".join(f"{r['key']} {r['ms']:.3f} ms ({r['share']:.0%})" for r in data["aggregates"]["stage"])

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fake_cuda import FakeCudart  # tests/cpu/fake_cuda.py (pytest puts this folder on sys.path)
+from fake_cuda import FakeCudart, real_cudart  # tests/cpu/fake_cuda.py (pytest puts this folder on sys.path)
+from fake_tensorrt import LAYERS, fake_tensorrt
 from torch import nn
 
 from trt_prune.backends import (
@@ -400,204 +401,20 @@ def test_build_config_round_trips_to_json():
 
 # ---------------------------------------------------------------- TensorRT session on an emulated TensorRT
 #
-# The thin layer over tensorrt and cuda.bindings runs here against stand-ins with the same call shapes:
-# an "engine" that computes y[:, c] = 2 * x[:, c % 3] and reports two layers to the profiler. The CUDA side is
-# emulated with host memory, or is the real cuda.bindings runtime where a GPU is visible.
-
-
-class _Enum:
-    def __init__(self, **members):
-        self.__dict__.update(members)
-
-
-LAYERS = [("/conv1/Conv + /act1/Relu", ["/conv1/Conv", "/act1/Relu"], 0.25),
-          ("/conv2/Conv + /act2/Relu + /conv3/Conv", ["/conv2/Conv", "/act2/Relu", "/conv3/Conv"], 0.5)]
-
-
-def _fake_tensorrt(cudart, version="10.9.0"):
-    trt = type(sys)("tensorrt")
-    trt.__version__ = version
-    trt.calls = []
-    severity = _Enum(INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)
-
-    class ILogger:
-        Severity = severity
-
-        def __init__(self):
-            pass
-
-    class IProfiler:
-        def __init__(self):
-            pass
-
-    trt.ILogger, trt.IProfiler = ILogger, IProfiler
-    trt.BuilderFlag = _Enum(FP16="FP16", SPARSE_WEIGHTS="SPARSE_WEIGHTS", TF32="TF32")
-    trt.NetworkDefinitionCreationFlag = _Enum(STRONGLY_TYPED=0)
-    trt.ProfilingVerbosity = _Enum(DETAILED="DETAILED")
-    trt.MemoryPoolType = _Enum(WORKSPACE="WORKSPACE")
-    trt.TensorIOMode = _Enum(INPUT="INPUT", OUTPUT="OUTPUT")
-    trt.LayerInformationFormat = _Enum(JSON="JSON")
-    trt.nptype = lambda dtype: np.float32
-    trt.init_libnvinfer_plugins = lambda logger, ns: trt.calls.append("init_plugins")
-
-    class TimingCache:
-        def __init__(self, data):
-            self.data = bytes(data) or b"fresh"
-
-        def serialize(self):
-            return self.data + b"+"
-
-    class Config:
-        def __init__(self):
-            self.flags, self.cleared, self.profiles = set(), set(), []
-            self.timing = None
-
-        def set_flag(self, flag):
-            self.flags.add(flag)
-
-        def clear_flag(self, flag):
-            self.cleared.add(flag)
-
-        def set_memory_pool_limit(self, pool, size):
-            self.workspace = size
-
-        def add_optimization_profile(self, profile):
-            self.profiles.append(profile)
-
-        def create_timing_cache(self, data):
-            return TimingCache(data)
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            self.timing = cache
-
-        def get_timing_cache(self):
-            return self.timing
-
-    class Profile:
-        def __init__(self):
-            self.shapes = {}
-
-        def set_shape(self, name, lo, opt, hi):
-            self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
-
-    class Builder:
-        def __init__(self, logger):
-            self.logger = logger
-
-        def create_network(self, flags):
-            trt.calls.append(("network_flags", flags))
-            return object()
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            trt.calls.append(("build", sorted(config.flags), sorted(config.cleared), config.profiles[0].shapes))
-            self.logger.log(severity.INFO, "(Sparsity) Layers eligible for sparse math: /conv2/Conv + /act2/Relu")
-            self.logger.log(severity.INFO, "(Sparsity) TRT inference plan picked sparse implementation for layers:")
-            self.logger.log(severity.VERBOSE, "lots of tactic timing")
-            return memoryview(json.dumps({"shapes": config.profiles[0].shapes}).encode())
-
-    class OnnxParser:
-        num_errors = 0
-
-        def __init__(self, network, logger):
-            pass
-
-        def parse_from_file(self, path):
-            return Path(path).is_file()
-
-    class Context:
-        def __init__(self, engine):
-            self.engine, self.shapes, self.addresses, self.profiler = engine, {}, {}, None
-
-        def set_input_shape(self, name, shape):
-            self.shapes[name] = tuple(shape)
-
-        def get_tensor_shape(self, name):
-            b, _, h, w = self.shapes["x"]
-            return (b, 4, h, w)
-
-        def set_tensor_address(self, name, ptr):
-            self.addresses[name] = ptr
-
-        def execute_async_v3(self, stream_handle):
-            assert isinstance(stream_handle, int)
-            cudart.cudaDeviceSynchronize()  # the backend's copies went to its own stream
-            shape = self.shapes["x"]
-            x = np.empty(shape, np.float32)
-            assert cudart.cudaMemcpy(x.ctypes.data, self.addresses["x"], x.nbytes,
-                                     cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost)[0] == 0
-            y = np.ascontiguousarray(2 * x[:, [0, 1, 2, 0]])
-            assert cudart.cudaMemcpy(self.addresses["y"], y.ctypes.data, y.nbytes,
-                                     cudart.cudaMemcpyKind.cudaMemcpyHostToDevice)[0] == 0
-            if self.profiler is not None:
-                for name, _, ms in LAYERS:
-                    self.profiler.report_layer_time(name, ms)
-            return True
-
-    class Inspector:
-        def get_engine_information(self, fmt):
-            return json.dumps({"Layers": [
-                {"Name": name, "LayerType": "CaskConvolution", "TacticName": "sm90_xmma_fprop",
-                 "HasSparseWeights": 0, "Outputs": [{"Format/Datatype": "Row major linear FP32"}],
-                 "Metadata": "\u001e".join(f"[ONNX Layer: {m}]" for m in members)}
-                for name, members, _ in LAYERS], "Bindings": ["x", "y"]})
-
-    class Engine:
-        num_io_tensors = 2
-
-        def get_tensor_name(self, i):
-            return ["x", "y"][i]
-
-        def get_tensor_mode(self, name):
-            return trt.TensorIOMode.INPUT if name == "x" else trt.TensorIOMode.OUTPUT
-
-        def get_tensor_shape(self, name):
-            return (-1, 3 if name == "x" else 4, 32, 32)
-
-        def get_tensor_dtype(self, name):
-            return "FLOAT"
-
-        def create_execution_context(self):
-            return Context(self)
-
-        def create_engine_inspector(self):
-            return Inspector()
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, data):
-            trt.calls.append("deserialize")
-            return Engine() if json.loads(bytes(data)) else None
-
-    trt.Builder, trt.OnnxParser, trt.Runtime = Builder, OnnxParser, Runtime
-    return trt
-
-
-def _real_cudart():
-    try:
-        from cuda.bindings import runtime
-    except Exception:
-        return None
-    err, count = runtime.cudaGetDeviceCount()
-    return runtime if int(err) == 0 and count > 0 else None
+# The thin layer over tensorrt and cuda.bindings runs here against stand-ins with the same call shapes
+# (tests/cpu/fake_tensorrt.py): an "engine" that computes y[:, c] = 2 * x[:, c % 3] and reports two layers to the
+# profiler. The CUDA side is emulated with host memory, or is the real cuda.bindings runtime where a GPU is visible.
 
 
 @pytest.fixture(params=["emulated", "cuda"])
 def emulated_trt(request, monkeypatch):
     if request.param == "cuda":
-        cudart = _real_cudart()
+        cudart = real_cudart()
         if cudart is None:
             pytest.skip("no CUDA GPU visible to cuda.bindings: the real-CUDA variant runs on GPU machines")
     else:
         cudart = FakeCudart()
-    trt = _fake_tensorrt(cudart)
+    trt = fake_tensorrt(cudart)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     if request.param == "emulated":
         cuda_pkg, bindings = type(sys)("cuda"), type(sys)("cuda.bindings")
@@ -649,3 +466,39 @@ def test_tensorrt_session_on_emulated_tensorrt(emulated_trt, small_onnx, tmp_pat
     strong = BuildConfig(precision="fp16", extra={"strongly_typed": True})
     with backend.build(small_onnx[1], strong) as s:
         assert ("network_flags", 1) in trt.calls and any("ONNX's tensor types" in n for n in s.notes)
+
+
+def test_profile_cli_on_emulated_tensorrt(emulated_trt, small_onnx, tmp_path):
+    """`trt-prune profile --backend tensorrt`: build options reach the engine, the engine cache is reused, and
+    the JSON, terminal and HTML summaries carry trtexec's per-phase breakdown."""
+    from click.testing import CliRunner
+
+    from trt_prune.cli import cli
+
+    trt, cudart = emulated_trt
+    emulated = isinstance(cudart, FakeCudart)  # the stand-in engine synchronises, so no capture on a real GPU
+    cache = tmp_path / "engines"
+    args = ["profile", str(small_onnx[1]), "--backend", "tensorrt", "--batch", "2", "--fp16", "--sparse",
+            "--cache-dir", str(cache), "--iterations", "6", "--duration", "0", "--warmup", "0", "--layer-runs", "3",
+            *(["--cuda-graph"] if emulated else [])]
+    res = CliRunner().invoke(cli, [*args, "--json", "--html", str(tmp_path / "r.html")], catch_exceptions=False)
+    assert res.exit_code == 0, res.stderr
+    data = json.loads(res.stdout)
+    build = next(c for c in trt.calls if c[0] == "build")
+    assert build[1] == ["FP16", "SPARSE_WEIGHTS"] and build[3] == {"x": ((2, 3, 32, 32),) * 3}
+    assert data["env"]["cuda_graph"] is emulated and data["env"]["host_memory"] == "pinned"
+    assert data["input_shapes"] == {"x": [2, 3, 32, 32]} and data["latency_ms"]["n"] == 6
+    phases = data["breakdown"]
+    assert phases["iterations"] == 6 and phases["cuda_graph"] is emulated
+    for phase in ("latency", "enqueue", "h2d", "gpu_compute", "d2h"):
+        assert 0 <= phases[phase]["min"] <= phases[phase]["median"] <= phases[phase]["max"]
+    assert [(r["name"], r["ms"]) for r in data["per_layer"]] == [(n, ms) for n, _, ms in sorted(
+        LAYERS, key=lambda layer: -layer[2])]
+    page = (tmp_path / "r.html").read_text()
+    assert "Throughput (trtexec)" in page and "GPU compute" in page and "Enqueue time" in page
+    assert len(list(cache.glob("*.engine"))) == 1
+    again = CliRunner().invoke(cli, args, catch_exceptions=False)  # the terminal summary, from the cache
+    assert again.exit_code == 0, again.stderr
+    assert sum(1 for c in trt.calls if c[0] == "build") == 1
+    assert "Throughput (trtexec):" in again.stderr and "H2D: min " in again.stderr  # the summary goes to stderr
+    assert "GPU compute: min " in again.stderr and "D2H: min " in again.stderr

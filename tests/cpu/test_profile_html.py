@@ -26,6 +26,7 @@ from trt_prune.profiling import profile as profile_mod
 from trt_prune.profiling import profile_onnx
 from trt_prune.profiling.html import (
     PNG_NAMES,
+    breakdown_rows,
     check_profile,
     compare_layers,
     compare_totals,
@@ -152,6 +153,31 @@ def test_summary_without_per_layer_times(profiles):
     bare = {**profiles[0], "per_layer": [], "per_layer_sum_ms": None}
     assert per_layer_share(bare) is None
     assert dict(summary_rows(bare))["Per-layer vs end-to-end"] == "per-layer times were not collected"
+
+
+def test_breakdown_rows_read_like_trtexec(profiles):
+    from trt_prune.backends.tensorrt import timing_breakdown
+
+    # three iterations 5 ms apart: H2D 0.5 ms, compute 2/3/4 ms, D2H 0.25 ms; enqueue 0.1 ms
+    starts, compute = [0.0, 5.0, 10.0], [2.0, 3.0, 4.0]
+    ends = [t + 0.5 + c for t, c in zip(starts, compute, strict=True)]
+    breakdown = timing_breakdown([t + 0.4 for t in starts], [t + 0.5 for t in starts], starts,
+                                 [t + 0.5 for t in starts], ends, [e + 0.25 for e in ends], host_wall_ms=15.0)
+    breakdown["cuda_graph"] = True
+    rows = breakdown_rows(breakdown)
+    labels = [label for label, _ in rows]
+    assert labels[:6] == ["Throughput (trtexec)", "Latency (H2D + compute + D2H)", "Enqueue time", "H2D",
+                          "GPU compute", "D2H"]
+    assert rows[0][1] == "200.0 qps over 3 iterations (host wall time, CUDA graph)"
+    assert dict(rows)["GPU compute"] == (
+        "min 2.000 / max 4.000 / mean 3.000 / median 3.000 / p90 3.800 / p95 3.900 / p99 3.980 ms")
+    assert dict(rows)["H2D"].startswith("min 0.5 / max 0.5 / mean 0.5 ")
+    assert labels[6:] == ["Warning"] and "GPU compute time: latency is unstable" in rows[6][1]
+    # in the HTML summary after the latency rows; absent for profiles without one (other backends, old files)
+    labels = [label for label, _ in summary_rows({**profiles[0], "breakdown": breakdown})]
+    assert labels.index("GPU compute") > labels.index("Latency p99")
+    assert breakdown_rows(None) == [] and breakdown_rows({"h2d": "fast"}) == []
+    assert "GPU compute" not in dict(summary_rows(profiles[0]))
 
 
 def test_compare_layers_matches_by_module(profiles):

@@ -155,7 +155,14 @@ def test_cli_profiles_a_model_on_the_torch_backend(tmp_path):
     assert sum(stages.values()) == pytest.approx(data["per_layer_sum_ms"])
     assert data["aggregates"]["op"][0]["key"] == "Conv2d"  # convolutions dominate the detector
     assert (tmp_path / "r.html").read_text().count("backbone.stem.conv") >= 1
-    for args, needle in ((["m.onnx", "--backend", "onnxruntime", "--fp16"], "--fp16 only apply to --backend torch"),
+    for args, needle in ((["m.onnx", "--backend", "onnxruntime", "--fp16"],
+                          "--fp16 does not apply to --backend onnxruntime (--fp16 to --backend torch or tensorrt "
+                          "only)"),
+                         (["m.onnx", "--backend", "tensorrt", "--channels-last", "--sparse"],
+                          "--channels-last does not apply to --backend tensorrt (--channels-last to --backend torch "
+                          "only)"),
+                         (["builtin:demo-detector", "--backend", "torch", "--cache-dir", "c"],
+                          "--cache-dir to --backend tensorrt only"),
                          (["m.onnx", "--backend", "openvino"], "unknown backend 'openvino'"),
                          (["missing.onnx"], "does not exist")):
         res = runner.invoke(cli, ["profile", *args], catch_exceptions=False)

@@ -214,3 +214,31 @@ def test_cuda_graph_replays_the_same_outputs(demo, session):
         assert graphed.graph_captures == 2, graphed.notes  # batch 2 once, batch 1 once
         assert graphed.time_breakdown({"images": _images(2)}, warmup_s=0.1, iterations=20)["cuda_graph"] is True
         assert graphed.graph_captures == 2 and graphed.env()["cuda_graph"] is True
+
+
+def test_pinned_and_pageable_staging_agree(demo, session):
+    _, path, folder = demo
+    assert session.env()["host_memory"] == "pinned", session.notes
+    config = BuildConfig(cache_dir=str(folder / "cache"), **{**FP32, "extra": {**FP32["extra"], "pinned_host": False}})
+    with get_backend("tensorrt").build(path, config) as pageable:
+        assert pageable.cache_key == session.cache_key and pageable.env()["host_memory"] == "pageable"
+        for seed, batch in enumerate([2, 4]):
+            x = _images(batch, seed)
+            np.testing.assert_allclose(pageable.run({"images": x})["preds"], session.run({"images": x})["preds"],
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_profile_cli_prints_trtexec_phases(demo, tmp_path):
+    from click.testing import CliRunner
+
+    from trt_prune.cli import cli
+
+    _, path, folder = demo
+    res = CliRunner().invoke(cli, ["profile", str(path), "--backend", "tensorrt", "--batch", "2", "--cache-dir",
+                                   str(folder / "cache-cli"), "--iterations", "20", "--duration", "0", "--warmup",
+                                   "0.2", "--layer-runs", "3", "--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["breakdown"]["iterations"] == 20 and data["breakdown"]["gpu_compute"]["min"] > 0
+    assert data["env"]["host_memory"] == "pinned" and data["env"]["gpu"]
+    assert data["per_layer"] and all(row["module"] for row in data["per_layer"][:5])

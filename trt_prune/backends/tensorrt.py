@@ -11,12 +11,14 @@ graph). The classes below only translate those into TensorRT and CUDA calls.
 ``BuildConfig.extra`` keys: ``strongly_typed`` (bool; on TensorRT 10 create the network STRONGLY_TYPED so
 the ONNX's own types decide precision; TensorRT 11 is always strongly typed), ``tf32`` (bool, default True;
 False clears the TF32 flag for bit-faithful fp32, e.g. when comparing against ONNX Runtime),
-``workspace_mib`` (int; workspace memory-pool limit). Two more only change how the engine is run, so they
+``workspace_mib`` (int; workspace memory-pool limit). Three more only change how the engine is run, so they
 are not part of the cache key: ``cuda_graph`` (bool, default False; capture ``execute_async_v3`` into a CUDA
 graph once per input shape and replay it, as trtexec's ``--useCudaGraph``; where
 :func:`cuda_graph_decision` says a run cannot be captured, or capture fails, the session runs without a
-graph and says why in ``Session.notes``) and ``cuda_api`` (``"cuda-python"`` or ``"pycuda"``; default: the
-first of them that imports).
+graph and says why in ``Session.notes``), ``cuda_api`` (``"cuda-python"`` or ``"pycuda"``; default: the
+first of them that imports) and ``pinned_host`` (bool, default True; stage inputs and outputs in page-locked
+host buffers, as trtexec does, so H2D and D2H run at full bus speed and truly asynchronously; where the driver
+refuses page-locked memory the session falls back to ordinary arrays and says so in ``Session.notes``).
 
 Cache layout, with ``cache_dir`` set (see :func:`cache_paths`): per engine, ``<key>.engine`` (the serialised
 engine), ``<key>.meta.json`` (its sidecar: TensorRT version, GPU name, compute capability, hardware
@@ -41,6 +43,7 @@ timestamps to :func:`timing_breakdown`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import math
@@ -49,7 +52,7 @@ import re
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -72,7 +75,8 @@ from trt_prune.errors import BackendError, BackendUnavailableError, ProfileError
 INSTALL_HINT = ("pip install 'trt_prune[tensorrt]' (TensorRT 10 or 11 Python bindings plus cuda-python; PyCUDA, "
                 "'trt_prune[pycuda]', also works); TensorRT needs an NVIDIA GPU and its driver")
 _BUILD_EXTRA = {"strongly_typed", "tf32", "workspace_mib"}
-_RUNTIME_EXTRA = {"cuda_graph", "cuda_api"}  # how an engine is run, not what is built: not in the cache key
+# how an engine is run, not what is built: not in the cache key
+_RUNTIME_EXTRA = {"cuda_graph", "cuda_api", "pinned_host"}
 _KNOWN_EXTRA = _BUILD_EXTRA | _RUNTIME_EXTRA
 CUDA_APIS = ("cuda-python", "pycuda")
 _MODULES = {"cuda-python": "cuda.bindings.runtime", "pycuda": "pycuda.driver"}
@@ -195,7 +199,7 @@ def engine_cache_key(onnx_sha256: str, trt_version: str, gpu_name: str,
     the TensorRT version, GPU name and compute capability, and every ``BuildConfig`` field that changes the
     engine: optimisation level, batch and shapes, precision, sparse weights and ``extra``. ``threads``
     (host threads), ``cache_dir`` (where the engine lives) and the run-time ``extra`` keys (``cuda_graph``,
-    ``cuda_api``) do not change the engine and are left out.
+    ``cuda_api``, ``pinned_host``) do not change the engine and are left out.
     """
     if not re.fullmatch(r"[0-9a-fA-F]{64}", onnx_sha256 or ""):
         raise BackendError(f"onnx_sha256 must be 64 hex digits (hashlib.sha256(...).hexdigest()), "
@@ -212,15 +216,20 @@ def engine_cache_key(onnx_sha256: str, trt_version: str, gpu_name: str,
 
 
 def runtime_options(config: BuildConfig) -> dict[str, Any]:
-    """The run-time ``extra`` keys, checked: ``{"cuda_graph": bool, "cuda_api": str | None}``."""
-    graph = config.extra.get("cuda_graph", False)
-    if not isinstance(graph, bool):
-        raise BackendError(f"extra['cuda_graph'] must be True or False, got {graph!r}")
+    """The run-time ``extra`` keys, checked: ``{"cuda_graph": bool, "cuda_api": str | None,
+    "pinned_host": bool}``. ``pinned_host`` (default True) stages inputs and outputs in page-locked host memory,
+    as trtexec does, so the H2D/D2H times are what a deployment with pinned buffers sees."""
+    flags = {"cuda_graph": False, "pinned_host": True}
+    for key, default in flags.items():
+        value = config.extra.get(key, default)
+        if not isinstance(value, bool):
+            raise BackendError(f"extra[{key!r}] must be True or False, got {value!r}")
+        flags[key] = value
     api = config.extra.get("cuda_api")
     if api is not None and api not in CUDA_APIS:
         raise BackendError(f"extra['cuda_api'] must be one of {list(CUDA_APIS)} or None (pick whichever imports), "
                            f"got {api!r}")
-    return {"cuda_graph": graph, "cuda_api": api}
+    return {**flags, "cuda_api": api}
 
 
 def build_fields(config: BuildConfig) -> dict[str, Any]:
@@ -649,6 +658,14 @@ class CudaApi(ABC):
     @abstractmethod
     def free(self, ptr: int) -> None: ...
 
+    def host_alloc(self, nbytes: int) -> int:
+        """Page-locked host memory of ``nbytes`` bytes, as a pointer. Copies from it run at full bus speed and
+        truly asynchronously; from pageable memory the driver stages them through a pinned bounce buffer."""
+        raise BackendError(f"the {self.name} adapter does not allocate page-locked host memory")
+
+    def host_free(self, ptr: int) -> None:
+        return None
+
     @abstractmethod
     def stream_create(self) -> Any: ...
 
@@ -729,6 +746,12 @@ class CudaPythonApi(CudaApi):
     def free(self, ptr: int) -> None:
         _cuda(self.cudart.cudaFree(ptr), "cudaFree", self.cudart)
 
+    def host_alloc(self, nbytes: int) -> int:
+        return int(_cuda(self.cudart.cudaMallocHost(nbytes), "cudaMallocHost", self.cudart))
+
+    def host_free(self, ptr: int) -> None:
+        _cuda(self.cudart.cudaFreeHost(ptr), "cudaFreeHost", self.cudart)
+
     def stream_create(self) -> Any:
         return _cuda(self.cudart.cudaStreamCreate(), "cudaStreamCreate", self.cudart)
 
@@ -800,6 +823,7 @@ class PyCudaApi(CudaApi):
                 import pycuda.autoinit  # noqa: F401
         self.driver = driver
         self._allocations: dict[int, Any] = {}  # a DeviceAllocation frees its memory when collected
+        self._host: dict[int, np.ndarray] = {}  # page-locked arrays; their base frees the memory
 
     @staticmethod
     def device_count() -> tuple[int, str]:
@@ -832,6 +856,17 @@ class PyCudaApi(CudaApi):
         allocation = self._allocations.pop(ptr, None)
         if allocation is not None:
             self._call("DeviceAllocation.free", allocation.free)
+
+    def host_alloc(self, nbytes: int) -> int:
+        array = self._call("pagelocked_empty", self.driver.pagelocked_empty, (nbytes,), np.uint8)
+        self._host[array.ctypes.data] = array
+        return array.ctypes.data
+
+    def host_free(self, ptr: int) -> None:
+        array = self._host.pop(ptr, None)
+        free = getattr(getattr(array, "base", None), "free", None)  # PyCUDA's HostAllocation; else GC frees it
+        if free is not None:
+            self._call("HostAllocation.free", free)
 
     def stream_create(self) -> Any:
         return self._call("Stream", self.driver.Stream)
@@ -1006,7 +1041,8 @@ class TensorRTBackend(Backend):
         if paths is not None:
             paths["inspector"].write_text(json.dumps(inspector_json, indent=1), encoding="utf-8")
         session = TensorRTSession(trt, api, runtime, engine, logger, onnx_path, ranges,
-                                  cuda_graph=options["cuda_graph"], onnx_ops=onnx_op_types(model))
+                                  cuda_graph=options["cuda_graph"], onnx_ops=onnx_op_types(model),
+                                  pinned_host=options["pinned_host"])
         session.notes.extend(notes)
         session.plan = plan
         session.cache_key = key
@@ -1081,28 +1117,40 @@ def _build_engine(trt: Any, logger: Any, onnx_path: Path, plan: BuildPlan, range
     return bytes(memoryview(serialized))
 
 
-class DeviceBuffers:
-    """Named device allocations, grown on demand and freed on close."""
+class Buffers:
+    """Named allocations (device memory, or page-locked host memory), grown on demand and freed on close."""
 
-    def __init__(self, api: CudaApi) -> None:
-        self._api = api
+    def __init__(self, alloc: Callable[[int], int], free: Callable[[int], None]) -> None:
+        self._alloc, self._free = alloc, free
         self._ptrs: dict[str, tuple[int, int]] = {}
 
     def get(self, name: str, nbytes: int) -> int:
-        """Device pointer for ``name`` with room for ``nbytes`` (reallocated only when too small)."""
+        """Pointer for ``name`` with room for ``nbytes`` (reallocated only when too small)."""
         ptr, size = self._ptrs.get(name, (0, 0))
         if size < max(nbytes, 1):
             if ptr:
-                self._api.free(ptr)
-            ptr = self._api.alloc(max(nbytes, 1))
+                self._free(ptr)
+                del self._ptrs[name]
+            ptr = self._alloc(max(nbytes, 1))
             self._ptrs[name] = (ptr, max(nbytes, 1))
         return ptr
 
     def free(self) -> None:
         for ptr, _ in self._ptrs.values():
             with contextlib.suppress(BackendError):  # closing after a CUDA error must still release the rest
-                self._api.free(ptr)
+                self._free(ptr)
         self._ptrs.clear()
+
+
+def _view_host_memory(ptr: int, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+    """A writable numpy view of ``shape``/``dtype`` over host memory at ``ptr`` (the caller keeps it alive)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return np.frombuffer((ctypes.c_uint8 * max(nbytes, 1)).from_address(ptr), dtype=dtype,
+                         count=nbytes // dtype.itemsize).reshape(shape)
+
+
+class _PinnedUnavailable(BackendError):
+    """The CUDA library refused page-locked host memory (the session falls back to pageable arrays)."""
 
 
 @dataclass
@@ -1119,20 +1167,23 @@ class TensorRTSession(Session):
 
     With ``cuda_graph``, :meth:`run`, :meth:`time` and :meth:`time_breakdown` replay ``execute_async_v3``
     from a CUDA graph captured once per input shape (the copies stay outside the graph, as in trtexec);
-    :meth:`profile_layers` always runs without one.
+    :meth:`profile_layers` always runs without one. With ``pinned_host`` (the default) inputs and outputs are
+    staged in page-locked host buffers, as trtexec's are; where the driver refuses page-locked memory the
+    session says so in :attr:`notes` and uses ordinary (pageable) arrays.
     """
 
     backend_name = "tensorrt"
 
     def __init__(self, trt: Any, api: CudaApi, runtime: Any, engine: Any, logger: Any, onnx_path: Path,
                  ranges: Mapping[str, ShapeRange], cuda_graph: bool = False,
-                 onnx_ops: Iterable[str] = ()) -> None:
+                 onnx_ops: Iterable[str] = (), pinned_host: bool = True) -> None:
         super().__init__()
         self._trt, self._api = trt, api
         self._runtime, self._engine, self._logger = runtime, engine, logger
         self.onnx_path = Path(onnx_path)
         self.ranges = dict(ranges)
         self.cuda_graph = bool(cuda_graph)
+        self.pinned_host = bool(pinned_host)
         self._onnx_ops = frozenset(onnx_ops)
         self.plan: BuildPlan | None = None
         self.cache_key: str | None = None
@@ -1144,7 +1195,8 @@ class TensorRTSession(Session):
         self._graphs: dict[tuple[Any, ...], Any] = {}  # (input shapes, device addresses) -> graph or None
         self._context = engine.create_execution_context()
         self._stream = api.stream_create()
-        self._buffers = DeviceBuffers(api)
+        self._buffers = Buffers(api.alloc, api.free)
+        self._host = Buffers(api.host_alloc, api.host_free)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         specs = {n: TensorSpec(n, tuple(int(d) for d in engine.get_tensor_shape(n)),
                                np.dtype(trt.nptype(engine.get_tensor_dtype(n))).name) for n in names}
@@ -1156,7 +1208,8 @@ class TensorRTSession(Session):
         return {"backend": self.backend_name, "backend_version": self._trt.__version__, **self.device,
                 "strongly_typed": self.plan.strongly_typed if self.plan else None,
                 "builder_flags": list(self.plan.builder_flags) if self.plan else None,
-                "cuda_api": self._api.name, "cuda_graph": self.cuda_graph}
+                "cuda_api": self._api.name, "cuda_graph": self.cuda_graph,
+                "host_memory": "pinned" if self.pinned_host else "pageable"}
 
     def time_breakdown(self, feeds: Mapping[str, np.ndarray], warmup_s: float = 1.0, iterations: int = 100,
                        min_duration_s: float = 0.0) -> dict[str, Any]:
@@ -1204,6 +1257,19 @@ class TensorRTSession(Session):
         return result
 
     def _prepare_on(self, context: Any, feeds: dict[str, np.ndarray], tag: str) -> _Prepared:
+        try:
+            return self._stage(context, feeds, tag)
+        except _PinnedUnavailable as exc:
+            why = str(exc)
+        # The driver refused page-locked memory: drop every pinned buffer (none is in use between calls) and
+        # stage in pageable arrays from now on.
+        self.pinned_host = False
+        self._host.free()
+        self._note_once(f"page-locked host memory unavailable ({why}); inputs and outputs use pageable memory, "
+                        f"so H2D/D2H times are slower than trtexec's")
+        return self._stage(context, feeds, tag)
+
+    def _stage(self, context: Any, feeds: dict[str, np.ndarray], tag: str) -> _Prepared:
         for spec in self._inputs:
             shape = feeds[spec.name].shape
             lo, _, hi = self.ranges[spec.name]
@@ -1211,21 +1277,39 @@ class TensorRTSession(Session):
                 raise BackendError(f"input {spec.name!r} has shape {shape}, outside the engine's profile "
                                    f"min {lo} / max {hi}; rebuild with BuildConfig.shapes or batch covering it")
             context.set_input_shape(spec.name, shape)
-        host_inputs = {n: np.ascontiguousarray(a) for n, a in feeds.items()}
-        host_outputs = {}
-        device = {}
+        host_inputs, host_outputs, device = {}, {}, {}
         for spec in self._inputs:
+            feed = feeds[spec.name]
+            staged = self._host_array(f"{tag}:{spec.name}", feed.shape, feed.dtype)
+            if staged is None:
+                host_inputs[spec.name] = np.ascontiguousarray(feed)
+            else:
+                np.copyto(staged, feed)
+                host_inputs[spec.name] = staged
             device[spec.name] = self._buffers.get(f"{tag}:{spec.name}", host_inputs[spec.name].nbytes)
         for spec in self._outputs:
             shape = tuple(int(d) for d in context.get_tensor_shape(spec.name))
             if any(d < 0 for d in shape):
                 raise BackendError(f"output {spec.name!r} has a data-dependent shape {shape}; this backend "
                                    f"needs output shapes known from the input shapes")
-            host_outputs[spec.name] = np.empty(shape, dtype=np.dtype(spec.dtype))
+            dtype = np.dtype(spec.dtype)
+            staged = self._host_array(f"{tag}:{spec.name}", shape, dtype)
+            host_outputs[spec.name] = np.empty(shape, dtype=dtype) if staged is None else staged
             device[spec.name] = self._buffers.get(f"{tag}:{spec.name}", host_outputs[spec.name].nbytes)
         for name, ptr in device.items():
             context.set_tensor_address(name, ptr)
         return _Prepared(context, host_inputs, host_outputs, device)
+
+    def _host_array(self, name: str, shape: Sequence[int], dtype: np.dtype) -> np.ndarray | None:
+        """A page-locked host array for ``name``, or None when this session uses pageable memory."""
+        if not self.pinned_host:
+            return None
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        try:
+            ptr = self._host.get(name, nbytes)
+        except BackendError as exc:
+            raise _PinnedUnavailable(str(exc)) from exc
+        return _view_host_memory(ptr, shape, np.dtype(dtype))
 
     def _prepare(self, feeds: dict[str, np.ndarray]) -> _Prepared:
         prepared = self._prepare_on(self._context, feeds, "main")
@@ -1359,6 +1443,7 @@ class TensorRTSession(Session):
             self._destroy_graph(graph)
         self._graphs.clear()
         self._buffers.free()
+        self._host.free()
         if self._stream is not None:
             with contextlib.suppress(BackendError):
                 self._api.stream_destroy(self._stream)

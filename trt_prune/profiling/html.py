@@ -144,6 +144,32 @@ def per_layer_share(profile: Mapping[str, Any]) -> str | None:
             "gaps between layers and copies, per layer carries the instrumentation)")
 
 
+BREAKDOWN_PHASES = (("latency", "Latency (H2D + compute + D2H)"), ("enqueue", "Enqueue time"),
+                    ("h2d", "H2D"), ("gpu_compute", "GPU compute"), ("d2h", "D2H"))
+
+
+def breakdown_rows(breakdown: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """trtexec's per-phase lines (``min / max / mean / median / p90 / p95 / p99`` in ms) for a TensorRT
+    profile's ``breakdown``; no rows when there is none or it is malformed (older files, other backends)."""
+    if not isinstance(breakdown, Mapping):
+        return []
+    rows = []
+    qps = breakdown.get("throughput_qps")
+    if isinstance(qps, (int, float)):
+        rows.append(("Throughput (trtexec)", f"{qps:.1f} qps over {breakdown.get('iterations', '?')} iterations "
+                                             f"({breakdown.get('throughput_basis', 'host wall time')}"
+                                             f"{', CUDA graph' if breakdown.get('cuda_graph') else ''})"))
+    for key, label in BREAKDOWN_PHASES:
+        phase = breakdown.get(key)
+        if not isinstance(phase, Mapping) or not all(isinstance(phase.get(k), (int, float))
+                                                     for k in ("min", "max", "mean", "median", "p90", "p95", "p99")):
+            continue
+        rows.append((label, "min {} / max {} / mean {} / median {} / p90 {} / p95 {} / p99 {} ms".format(
+            *(format_ms(phase[k]) for k in ("min", "max", "mean", "median", "p90", "p95", "p99")))))
+    rows += [("Warning", str(w)) for w in breakdown.get("warnings") or []]
+    return rows
+
+
 def summary_rows(profile: Mapping[str, Any]) -> list[tuple[str, str]]:
     """A trtexec-like performance summary as ``(label, value)`` rows: throughput, latency statistics, batch and
     shapes, backend and environment, the stability warning and the per-layer share of the latency."""
@@ -184,6 +210,7 @@ def summary_rows(profile: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
     if profile.get("cv_warning"):
         rows.append(("Warning", str(profile["cv_warning"])))
+    rows += breakdown_rows(profile.get("breakdown"))
     share = per_layer_share(profile)
     rows.append(("Per-layer vs end-to-end", share or "per-layer times were not collected"))
     if env.get("cpu"):

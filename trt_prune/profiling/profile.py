@@ -35,7 +35,9 @@ class ProfileResult:
     """One profiling run. ``latency_ms`` is :func:`~trt_prune.profiling.stats.summarize` of ``samples_ms``;
     ``per_layer`` rows are ``{name, op, module, ms, members}`` sorted by ``ms`` descending;
     ``per_layer_run_ms`` is the backend's own mean run time during the per-layer run (instrumented, so
-    larger than ``latency_ms``); ``env`` says where it ran."""
+    larger than ``latency_ms``); ``env`` says where it ran. ``breakdown`` is trtexec's per-phase summary
+    (latency, enqueue, H2D, GPU compute, D2H from CUDA events; :func:`~trt_prune.backends.tensorrt.timing_breakdown`)
+    for backends that can time the phases apart (TensorRT), from its own run after the end-to-end one."""
 
     backend: str
     onnx: str
@@ -51,6 +53,7 @@ class ProfileResult:
     env: dict[str, Any] = field(default_factory=dict)
     samples_ms: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    breakdown: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
@@ -264,13 +267,16 @@ def _measure(session: Session, backend: str, source: str, batch: int, shapes: Ma
     """Time ``session`` end to end, then profile its layers in a separate run, into one record."""
     feeds = make_feeds(session.inputs, shapes, seed)
     samples = session.time(feeds, warmup_s=warmup_s, iterations=iterations, min_duration_s=min_duration_s)
+    phases = getattr(session, "time_breakdown", None)  # already warm: no second warm-up
+    breakdown = phases(feeds, warmup_s=0.0, iterations=iterations) if phases is not None else None
     return profile_record(session, backend, source, batch, shapes, samples, feeds,
-                          layer_runs if per_layer else 0, mapping)
+                          layer_runs if per_layer else 0, mapping, breakdown=breakdown)
 
 
 def profile_record(session: Session, backend: str, source: str, batch: int, shapes: Mapping[str, Sequence[int]],
                    samples: Sequence[float], feeds: Mapping[str, np.ndarray], layer_runs: int,
-                   mapping: Mapping[str, str | None] | None = None) -> ProfileResult:
+                   mapping: Mapping[str, str | None] | None = None,
+                   breakdown: Mapping[str, Any] | None = None) -> ProfileResult:
     """One :class:`ProfileResult` from latency ``samples`` already taken (by :meth:`Session.time` or an
     interleaved run) and, when ``layer_runs`` > 0, a separate per-layer run of ``session`` on ``feeds``."""
     rows: list[LayerTime] = []
@@ -284,7 +290,8 @@ def profile_record(session: Session, backend: str, source: str, batch: int, shap
         latency_ms=latency, throughput_ips=ips, throughput_images_s=ips * batch, per_layer=per_layer_rows,
         per_layer_sum_ms=sum(r.ms for r in rows) if layer_runs else None,
         per_layer_run_ms=session.profile_run_ms if layer_runs else None, cv_warning=cv_warning(latency),
-        env={**machine_info(), **session.env()}, samples_ms=list(samples), notes=list(session.notes))
+        env={**machine_info(), **session.env()}, samples_ms=list(samples), notes=list(session.notes),
+        breakdown=dict(breakdown) if breakdown is not None else None)
 
 
 def interleaved_timings(sessions: Mapping[str, Session], feeds: Mapping[str, Mapping[str, np.ndarray]],
