@@ -22,11 +22,12 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 # GPU is visible (adapter, page-locked staging, events, graph capture; TensorRT itself stays emulated)
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/cpu/test_tensorrt_logic.py \
   tests/cpu/test_backends.py 2>&1 | tee "$RESULTS/tests.txt"
-timeout 180 python3 bench/gpu_sparse24_layers.py --json "$RESULTS/gpu_sparse24_layers.json" 2>&1 \
+timeout 180 python3 bench/gpu_sparse24_layers.py --model builtin:demo-detector,torchvision:resnet50 \
+  --json "$RESULTS/gpu_sparse24_layers.json" 2>&1 \
   | tee "$RESULTS/sparse24_layers.txt"
 timeout 240 python3 bench/gpu_torch_variants.py --seconds 1.5 --json "$RESULTS/gpu_torch_variants.json" 2>&1 \
   | tee "$RESULTS/torch_variants.txt"
 echo "== summary"
 tail -n 3 "$RESULTS/tests.txt"
-tail -n 12 "$RESULTS/sparse24_layers.txt"
+tail -n 6 "$RESULTS/sparse24_layers.txt"
 tail -n 18 "$RESULTS/torch_variants.txt"

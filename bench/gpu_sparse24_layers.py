@@ -9,9 +9,12 @@ of CUDA-event timings. The table says, per layer, whether 2:4 paid, so the eligi
 (``DEFAULT_MIN_CHANNELS``, 256 from NVIDIA's guidance) can be set from measurements.
 
 Run on a GPU machine from the repo root:
-    PYTHONPATH=. python3 bench/gpu_sparse24_layers.py [--model builtin:demo-detector] [--size 640]
-        [--batches 1,8] [--json bench/results/gpu_sparse24_layers.json]
-``--dry-run`` lists the layers and their GEMM shapes without a GPU (what the CPU tests exercise).
+    PYTHONPATH=. python3 bench/gpu_sparse24_layers.py [--model builtin:demo-detector,torchvision:resnet50]
+        [--size 640] [--batches 1,8] [--json bench/results/gpu_sparse24_layers.json]
+Several models (comma-separated) widen the range of channel counts: the demo detector's GEMMs stay at or under
+256 channels, resnet50's reach 2048. The JSON is rewritten after every model and batch, so a run cut off by a
+time limit keeps what it measured. ``--dry-run`` lists the layers and their GEMM shapes without a GPU (what the
+CPU tests exercise).
 """
 
 from __future__ import annotations
@@ -127,9 +130,27 @@ def time_layer(m: int, k: int, n: int, rounds: int, replays: int) -> dict:
     return {"dense_ms": d, "sparse_ms": s, "speedup": d / s, "max_abs_diff": err}
 
 
+BINS = ((0, 128), (128, 256), (256, 512), (512, 1 << 30))
+
+
+def summarize_by_channels(results: list[dict]) -> list[dict]:
+    """Timed layers binned by ``min(K, N)`` (the smaller channel count, which the eligibility floor tests):
+    per bin the number of layers, how many ran faster with 2:4, and the median speed-up."""
+    timed = [r for r in results if "speedup" in r]
+    rows = []
+    for lo, hi in BINS:
+        sel = [r for r in timed if lo <= min(r["K"], r["N"]) < hi]
+        if sel:
+            rows.append({"min_channels": lo, "below": hi if hi < 1 << 30 else None, "layers": len(sel),
+                         "faster": sum(r["speedup"] > 1 for r in sel),
+                         "median_speedup": statistics.median(r["speedup"] for r in sel)})
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="builtin:demo-detector")
+    p.add_argument("--model", default="builtin:demo-detector",
+                   help="model spec, or several separated by commas")
     p.add_argument("--size", type=int, default=640)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--rounds", type=int, default=15)
@@ -139,41 +160,48 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     from trt_prune.models import load_model
 
-    loaded = load_model(args.model)
-    model = loaded.model.eval()
+    specs = [m.strip() for m in args.model.split(",") if m.strip()]
     batches = [int(b) for b in args.batches.split(",")]
-    shape = (1, *loaded.input_shape[1:-2], args.size, args.size)
-    if args.dry_run:
-        for r in gemm_layers(model, shape):
-            print(f"{r['module']:40s} {r['op']:7s} M={r['M']:7d} K={r['K']:5d} N={r['N']:5d}")
-        return
-    if not torch.cuda.is_available():
+    if not args.dry_run and not torch.cuda.is_available():
         p.error("needs a CUDA GPU (use --dry-run to list the layers)")
-    model = model.cuda().half()
-    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-            "model": args.model, "size": args.size, "rounds": args.rounds, "replays": args.replays}
-    print(f"# {info['gpu']}, torch {info['torch']}; {args.model} at {args.size}×{args.size}, fp16, CUDA graphs")
-    results = []
-    for b in batches:
-        for r in gemm_layers(model, (b, *shape[1:])):
-            row = {**r, "batch": b, **time_layer(r["M"], r["K"], r["N"], args.rounds, args.replays)}
-            results.append(row)
-            if "error" in row:
-                print(f"b{b} {r['module']:36s} M={r['M']:7d} K={r['K']:5d} N={r['N']:5d}  {row['error']}")
-            else:
-                print(f"b{b} {r['module']:36s} M={r['M']:7d} K={r['K']:5d} N={r['N']:5d}  dense "
-                      f"{row['dense_ms']:.4f} ms  2:4 {row['sparse_ms']:.4f} ms  {row['speedup']:.2f}×", flush=True)
-    timed = [r for r in results if "speedup" in r]
-    if timed:
-        print("\nmin(K, N) | layers | 2:4 faster | median speed-up")
-        for lo, hi in ((0, 128), (128, 256), (256, 512), (512, 1 << 30)):
-            sel = [r for r in timed if lo <= min(r["K"], r["N"]) < hi]
-            if sel:
-                print(f"{lo}–{hi if hi < 1 << 30 else '∞'} | {len(sel)} | {sum(r['speedup'] > 1 for r in sel)} | "
-                      f"{statistics.median(r['speedup'] for r in sel):.2f}×")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": info, "results": results}, indent=1))
+    info = {"gpu": torch.cuda.get_device_name() if not args.dry_run else None, "torch": torch.__version__,
+            "python": platform.python_version(), "models": specs, "size": args.size, "rounds": args.rounds,
+            "replays": args.replays}
+    results: list[dict] = []
+    for spec in specs:
+        loaded = load_model(spec)
+        model = loaded.model.eval()
+        shape = (1, *loaded.input_shape[1:-2], args.size, args.size)
+        if args.dry_run:
+            for r in gemm_layers(model, shape):
+                print(f"{spec} {r['module']:40s} {r['op']:7s} M={r['M']:7d} K={r['K']:5d} N={r['N']:5d}")
+            continue
+        model = model.cuda().half()
+        print(f"# {info['gpu']}, torch {info['torch']}; {spec} at {args.size}×{args.size}, fp16, CUDA graphs")
+        for b in batches:
+            for r in gemm_layers(model, (b, *shape[1:])):
+                row = {"model": spec, **r, "batch": b,
+                       **time_layer(r["M"], r["K"], r["N"], args.rounds, args.replays)}
+                results.append(row)
+                head = f"b{b} {r['module']:36s} M={r['M']:7d} K={r['K']:5d} N={r['N']:5d}"
+                if "error" in row:
+                    print(f"{head}  {row['error']}")
+                else:
+                    print(f"{head}  dense {row['dense_ms']:.4f} ms  2:4 {row['sparse_ms']:.4f} ms  "
+                          f"{row['speedup']:.2f}×", flush=True)
+            if args.json:  # after every batch: a run cut off by its time limit keeps what it measured
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({"environment": info, "results": results,
+                                                 "by_channels": summarize_by_channels(results)}, indent=1))
+        del model
+        torch.cuda.empty_cache()
+    summary = summarize_by_channels(results)
+    if summary:
+        print("\nmin(K, N) | layers | 2:4 faster | median speed-up   (all models and batches)")
+        for row in summary:
+            upper = row["below"] if row["below"] is not None else "∞"
+            print(f"{row['min_channels']}–{upper} | {row['layers']} | {row['faster']} | "
+                  f"{row['median_speedup']:.2f}×")
 
 
 if __name__ == "__main__":

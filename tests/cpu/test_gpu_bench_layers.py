@@ -29,6 +29,17 @@ def test_gemm_shapes_of_linear_and_pointwise_convs():
     ]  # 3×3, strided and depthwise convs are not plain GEMMs; the 8-channel input conv is not either
 
 
+def test_summary_bins_layers_by_their_smaller_channel_count():
+    rows = [{"K": 64, "N": 256, "speedup": 0.5}, {"K": 256, "N": 64, "speedup": 0.7},
+            {"K": 256, "N": 1024, "speedup": 1.2}, {"K": 1024, "N": 256, "speedup": 0.9},
+            {"K": 512, "N": 2048, "speedup": 1.4}, {"K": 2048, "N": 512, "error": "RuntimeError: shape"}]
+    assert _bench().summarize_by_channels(rows) == [
+        {"min_channels": 0, "below": 128, "layers": 2, "faster": 0, "median_speedup": 0.6},
+        {"min_channels": 256, "below": 512, "layers": 2, "faster": 1, "median_speedup": 1.05},
+        {"min_channels": 512, "below": None, "layers": 1, "faster": 1, "median_speedup": 1.4},
+    ]  # layers that failed to convert are not timed, so not counted
+
+
 def test_torch_variants_bench_dry_run_on_the_cpu():
     """bench/gpu_torch_variants.py's code path, on the CPU (fp32, no graphs, no 2:4 kernels)."""
     path = BENCH.with_name("gpu_torch_variants.py")
