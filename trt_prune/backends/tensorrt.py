@@ -1142,13 +1142,6 @@ class Buffers:
         self._ptrs.clear()
 
 
-def _view_host_memory(ptr: int, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
-    """A writable numpy view of ``shape``/``dtype`` over host memory at ``ptr`` (the caller keeps it alive)."""
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    return np.frombuffer((ctypes.c_uint8 * max(nbytes, 1)).from_address(ptr), dtype=dtype,
-                         count=nbytes // dtype.itemsize).reshape(shape)
-
-
 class _PinnedUnavailable(BackendError):
     """The CUDA library refused page-locked host memory (the session falls back to pageable arrays)."""
 
@@ -1304,12 +1297,15 @@ class TensorRTSession(Session):
         """A page-locked host array for ``name``, or None when this session uses pageable memory."""
         if not self.pinned_host:
             return None
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
         try:
-            ptr = self._host.get(name, nbytes)
+            ptr = self._host.get(name, count * dtype.itemsize)
         except BackendError as exc:
             raise _PinnedUnavailable(str(exc)) from exc
-        return _view_host_memory(ptr, shape, np.dtype(dtype))
+        # a writable view over the buffer, which self._host keeps alive until close or regrowth
+        memory = (ctypes.c_uint8 * max(count * dtype.itemsize, 1)).from_address(ptr)
+        return np.frombuffer(memory, dtype=dtype, count=count).reshape(shape)
 
     def _prepare(self, feeds: dict[str, np.ndarray]) -> _Prepared:
         prepared = self._prepare_on(self._context, feeds, "main")
