@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo demo-quick test lint setup clean
+.PHONY: demo demo-quick test lint docs setup clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check trt_prune tests bench
+
+docs: setup
+	$(BIN)/mkdocs build --strict --site-dir out/site
 
 clean:
 	rm -rf out .pytest_cache

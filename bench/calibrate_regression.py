@@ -6,15 +6,15 @@ default settings (min effect 5 %, 95 % interval, 8 to 40 interleaved blocks of 1
 
 1. A/A: the model against a second session of the same file, ``--aa`` times: how often is it called a
    regression (target: at most 1 in 20) or an improvement?
-2. Planted 5 % and 10 %: the candidate is the same graph plus planted work (``trt_prune.bench.planted``), its
+2. Planted 5 % and 10 %: the candidate is the same graph plus planted work (``trt_prune.regression.planted``), its
    size found by bisection so that the candidate is 5 % / 10 % slower in long interleaved measurements
    (reported: the measured slowdown); ``--planted`` comparisons each: how often is it called a regression
    (target at 10 %: at least 19 in 20)?
 
 Sessions are built once per experiment; per-layer profiles and accuracy are off (they do not enter the timing
-verdict). Results go to ``bench/results/regression_calibration.{json,md}``.
+verdict). Results go to ``bench/results/regression_calibration.{json,md}``, stamped with commit, date and machine.
 
-    python bench/calibrate_regression.py [--aa 30] [--planted 20] [--json OUT] [--markdown OUT]
+    python bench/calibrate_regression.py [--aa 30] [--planted 20] [--json OUT.json]  # OUT.md goes beside it
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import json
 import random
 import sys
 import tempfile
@@ -31,16 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from _common import RESULTS, save, stamp
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from _common import commit  # noqa: E402
-
-from trt_prune.bench.live import Settings, compare_arms, prepare_arm, to_onnx  # noqa: E402
-from trt_prune.bench.planted import calibrate_planted, plant_work  # noqa: E402
-from trt_prune.profiling.profile import interleaved_blocks, machine_info  # noqa: E402
+from trt_prune.profiling.profile import interleaved_blocks
+from trt_prune.regression.live import Settings, compare_arms, prepare_arm, to_onnx
+from trt_prune.regression.planted import calibrate_planted, plant_work
 
 
 def _series(base, cand, settings: Settings, n: int, label: str) -> dict:
@@ -64,12 +58,11 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--aa", type=int, default=30)
     parser.add_argument("--planted", type=int, default=20)
-    parser.add_argument("--json", default=str(ROOT / "bench/results/regression_calibration.json"))
-    parser.add_argument("--markdown", default=str(ROOT / "bench/results/regression_calibration.md"))
+    parser.add_argument("--json", default=str(RESULTS / "regression_calibration.json"),
+                        help="result file; its Markdown table goes beside it (.md)")
     args = parser.parse_args(argv)
     settings = Settings(threads=1, layer_runs=0, accuracy_images=0)
-    out = {"machine": machine_info(), "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-           "model": "builtin:demo-detector", "backend": "onnxruntime", "threads": 1,
+    out = {"provenance": stamp(), "model": "builtin:demo-detector", "backend": "onnxruntime", "threads": 1,
            "settings": {k: getattr(settings, k) for k in ("min_effect", "alpha", "level", "min_blocks", "max_blocks",
                                                           "step_blocks", "per_block")}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,18 +99,16 @@ def main(argv=None) -> dict:
             cand.session.close()
             out["planted"][f"{target:.2f}"] = {"steps": steps, "measured_slowdown": measured, **series}
         a1.session.close()
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-    Path(args.markdown).write_text(_markdown(out))
+    save(args.json, out, _markdown(out))
     print(_markdown(out))
     return out
 
 
 def _markdown(r: dict) -> str:
-    m, s = r["machine"], r["settings"]
+    m, s = r["provenance"]["machine"], r["settings"]
     lines = ["# Calibration of the regression verdict\n",
-             f"Machine: {m['cpu']}, {m['usable_cores']} usable cores; ONNX Runtime, 1 thread; {r['model']}; commit "
-             f"{r['commit']}, {r['date']}. Settings: min effect {s['min_effect']:.0%}, {s['level']:.0%} interval, "
+             f"Machine: {m['cpu']}, {m['usable_cores']} usable cores; ONNX Runtime, 1 thread; {r['model']}. "
+             f"Settings: min effect {s['min_effect']:.0%}, {s['level']:.0%} interval, "
              f"{s['min_blocks']}–{s['max_blocks']} interleaved blocks of {s['per_block']} calls. Rerun: "
              "`python bench/calibrate_regression.py`.\n",
              "| experiment | true slowdown | comparisons | regression | improvement | no change | inconclusive | "

@@ -121,8 +121,8 @@ def run_model(name: str, result_path: Path, mem_gib: float, keep: Path | None, p
     save()
     import torch
 
-    from trt_prune.clean import clean_onnx
-    from trt_prune.export import export_onnx
+    from trt_prune.cleaner import clean_onnx
+    from trt_prune.exporter import export_onnx
     from trt_prune.pruning import prune
 
     torch.manual_seed(0)

@@ -16,7 +16,9 @@ default settings and records what was kept in fp32, the Casts, and the parity er
 random inputs: a check that the conversion and its block list hold up beyond the demo detector.
 
 Usage:
-    python bench/fp16_accuracy.py [--images 500] [--threads 2] [--sweep DIR] [--json OUT.json] [--markdown OUT.md]
+    python bench/fp16_accuracy.py [--images 500] [--threads 2] [--sweep DIR] [--json OUT.json]
+The result goes to ``bench/results/fp16_accuracy.{json,md}`` (or OUT.json and OUT.md beside it), stamped with
+commit, date and machine by ``trt_prune.provenance.write_result``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +34,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 TARGET = 0.002  # allowed |mAP@[.5:.95] fp16 - fp32|
 
@@ -66,7 +66,7 @@ def _nms_variants(model, shape, val, images: int, threads: int, tmp: Path, recor
     """The deployment graph of ``trt-prune export --nms``: decoding, sigmoid and NMS inside, fp32 vs fp16."""
     import onnx
 
-    from trt_prune.clean import clean_onnx
+    from trt_prune.cleaner import clean_onnx
     from trt_prune.detection.metrics import coco_map
     from trt_prune.detection.nms_export import NMSConfig, export_detector_nms, unpad_detections
     from trt_prune.precision import to_fp16
@@ -133,24 +133,21 @@ def environment() -> dict:
     from trt_prune.profiling.profile import machine_info
 
     versions = {d: metadata.version(d) for d in ("torch", "onnx", "onnxruntime", "onnx_graphsurgeon")}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                            check=False).stdout.strip() or None
-    return {**machine_info(), "versions": versions, "commit": commit, "load_avg": os.getloadavg(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {**machine_info(), "versions": versions, "load_avg": os.getloadavg()}
 
 
 def run(images: int, threads: int) -> dict:
     import onnx
 
-    from trt_prune.clean import clean_onnx
+    from trt_prune.cleaner import clean_onnx
     from trt_prune.data import RoadScenes
     from trt_prune.detection.metrics import evaluate
-    from trt_prune.export import export_onnx
+    from trt_prune.exporter import export_onnx
     from trt_prune.models import load_model
     from trt_prune.precision import to_fp16
 
     loaded = load_model("builtin:demo-detector")
-    if "weights" not in loaded.meta:
+    if loaded.meta.weights is None:
         raise SystemExit("the demo detector's shipped weights are missing; train them first")
     shape = loaded.input_shape
     val = RoadScenes("val", size=shape[-1])
@@ -252,7 +249,7 @@ def markdown(record: dict, env: dict, command: str) -> str:
         f"Machine: {env['cpu']}, {env['cpu_count']} cores ({env['usable_cores']} usable), {env['platform']}; "
         f"load average at start {env['load_avg'][0]:.1f}. Python {env['python']}, torch {v['torch']}, onnx "
         f"{v['onnx']}, onnxruntime {v['onnxruntime']} (CPUExecutionProvider), onnx-graphsurgeon "
-        f"{v['onnx_graphsurgeon']}. Commit {env['commit']} plus the working tree, {env['date']}.",
+        f"{v['onnx_graphsurgeon']}.",
         "",
         f"Model: `{record['model']}` with its shipped weights, input {record['input_shape']}, exported "
         f"({record['export']['exporter']}) and cleaned ({record['clean']['nodes_before']} → "
@@ -322,13 +319,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=500, help="validation images to score (default 500)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: usable cores)")
     p.add_argument("--sweep", type=Path, help="also convert every <DIR>/<model>/ours.onnx (clean_vs_polygraphy --keep)")
-    p.add_argument("--json", type=Path, default=ROOT / "bench/results/fp16_accuracy.json")
-    p.add_argument("--markdown", type=Path, default=ROOT / "bench/results/fp16_accuracy.md")
+    p.add_argument("--json", type=Path, default=ROOT / "bench/results/fp16_accuracy.json",
+                   help="result file; its Markdown goes beside it (.md)")
     args = p.parse_args(argv)
     if args.images < 1:
         p.error(f"--images must be at least 1, got {args.images}")
-    from trt_prune.artifacts import write_json, write_text
     from trt_prune.profiling.profile import machine_info
+    from trt_prune.provenance import write_result
 
     threads = args.threads or machine_info()["usable_cores"]
     env = environment()
@@ -340,9 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.sweep:
         record["sweep_folder"] = str(args.sweep)
         record["sweep"] = sweep(args.sweep)
-    write_json(args.json, {"environment": env, "command": command, "target_delta_map50_95": TARGET, **record})
     text = markdown(record, env, command)
-    write_text(args.markdown, text)
+    write_result(args.json.stem, {"environment": env, "command": command, "target_delta_map50_95": TARGET, **record},
+                 text, results_dir=args.json.parent, folder=ROOT)
     print()
     print(text)
 

@@ -12,7 +12,8 @@ Run on a GPU machine from the repo root:
     PYTHONPATH=. python3 bench/gpu_sparse24_layers.py [--model builtin:demo-detector,torchvision:resnet50]
         [--size 640] [--batches 1,8] [--json bench/results/gpu_sparse24_layers.json]
 Several models (comma-separated) widen the range of channel counts: the demo detector's GEMMs stay at or under
-256 channels, resnet50's reach 2048. The JSON is rewritten after every model and batch, so a run cut off by a
+256 channels, resnet50's reach 2048. The JSON (stamped with commit, date and machine by
+``trt_prune.provenance.write_result``) is rewritten after every model and batch, so a run cut off by a
 time limit keeps what it measured. ``--dry-run`` lists the layers and their GEMM shapes without a GPU (what the
 CPU tests exercise).
 """
@@ -20,17 +21,14 @@ CPU tests exercise).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def gemm_layers(model: nn.Module, input_shape) -> list[dict]:
@@ -155,10 +153,11 @@ def main(argv=None) -> None:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--replays", type=int, default=50)
-    p.add_argument("--json", type=Path)
+    p.add_argument("--json", type=Path, help="result file (e.g. bench/results/gpu_sparse24_layers.json)")
     p.add_argument("--dry-run", action="store_true", help="list layers and GEMM shapes on the CPU only")
     args = p.parse_args(argv)
     from trt_prune.models import load_model
+    from trt_prune.provenance import stamp, write_result
 
     specs = [m.strip() for m in args.model.split(",") if m.strip()]
     batches = [int(b) for b in args.batches.split(",")]
@@ -168,6 +167,7 @@ def main(argv=None) -> None:
             "python": platform.python_version(), "models": specs, "size": args.size, "rounds": args.rounds,
             "replays": args.replays}
     results: list[dict] = []
+    provenance = stamp(ROOT) if args.json else None
     for spec in specs:
         loaded = load_model(spec)
         model = loaded.model.eval()
@@ -190,9 +190,9 @@ def main(argv=None) -> None:
                     print(f"{head}  dense {row['dense_ms']:.4f} ms  2:4 {row['sparse_ms']:.4f} ms  "
                           f"{row['speedup']:.2f}×", flush=True)
             if args.json:  # after every batch: a run cut off by its time limit keeps what it measured
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps({"environment": info, "results": results,
-                                                 "by_channels": summarize_by_channels(results)}, indent=1))
+                write_result(args.json.stem, {"provenance": provenance, "environment": info, "results": results,
+                                              "by_channels": summarize_by_channels(results)},
+                             results_dir=args.json.parent, folder=ROOT)
         del model
         torch.cuda.empty_cache()
     summary = summarize_by_channels(results)

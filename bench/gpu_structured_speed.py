@@ -1,7 +1,10 @@
 """Dense vs structured-pruned demo detector on a CUDA GPU, by channel rounding: torch, fp16, channels_last,
 CUDA-graph replay timed with CUDA events (medians over interleaved rounds).
 
-Run on a GPU machine from the repo root: PYTHONPATH=. python3 bench/gpu_structured_speed.py [--out results.json]
+Run on a GPU machine from the repo root:
+    PYTHONPATH=. python3 bench/gpu_structured_speed.py [--out bench/results/gpu_structured_speed.json]
+``--out`` writes the rows as JSON and the table as Markdown beside it, stamped with commit, date and machine by
+``trt_prune.provenance.write_result``.
 It shows on the GPU what bench/round_to_sweep.py shows on the CPU: the same MACs run at different speeds
 depending on whether the channel counts suit the kernels.
 """
@@ -10,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -43,7 +46,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--replays", type=int, default=50)
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", type=Path, default=None, help="result file (.json; the table goes beside it as .md)")
     args = p.parse_args()
 
     from trt_prune.models import load_model
@@ -77,15 +80,18 @@ def main() -> None:
                          "speedup": base / med, "images_per_s": bs * 1000 / med})
         del timers
         torch.cuda.empty_cache()
-    print(f"{gpu}, torch {torch.__version__}, fp16, channels_last, CUDA-graph replay, "
-          f"medians of {args.rounds} rounds x {args.replays} replays\n")
-    print("| batch | variant | MACs vs dense | ms | images/s | speed-up |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['batch']} | {r['variant']} | {r['macs_ratio']:.3f} | {r['ms']:.3f} | {r['images_per_s']:.0f} | "
-              f"{r['speedup']:.2f}× |")
+    lines = [f"{gpu}, torch {torch.__version__}, fp16, channels_last, CUDA-graph replay, "
+             f"medians of {args.rounds} rounds x {args.replays} replays", "",
+             "| batch | variant | MACs vs dense | ms | images/s | speed-up |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['variant']} | {r['macs_ratio']:.3f} | {r['ms']:.3f} | {r['images_per_s']:.0f} | "
+              f"{r['speedup']:.2f}× |" for r in rows]
+    table = "\n".join(lines) + "\n"
+    print(table)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"gpu": gpu, "torch": torch.__version__, "rows": rows}, f, indent=2)
+        from trt_prune.provenance import write_result
+
+        write_result(args.out.stem, {"gpu": gpu, "torch": torch.__version__, "rows": rows}, table,
+                     results_dir=args.out.parent, folder=Path(__file__).resolve().parents[1])
 
 
 if __name__ == "__main__":

@@ -17,20 +17,21 @@ per-module profile with its sum against the end-to-end latency. Prints a short t
 On a machine without CUDA, ``--dry-run`` runs the same code path on the CPU in fp32 at a small size without
 CUDA graphs or 2:4 (what ``tests/cpu`` exercises).
 
-    PYTHONPATH=. python3 bench/gpu_torch_variants.py [--json OUT] [--size 640] [--batches 1,8] [--seconds 2]
+    PYTHONPATH=. python3 bench/gpu_torch_variants.py [--json OUT.json] [--size 640] [--batches 1,8] [--seconds 2]
+
+``--json`` writes the result (stamped with commit, date and machine by ``trt_prune.provenance.write_result``)
+and the table beside it as ``OUT.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MODELS = ("builtin:demo-detector", "torchvision:resnet50")
 VARIANTS = ("dense", "structured", "2:4", "structured+2:4")
@@ -104,8 +105,10 @@ def main(argv=None) -> dict:
     result = {"gpu": env.get("gpu", "none (dry run)"), "torch": torch.__version__, "python": platform.python_version(),
               "size": args.size, "dry_run": args.dry_run, "rows": rows}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        from trt_prune.provenance import write_result
+
+        write_result(Path(args.json).stem, result, "```\n" + table(result) + "\n```",
+                     results_dir=Path(args.json).parent, folder=ROOT)
     print(table(result))
     return result
 

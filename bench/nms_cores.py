@@ -16,13 +16,14 @@ swapped at a top-k boundary, and seconds per image for the graph in ONNX Runtime
 post-processing), batch 1.
 
 Usage:
-    python bench/nms_cores.py [--images 50] [--box-tol 0.05] [--cores NAME ...] [--json OUT] [--markdown OUT]
+    python bench/nms_cores.py [--images 50] [--box-tol 0.05] [--cores NAME ...] [--json OUT.json]
+Writes ``bench/results/nms_cores.{json,md}`` (or OUT.json and OUT.md beside it), stamped with commit, date and
+machine by ``trt_prune.provenance.write_result``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -30,22 +31,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import RESULTS, ort_session, save, stamp
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from _common import commit, ort_session  # noqa: E402
-
-from trt_prune.detection.nms_export import (  # noqa: E402
+from trt_prune.detection.nms_export import (
     check_images,
     compare_detections,
     decode_plan,
     export_detector_nms,
 )
-from trt_prune.detection.torchvision_decode import KINDS, core_reference  # noqa: E402
-from trt_prune.models.cores import CORES, calibrate_batchnorm, detection_core  # noqa: E402
-from trt_prune.profiling.profile import machine_info  # noqa: E402
+from trt_prune.detection.torchvision_decode import KINDS, core_reference
+from trt_prune.models.cores import CORES, calibrate_batchnorm, detection_core
 
 
 def run_core(name: str, images: int, box_tol: float, folder: Path) -> dict:
@@ -102,8 +97,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--images", type=int, default=50)
     parser.add_argument("--box-tol", type=float, default=0.05, help="pixels; also the decode parity atol")
     parser.add_argument("--cores", nargs="+", default=list(KINDS), choices=list(KINDS))
-    parser.add_argument("--json", default=str(ROOT / "bench/results/nms_cores.json"))
-    parser.add_argument("--markdown", default=str(ROOT / "bench/results/nms_cores.md"))
+    parser.add_argument("--json", default=str(RESULTS / "nms_cores.json"),
+                        help="result file; its Markdown table goes beside it (.md)")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,25 +106,22 @@ def main(argv=None) -> dict:
             print(f"{name} …", file=sys.stderr, flush=True)
             rows.append(run_core(name, args.images, args.box_tol, Path(tmp)))
     result = {
-        "machine": machine_info(), "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
-        "torchvision": __import__("torchvision").__version__, "commit": commit(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "images": args.images,
+        "provenance": stamp(), "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
+        "torchvision": __import__("torchvision").__version__, "images": args.images,
         "box_tol": args.box_tol, "cores": rows,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    Path(args.markdown).write_text(_markdown(result))
+    save(args.json, result, _markdown(result))
     print(_markdown(result))
     return result
 
 
 def _markdown(r: dict) -> str:
-    m = r["machine"]
+    m = r["provenance"]["machine"]
     lines = [
         "# `export --nms` on torchvision cores vs torchvision's own post-processing\n",
         f"Machine: {m['cpu']}, {m['usable_cores']} usable cores (CPU only); torch {r['torch']}, "
         f"torchvision {r['torchvision']}, "
-        f"ONNX Runtime {r['onnxruntime']}; commit {r['commit']}, {r['date']}. {r['images']} RoadScenes validation "
+        f"ONNX Runtime {r['onnxruntime']}. {r['images']} RoadScenes validation "
         f"images per core, batch 1; random weights with BatchNorm statistics from 8 scenes; box tolerance "
         f"{r['box_tol']} px. Rerun: `python bench/nms_cores.py`.\n",
         "| core | input | anchors × classes | pre-NMS top-k | score thr. | detections (torchvision) | paired | "

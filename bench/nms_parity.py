@@ -10,30 +10,25 @@ COCO mAP of both (pycocotools; for the default tail the torch number comes from
 graph against ``nms_reference`` on the ONNX decode graph's own boxes and scores.
 
 Usage:
-    python bench/nms_parity.py [--images 300] [--batch 16] [--exporter dynamo] [--json OUT] [--markdown OUT]
+    python bench/nms_parity.py [--images 300] [--batch 16] [--exporter dynamo] [--json OUT.json]
+Writes ``bench/results/nms_parity.{json,md}`` (or OUT.json and OUT.md beside it), stamped with commit, date and
+machine by ``trt_prune.provenance.write_result``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import onnx
 import torch
+from _common import RESULTS, ort_session, save, stamp
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from _common import commit, ort_session  # noqa: E402
-
-from trt_prune.data import RoadScenes  # noqa: E402
-from trt_prune.detection.metrics import coco_map, evaluate  # noqa: E402
-from trt_prune.detection.nms_export import (  # noqa: E402
+from trt_prune.data import RoadScenes
+from trt_prune.detection.metrics import coco_map, evaluate
+from trt_prune.detection.nms_export import (
     DECODED_NAMES,
     DetectorDecode,
     NMSConfig,
@@ -44,9 +39,8 @@ from trt_prune.detection.nms_export import (  # noqa: E402
     reference_detections,
     unpad_detections,
 )
-from trt_prune.export import export_onnx  # noqa: E402
-from trt_prune.models import load_model  # noqa: E402
-from trt_prune.profiling.profile import machine_info  # noqa: E402
+from trt_prune.exporter import export_onnx
+from trt_prune.models import load_model
 
 VARIANTS = {
     "default (mAP setting)": NMSConfig(),
@@ -60,8 +54,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
-    parser.add_argument("--json", default=str(ROOT / "bench/results/nms_parity.json"))
-    parser.add_argument("--markdown", default=str(ROOT / "bench/results/nms_parity.md"))
+    parser.add_argument("--json", default=str(RESULTS / "nms_parity.json"),
+                        help="result file; its Markdown table goes beside it (.md)")
     args = parser.parse_args(argv)
 
     loaded = load_model("builtin:demo-detector")
@@ -122,26 +116,23 @@ def main(argv=None) -> dict:
                                                              "identical_images")}
     tail["max_box_diff"] = max(s["max_box_diff"] for s in tail_only)
     result = {
-        "machine": machine_info(), "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
-        "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "provenance": stamp(), "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
         "model": "builtin:demo-detector (shipped weights)", "input_shape": list(shape), "images": n,
         "exporter": exported.decode.exporter, "export": export_info, "torch_evaluate": torch_eval,
         "nms_tail_same_inputs": tail, "variants": rows, "seconds": round(time.perf_counter() - started, 1),
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    Path(args.markdown).write_text(_markdown(result))
+    save(args.json, result, _markdown(result))
     print(_markdown(result))
     return result
 
 
 def _markdown(r: dict) -> str:
-    m = r["machine"]
+    m = r["provenance"]["machine"]
     lines = [
         "# Decode + NMS in the graph: ONNX Runtime vs the torch post-processing",
         "",
         f"Machine: {m['cpu']}, {m['usable_cores']} usable cores (CPU only); torch {r['torch']}, onnxruntime "
-        f"{r['onnxruntime']}; commit {r['commit']}, {r['date']}. {r['model']}, input "
+        f"{r['onnxruntime']}. {r['model']}, input "
         f"{'x'.join(map(str, r['input_shape']))}, {r['images']} RoadScenes validation images, exporter "
         f"{r['exporter']} (`trt-prune export builtin:demo-detector --nms`), {r['seconds']} s in all.",
         "",

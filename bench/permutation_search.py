@@ -17,15 +17,15 @@ kept = the |w| that survives the 2:4 mask, ``kept_unstructured`` = the largest h
 Timings are wall-clock on this machine (shared: the load average at the start is recorded).
 
 Usage: python bench/permutation_search.py [--budget 1] [--layer-budget 1] [--seeds 10] [--asp-seeds 5]
-    [--min-channels 64] [--json bench/results/permutation_search.json] [--markdown bench/results/permutation_search.md]
+    [--min-channels 64] [--json bench/results/permutation_search.json]
+``--json`` writes the result and its Markdown beside it (``.md``), stamped with commit, date and machine by
+``trt_prune.provenance.write_result``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -53,12 +53,6 @@ def environment() -> dict:
 
     env = machine_info()
     env["load_avg"] = list(os.getloadavg())
-    env["date"] = time.strftime("%Y-%m-%d %H:%M")
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        env["commit"] = None
     return env
 
 
@@ -134,7 +128,7 @@ def markdown(res: dict) -> str:
     out = ["# Channel-permutation search for 2:4 sparsity", "",
            f"Machine: {env['cpu']}, {env['cpu_count']} cores ({env['usable_cores']} usable), {env['platform']}; "
            f"shared, load average at start {env['load_avg'][0]:.1f}. Python {env['python']}, numpy {env['numpy']}. "
-           f"Commit {env['commit']}, {env['date']}. Single-threaded numpy search (`search_permutation`).", "",
+           "Single-threaded numpy search (`search_permutation`).", "",
            "Efficacy = 100 × (kept_permuted − kept_plain) / (kept_unstructured − kept_plain); kept_unstructured = "
            "the largest half of |w| in every row (a conv `[K, C, R, S]` is `K·R·S` rows of `C`).", "",
            f"## Random 64×128 (standard normal, 64 rows × 128 input channels), seeds 0–{len(rnd['runs']) - 1}, "
@@ -180,8 +174,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=10, help="random 64x128 matrices (seeds 0..N-1)")
     p.add_argument("--asp-seeds", type=int, default=5, help="search seeds on ASP's reference matrix")
     p.add_argument("--min-channels", type=int, default=64)
-    p.add_argument("--json", type=Path)
-    p.add_argument("--markdown", type=Path)
+    p.add_argument("--json", type=Path, help="result file; its Markdown goes beside it (.md)")
     args = p.parse_args()
 
     env = environment()
@@ -195,11 +188,9 @@ def main() -> None:
     print()
     print(text)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text)
+        from trt_prune.provenance import write_result
+
+        write_result(args.json.stem, res, text, results_dir=args.json.parent, folder=ROOT)
 
 
 if __name__ == "__main__":

@@ -12,29 +12,23 @@ Two backends, one report API (``trt_prune.profiling``):
 A sum within ±10 % of the end-to-end latency is the target; where it is not met the report says why (the
 instrumented per-layer run is itself slower, and ONNX Runtime's node profiler misses the time between nodes).
 
-    python bench/profile_mapping.py [--batch 1] [--iterations 200] [--layer-runs 50] [--json OUT] [--markdown OUT]
+    python bench/profile_mapping.py [--batch 1] [--iterations 200] [--layer-runs 50] [--json OUT.json]
+Writes ``bench/results/profile_mapping.{json,md}`` (or OUT.json and OUT.md beside it), stamped with commit, date
+and machine by ``trt_prune.provenance.write_result``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from _common import RESULTS, save, stamp
 
-from _common import commit  # noqa: E402
-
-from trt_prune.clean import clean_onnx  # noqa: E402
-from trt_prune.export import export_onnx  # noqa: E402
-from trt_prune.models import load_model  # noqa: E402
-from trt_prune.profiling import aggregate_layers, profile_onnx, profile_torch  # noqa: E402
-from trt_prune.profiling.profile import machine_info  # noqa: E402
+from trt_prune.cleaner import clean_onnx
+from trt_prune.exporter import export_onnx
+from trt_prune.models import load_model
+from trt_prune.profiling import aggregate_layers, profile_onnx, profile_torch
 
 
 def _summary(result, node_names: set[str] | None = None) -> dict:
@@ -63,8 +57,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--layer-runs", type=int, default=50)
-    parser.add_argument("--json", default=str(ROOT / "bench/results/profile_mapping.json"))
-    parser.add_argument("--markdown", default=str(ROOT / "bench/results/profile_mapping.md"))
+    parser.add_argument("--json", default=str(RESULTS / "profile_mapping.json"),
+                        help="result file; its Markdown table goes beside it (.md)")
     args = parser.parse_args(argv)
     import onnx
 
@@ -80,23 +74,20 @@ def main(argv=None) -> dict:
     torch_result = profile_torch("builtin:demo-detector", batch=args.batch, warmup_s=1.0,
                                  iterations=args.iterations, min_duration_s=2.0, layer_runs=args.layer_runs)
     result = {
-        "machine": machine_info(), "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "model": "builtin:demo-detector", "input": [args.batch, *loaded.input_shape[1:]],
+        "provenance": stamp(), "model": "builtin:demo-detector", "input": [args.batch, *loaded.input_shape[1:]],
         "onnxruntime": {**_summary(ort, nodes), "env": {k: ort.env.get(k) for k in ("onnxruntime", "threads",
                                                                                      "graph_optimization_level")}},
         "torch": {**_summary(torch_result), "env": {k: torch_result.env.get(k) for k in ("torch", "threads")}},
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    Path(args.markdown).write_text(_markdown(result))
+    save(args.json, result, _markdown(result))
     print(_markdown(result))
     return result
 
 
 def _markdown(r: dict) -> str:
-    m = r["machine"]
+    m = r["provenance"]["machine"]
     lines = ["# Per-layer profiles of the demo detector, mapped to modules\n",
-             f"Machine: {m['cpu']}, {m['usable_cores']} usable cores; commit {r['commit']}, {r['date']}. "
+             f"Machine: {m['cpu']}, {m['usable_cores']} usable cores. "
              f"Input {'x'.join(map(str, r['input']))}. Rerun: `python bench/profile_mapping.py`.\n",
              "| backend | e2e mean ms | layers | mapped to a module | ONNX nodes covered | per-layer sum ms | "
              "sum / e2e | per-layer run ms |", "|---|---|---|---|---|---|---|---|"]

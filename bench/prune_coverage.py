@@ -24,10 +24,12 @@ Every model/engine pair runs in its own subprocess under a wall-clock timeout an
 
 Usage:
     python bench/prune_coverage.py [--models resnet18,swin_t] [--engines ours,tp] [--timeout 600]
-        [--mem-gib 12] [--repeats 3] [--json OUT.json] [--markdown OUT.md] [--update]
+        [--mem-gib 12] [--repeats 3] [--json OUT.json] [--update]
 
-``--update`` starts from the records already in ``--json`` and replaces only the pairs run now (e.g. rerun
-``--engines ours`` after adding channel rules).
+``--json`` writes the records (after every pair) and, at the end, the table beside them as ``OUT.md``, both
+stamped with commit, date and machine by ``trt_prune.provenance.write_result``. ``--update`` starts from the
+records already in ``--json`` and replaces only the pairs run now (e.g. rerun ``--engines ours`` after adding
+channel rules).
 """
 
 from __future__ import annotations
@@ -338,7 +340,7 @@ def run_pair(name: str, engine: str, result_path: Path, mem_gib: float, repeats:
     record["stage"] = "onnx"
     save()
 
-    from trt_prune.export import export_onnx
+    from trt_prune.exporter import export_onnx
 
     n_out = len(dense_shapes)
     names = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
@@ -369,10 +371,9 @@ def spawn_worker(cmd: list[str], base: dict, timeout: float, tmp: Path, tail_cha
     line)."""
     result_path, log_path = tmp / "result.json", tmp / "log.txt"
     result_path.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                 start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
@@ -436,7 +437,9 @@ def _num(v, fmt: str) -> str:
     return "—" if v is None else format(v, fmt)
 
 
-def environment() -> dict:
+def environment(provenance: bool = True) -> dict:
+    """Machine, package versions and load average; with ``provenance`` also ``commit`` and ``date``, for callers
+    that still stamp by hand (results written through ``write_result`` get both from its stamp)."""
     from importlib import metadata
 
     from trt_prune.profiling.profile import machine_info
@@ -448,13 +451,12 @@ def environment() -> dict:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=False).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {**info, "versions": versions, "commit": commit, "load_avg": os.getloadavg(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    env = {**info, "versions": versions, "load_avg": os.getloadavg()}
+    if provenance:
+        from _common import commit
+
+        env.update(commit=commit(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    return env
 
 
 def markdown(results: dict, env: dict, args_line: str) -> str:
@@ -465,7 +467,7 @@ def markdown(results: dict, env: dict, args_line: str) -> str:
         f"Machine: {env['cpu']}, {env['cpu_count']} cores ({env['usable_cores']} usable), {env['platform']}; "
         f"load average at start {env['load_avg'][0]:.1f}. Python {env['python']}, torch {v['torch']}, "
         f"torchvision {v['torchvision']}, timm {v['timm']}, torch-pruning {v['torch-pruning']}, onnx {v['onnx']}, "
-        f"onnxruntime {v['onnxruntime']}. Commit {env['commit']}, {env['date']}.",
+        f"onnxruntime {v['onnxruntime']}.",
         "",
         f"Settings: ratio {RATIO}, L1, round_to {ROUND_TO}, random weights; output layers left alone (TP: "
         "ignored_layers = classifier / detector output convs / attention out_proj; ours: pins output channels "
@@ -526,8 +528,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per model/engine pair")
     p.add_argument("--mem-gib", type=float, default=12.0, help="address-space cap per pair, GiB")
     p.add_argument("--repeats", type=int, default=3, help="timed pruning runs per pair (the fastest is shown)")
-    p.add_argument("--json", type=Path, help="write the raw records here")
-    p.add_argument("--markdown", type=Path, help="write the table here")
+    p.add_argument("--json", type=Path, help="write the raw records here, and the table beside them (.md)")
     p.add_argument("--update", action="store_true", help="keep the records in --json, replace the pairs run now")
     args = p.parse_args(argv)
     if args.repeats < 1:
@@ -544,11 +545,14 @@ def main(argv: list[str] | None = None) -> None:
     if not engines or any(e not in ENGINES for e in engines):
         p.error(f"--engines takes a comma-separated subset of {', '.join(ENGINES)}, got {args.engines!r}")
 
-    env = environment()
+    from _common import save, stamp
+
+    env = environment(provenance=False)
+    provenance = stamp()
     v = env["versions"]
     print(f"# {env['cpu']}, {env['cpu_count']} cores, {env['platform']}, Python {env['python']}")
     print(f"# torch {v['torch']}, torchvision {v['torchvision']}, timm {v['timm']}, torch-pruning "
-          f"{v['torch-pruning']}, onnx {v['onnx']}, onnxruntime {v['onnxruntime']}, commit {env['commit']}")
+          f"{v['torch-pruning']}, onnx {v['onnx']}, onnxruntime {v['onnxruntime']}, commit {provenance['commit']}")
     args_line = "python bench/prune_coverage.py " + " ".join(argv)
     results: dict[str, dict] = {}
     if args.update:
@@ -556,6 +560,12 @@ def main(argv: list[str] | None = None) -> None:
             results = json.loads(args.json.read_text())["results"]
         except (OSError, json.JSONDecodeError, KeyError) as exc:
             p.error(f"--update: cannot read results from {args.json} ({exc})")
+    def record_of(results: dict) -> dict:
+        return {"provenance": provenance, "environment": env, "command": args_line,
+                "settings": {"ratio": RATIO, "round_to": ROUND_TO, "importance": IMPORTANCE,
+                             "timeout_s": args.timeout, "repeats": args.repeats, "mem_gib": args.mem_gib},
+                "results": results}
+
     with tempfile.TemporaryDirectory(prefix="prune_coverage_") as tmp:
         for name in names:
             results.setdefault(name, {})
@@ -564,19 +574,11 @@ def main(argv: list[str] | None = None) -> None:
                 record["run_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
                 results[name][engine] = record
                 print(f"{name:32s} {engine:4s} {_status(record)}  [{record['wall_s']} s]", flush=True)
-                if args.json:
-                    args.json.parent.mkdir(parents=True, exist_ok=True)
-                    args.json.write_text(json.dumps({"environment": env, "command": args_line,
-                                                     "settings": {"ratio": RATIO, "round_to": ROUND_TO,
-                                                                  "importance": IMPORTANCE,
-                                                                  "timeout_s": args.timeout,
-                                                                  "repeats": args.repeats,
-                                                                  "mem_gib": args.mem_gib},
-                                                     "results": results}, indent=1))
+                if args.json:  # after every pair: a run cut short keeps what it measured
+                    save(args.json, record_of(results))
     text = markdown(results, env, args_line)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text)
+    if args.json:
+        save(args.json, record_of(results), text)
     print()
     print(text)
 

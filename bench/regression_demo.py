@@ -4,43 +4,38 @@ Records the suite once into a temporary store, then compares dense against each 
 (10 % of channels, BatchNorm re-estimated: as accurate, faster), `slowed` (planted work: same detections,
 slower) and `pruned_hard` (30 % of channels, nothing re-trained: faster, inaccurate). Writes the verdicts,
 exit codes, ratios, intervals, accuracy and the top changed layers to
-`bench/results/regression_demo.{json,md}`, and the comparison pages to `bench/results/regression_demo/`.
+`bench/results/regression_demo.{json,md}` (stamped with commit, date and machine by
+`trt_prune.provenance.write_result`), and the comparison pages to `bench/results/regression_demo/`.
 
     python bench/regression_demo.py
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from _common import commit  # noqa: E402
-
-from trt_prune.profiling.profile import machine_info  # noqa: E402
+from _common import RESULTS, ROOT, save, stamp
 
 CLI = [sys.executable, "-m", "trt_prune.cli"]
 CANDIDATES = ("structured", "slowed", "pruned_hard")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run([*CLI, *args], cwd=ROOT, capture_output=True, text=True)
 
 
-def main() -> dict:
-    pages = ROOT / "bench/results/regression_demo"
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args(argv)
+    pages = RESULTS / "regression_demo"
     pages.mkdir(parents=True, exist_ok=True)
-    out = {"machine": machine_info(), "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-           "suite": "bench/suites/demo.yaml", "comparisons": {}}
+    out = {"provenance": stamp(), "suite": "bench/suites/demo.yaml", "comparisons": {}}
     with tempfile.TemporaryDirectory() as tmp:
         store = str(Path(tmp) / "runs.sqlite")
         started = time.perf_counter()
@@ -68,8 +63,7 @@ def main() -> dict:
         for marker in ("/tmp/", str(ROOT)):
             text = text.replace(marker, "")
         page.write_text(text)
-    Path(ROOT / "bench/results/regression_demo.json").write_text(json.dumps(out, indent=1) + "\n")
-    Path(ROOT / "bench/results/regression_demo.md").write_text(_markdown(out))
+    save(RESULTS / "regression_demo.json", out, _markdown(out))
     print(_markdown(out))
     return out
 
@@ -82,9 +76,9 @@ def _delta(row: dict) -> float:
 
 
 def _markdown(r: dict) -> str:
-    m = r["machine"]
+    m = r["provenance"]["machine"]
     lines = ["# `bench run` + `bench compare` on the demo suite\n",
-             f"Machine: {m['cpu']}, {m['usable_cores']} usable cores; commit {r['commit']}, {r['date']}. "
+             f"Machine: {m['cpu']}, {m['usable_cores']} usable cores. "
              f"`bench run bench/suites/demo.yaml` took {r['run_seconds']} s. "
              "Rerun: `python bench/regression_demo.py`.\n",
              "| variant | p50 ms | mAP |", "|---|---|---|"]

@@ -7,8 +7,11 @@ with the dense one as ``compare``, the same page ``trt-prune profile pruned.onnx
 writes. Outputs:
 
 * ``bench/results/profile_report.html``: the self-contained page;
-* ``bench/results/profile_report/``: its PNG plots, both profile JSONs (no samples) and, when
-  ``/usr/bin/chromium`` exists, ``screenshot.png`` of the page rendered headless.
+* ``bench/results/profile_report/``: its PNG plots, both profile JSONs (no samples) and, when a Chromium is on
+  PATH (``chromium``, ``chromium-browser``, ``google-chrome`` or ``headless_shell``), ``screenshot.png`` of the
+  page rendered headless;
+* ``bench/results/profile_report.{json,md}``: the dense-against-pruned totals (latency, per-layer sums, CV,
+  layers matched), stamped with commit, date and machine by ``trt_prune.provenance.write_result``.
 
 The ONNX paths inside the profiles are cut to bare file names, and the script refuses to finish if any output
 still names a folder of this machine. The commit is recorded in the profiles' notes, so the page shows it.
@@ -21,30 +24,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from _common import RESULTS, ROOT, find_browser, save, stamp
 
-from _common import commit  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
 HTML = RESULTS / "profile_report.html"
 PNG_DIR = RESULTS / "profile_report"
-CHROMIUM = "/usr/bin/chromium"
 SHAPE = (1, 3, 320, 320)
 LOCAL_PATHS = ("/tmp", "/work", "/root", "/home")
 
 
 def _export(model, folder: Path, name: str, exporter: str) -> Path:
-    from trt_prune.clean import clean_onnx
-    from trt_prune.export import export_onnx
+    from trt_prune.cleaner import clean_onnx
+    from trt_prune.exporter import export_onnx
 
     raw = folder / f"{name}.raw.onnx"
     final = folder / f"{name}.onnx"
@@ -64,10 +59,11 @@ def _profile(path: Path, args: argparse.Namespace, note: str) -> dict:
 
 
 def _screenshot(page: Path, shot: Path) -> str:
-    if not os.access(CHROMIUM, os.X_OK):
-        return f"no screenshot: {CHROMIUM} is not installed"
+    browser = find_browser()
+    if browser is None:
+        return "no screenshot: no chromium, chromium-browser, google-chrome or headless_shell on PATH"
     with tempfile.TemporaryDirectory(prefix="chromium-") as user_dir:
-        done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+        done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
                                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                                "--no-first-run", f"--user-data-dir={user_dir}", f"--screenshot={shot}",
                                "--window-size=1200,2400", page.resolve().as_uri()],
@@ -104,7 +100,8 @@ def main() -> None:
     from trt_prune.profiling.html import compare_totals, write_profile_html
 
     started = time.perf_counter()
-    note = f"bench/render_profile_report.py at commit {commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    provenance = stamp()
+    note = f"bench/render_profile_report.py at commit {provenance['commit']}, {provenance['date']}"
     dense = load_model("builtin:demo-detector").model
     pruned = trt_prune.prune(dense, SHAPE, ratio=0.3, round_to=8).model
     with tempfile.TemporaryDirectory(prefix="profile-report-") as tmp:
@@ -132,6 +129,19 @@ def main() -> None:
         print(f"  {key:18s} dense {t['base']:.3f}  pruned {t['other']:.3f}  ratio {t['ratio']:.2f}")
     print(f"  layers: {json.dumps(totals['layers'])}; CV dense {base['latency_ms']['cv']:.1%}, "
           f"pruned {other['latency_ms']['cv']:.1%}")
+    lines = [f"Demo detector, dense (baseline) against `prune(ratio=0.3, round_to=8)`, ONNX Runtime "
+             f"{env['backend_version']}, {env['threads']} threads, batch 1; page `bench/results/profile_report.html`.",
+             "", "| | dense | pruned | ratio |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join([key, *("–" if totals[key][k] is None else f"{totals[key][k]:.3f}"
+                                        for k in ("base", "other", "ratio"))]) + " |"
+              for key in ("latency_mean_ms", "latency_p50_ms", "latency_p99_ms", "per_layer_sum_ms")]
+    lines += [f"| latency CV | {base['latency_ms']['cv']:.1%} | {other['latency_ms']['cv']:.1%} | |", "",
+              f"Layers: {json.dumps(totals['layers'])}."]
+    save(RESULTS / "profile_report.json",
+         {"provenance": provenance, "model": "builtin:demo-detector", "pruned": {"ratio": 0.3, "round_to": 8},
+          "exporter": args.exporter, "env": env, "totals": totals,
+          "cv": {"dense": base["latency_ms"]["cv"], "pruned": other["latency_ms"]["cv"]}},
+         "\n".join(lines))
     print(f"done in {time.perf_counter() - started:.0f} s")
 
 

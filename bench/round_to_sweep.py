@@ -2,6 +2,8 @@
 
 Prunes builtin:demo-detector to about half its MACs with counts rounded to 8, 16 and 32, exports each, and times
 them interleaved with dense (randomised rounds, medians). Usage: python bench/round_to_sweep.py [--rounds 15]
+Prints the table and writes ``bench/results/round_to_sweep.{json,md}`` through ``trt_prune.provenance.write_result``
+(stamped with commit, date and machine).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from _common import RESULTS, save
 
 
 def main() -> None:
@@ -18,10 +21,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--iterations", type=int, default=10, help="timed calls per variant per round")
     p.add_argument("--target-macs", type=float, default=0.5)
+    p.add_argument("--json", default=str(RESULTS / "round_to_sweep.json"),
+                   help="result file; the table goes beside it (.md)")
     args = p.parse_args()
 
     from trt_prune.backends import BuildConfig, get_backend
-    from trt_prune.export import export_onnx
+    from trt_prune.exporter import export_onnx
     from trt_prune.models import load_model
     from trt_prune.profiling.profile import interleaved_timings, machine_info
     from trt_prune.pruning import prune
@@ -49,13 +54,19 @@ def main() -> None:
         for s in sessions.values():
             s.close()
     avx = "AVX-512" if "avx512f" in cpu_flags() else "no AVX-512"
-    print(f"{env.get('cpu')} ({env.get('cpu_count')} cores, {avx}), ONNX Runtime {env.get('backend_version')}, "
-          f"{env.get('threads')} threads, batch 1, {args.rounds} interleaved rounds x {args.iterations}\n")
     base = float(np.median(samples["dense"]))
-    print("| variant | MACs vs dense | p50 ms | speed-up |\n|---|---|---|---|")
-    for name, s in samples.items():
-        med = float(np.median(s))
-        print(f"| {name} | {macs[name]:.3f} | {med:.2f} | {base / med:.2f}× |")
+    rows = [{"variant": name, "macs_ratio": macs[name], "p50_ms": float(np.median(s)),
+             "speedup": base / float(np.median(s)), "samples_ms": [round(float(x), 4) for x in s]}
+            for name, s in samples.items()]
+    lines = [f"{env.get('cpu')} ({env.get('cpu_count')} cores, {avx}), ONNX Runtime {env.get('backend_version')}, "
+             f"{env.get('threads')} threads, batch 1, {args.rounds} interleaved rounds x {args.iterations}", "",
+             "| variant | MACs vs dense | p50 ms | speed-up |", "|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['macs_ratio']:.3f} | {r['p50_ms']:.2f} | {r['speedup']:.2f}× |" for r in rows]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    save(args.json, {"model": "builtin:demo-detector", "input_shape": list(shape), "target_macs": args.target_macs,
+                     "rounds": args.rounds, "iterations": args.iterations, "simd": avx, "env": env, "rows": rows},
+         table)
 
 
 if __name__ == "__main__":

@@ -5,21 +5,18 @@ For each model: seconds to build the channel graph with ``trace(..., tracer="dis
 channel groups (keys, sizes, pinned reasons, split segments, slots) and MAC count.
 
 Usage:
-    python bench/trace_speed.py [--models resnet50,swin_t] [--repeats 3] [--json OUT.json] [--markdown OUT.md]
+    python bench/trace_speed.py [--models resnet50,swin_t] [--repeats 3] [--json bench/results/trace_speed.json]
+``--json`` writes the rows and the table beside them (``.md``), stamped with commit, date and machine by
+``trt_prune.provenance.write_result``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MODELS = {  # name -> input shape
     "resnet50": (1, 3, 224, 224),
@@ -82,8 +79,8 @@ def measure(name: str, shape, repeats: int) -> dict:
 
 def markdown(rows: list[dict], env: dict) -> str:
     lines = ["# Tracing cost: pre-dispatch recording vs torch.export", "",
-             f"Machine: {env['cpu']}, {env['cpu_count']} cores; torch {env['torch']}; commit {env['commit']}, "
-             f"{env['date']}. Seconds to build the channel graph, fastest of the repeats.", "",
+             f"Machine: {env['cpu']}, {env['cpu_count']} cores; torch {env['torch']}. "
+             "Seconds to build the channel graph, fastest of the repeats.", "",
              "| model | input | dispatch s | export s | × | same groups | same MACs |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {'x'.join(map(str, r['input_shape'][2:]))} | {r['dispatch_s']:.3f} | "
@@ -96,8 +93,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", help=f"comma-separated subset of: {', '.join(MODELS)}")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", type=Path)
-    p.add_argument("--markdown", type=Path)
+    p.add_argument("--json", type=Path, help="result file; its Markdown goes beside it (.md)")
     args = p.parse_args(argv)
     names = list(MODELS) if not args.models else [m.strip() for m in args.models.split(",")]
     unknown = [n for n in names if n not in MODELS]
@@ -105,9 +101,10 @@ def main(argv=None) -> None:
         p.error(f"unknown model(s) {unknown}; valid: {', '.join(MODELS)}")
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    from _common import save
     from prune_coverage import environment
 
-    env = environment()
+    env = environment(provenance=False)
     env["torch"] = env["versions"]["torch"]
     torch.set_num_threads(env["usable_cores"])
     rows = []
@@ -118,11 +115,7 @@ def main(argv=None) -> None:
               f"{row['speedup']:.1f}×  same groups {row['same_groups']}  same MACs {row['same_macs']}", flush=True)
     text = markdown(rows, env)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "results": rows}, indent=1))
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text)
+        save(args.json, {"environment": env, "results": rows}, text)
     print()
     print(text)
 

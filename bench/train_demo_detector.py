@@ -4,11 +4,12 @@ Writes a safetensors file (the EMA weights, float32, BN buffers included) with t
 the device, the torch version and, when computed, the val mAP in its metadata. Runs on CPU or CUDA;
 needs only torch, torchvision, numpy, pillow and safetensors (pycocotools only for ``--eval``).
 
-Examples (from the repo root)::
+Examples (from the repo root, with the package installed; on a GPU machine without it, prefix PYTHONPATH=.
+as ``bench/gpu_train_demo.sh`` does)::
 
-    PYTHONPATH=. python bench/train_demo_detector.py --steps 30 --batch 8 --no-eval --out out/tiny.safetensors
-    PYTHONPATH=. python bench/train_demo_detector.py --device cuda --batch 64 --workers 15 --time-limit-min 5
-    PYTHONPATH=. python bench/train_demo_detector.py --eval-weights trt_prune/models/weights/demo_detector.safetensors
+    python bench/train_demo_detector.py --steps 30 --batch 8 --no-eval --out out/tiny.safetensors
+    python bench/train_demo_detector.py --device cuda --batch 64 --workers 15 --time-limit-min 5
+    python bench/train_demo_detector.py --eval-weights trt_prune/models/weights/demo_detector.safetensors
 """
 
 from __future__ import annotations

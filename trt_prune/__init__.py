@@ -4,6 +4,8 @@ The stages are plain functions over artifacts; import them from here::
 
     from trt_prune import load_model, prune, sparsify, export, clean, build, profile
 
+Each is a function of :mod:`trt_prune.stages`, the one place the stages are chained.
+
 Names resolve lazily so that ``import trt_prune`` stays cheap and never needs onnx or TensorRT.
 """
 
@@ -16,20 +18,24 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "load_model": ("trt_prune.models", "load_model"),
     "load_weights": ("trt_prune.models", "load_weights"),
-    "prune": ("trt_prune.pruning", "prune"),
+    "prune": ("trt_prune.stages", "prune"),
     "apply_recipe": ("trt_prune.pruning", "apply_recipe"),
     "PruneConfig": ("trt_prune.pruning", "PruneConfig"),
-    "sparsify": ("trt_prune.sparsity", "sparsify"),
+    "sparsify": ("trt_prune.stages", "sparsify"),
     "Sparsifier": ("trt_prune.sparsity", "Sparsifier"),
     "prune_then_sparsify": ("trt_prune.sparsity.combined", "prune_then_sparsify"),
-    "export": ("trt_prune.export", "export_onnx"),
-    "clean": ("trt_prune.clean", "clean_onnx"),
+    "export": ("trt_prune.stages", "export"),
+    "clean": ("trt_prune.stages", "clean"),
+    "fp16": ("trt_prune.stages", "fp16"),
+    "to_onnx": ("trt_prune.stages", "to_onnx"),
     "build": ("trt_prune.stages", "build"),
-    "profile": ("trt_prune.profiling.profile", "profile_onnx"),
-    "profile_torch": ("trt_prune.profiling.profile", "profile_torch"),
+    "profile": ("trt_prune.stages", "profile"),
     "report": ("trt_prune.stages", "report"),
     "inspect_sparsity": ("trt_prune.sparsity.inspect", "inspect_sparsity"),
     "run_demo": ("trt_prune.demo", "run_demo"),
+    "ModelMeta": ("trt_prune.artifacts", "ModelMeta"),
+    "OnnxArtifact": ("trt_prune.artifacts", "OnnxArtifact"),
+    "ProfileResult": ("trt_prune.profiling.result", "ProfileResult"),
     "TrtPruneError": ("trt_prune.errors", "TrtPruneError"),
 }
 

@@ -57,15 +57,36 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
+def _fail(message: str) -> None:
+    """The error contract: one ``error:`` line on stderr (whitespace folded), exit code 2."""
+    click.echo(f"error: {' '.join(str(message).split())}", err=True)
+    sys.exit(2)
+
+
 class _Group(click.Group):
-    """Turns every :class:`TrtPruneError` into one line on stderr and exit code 2."""
+    """Turns every :class:`TrtPruneError` and every usage error (unknown option, bad value) into one line on
+    stderr and exit code 2; click's own handler would print a multi-line usage block."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except TrtPruneError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            _fail(str(exc))
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "trt-prune"
+            _fail(f"{exc.format_message()} (see '{where} --help')")
+        except click.ClickException as exc:  # e.g. a file click itself could not open
+            _fail(exc.format_message())
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 model_arg = click.argument("model", metavar="MODEL")
@@ -76,12 +97,41 @@ pickle_opt = click.option("--allow-pickle", is_flag=True,
 shape_opt = click.option("--input-shape", default=None, metavar="NxCxHxW",
                          help="Example input shape (default: the model's, e.g. 1x3x320x320).")
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
+trust_opt = click.option("--trust-code", is_flag=True,
+                         help="Allow a model folder whose model.json names a .py source (loading it runs that file).")
 
 
-def _load(model: str, weights, allow_pickle):
-    from .models import load_model
+def _load(model: str, weights, allow_pickle, trust_code: bool = False):
+    from .stages import load
 
-    return load_model(model, weights=weights, allow_pickle=allow_pickle)
+    return load(model, weights=weights, allow_pickle=allow_pickle, trust_code=trust_code)
+
+
+def _backend_config(backend: str, flags: dict, **fields):
+    """A ``BuildConfig`` from backend flags (option name -> value): a flag that ``backend``'s declaration
+    (``Backend.options``) lacks is refused, naming the backends that take it."""
+    from .backends import OPTIONS, BuildConfig, backend_class, backends_taking
+
+    declared = backend_class(backend).options  # an unknown name lists the valid ones
+    wrong = [name for name, value in flags.items() if value and name not in declared]
+    if wrong:
+        where = "; ".join(f"{OPTIONS[n].flag} to --backend {' or '.join(backends_taking(n))}" for n in wrong)
+        flags_text = ", ".join(OPTIONS[n].flag for n in wrong)
+        verb = "does" if len(wrong) == 1 else "do"
+        raise TrtPruneError(f"{flags_text} {verb} not apply to --backend {backend} ({where} only); for ONNX "
+                            "Runtime convert the ONNX file first (trt-prune fp16, trt-prune sparsify)")
+    extra, values = {}, {}
+    for name, value in flags.items():
+        if not value:
+            continue
+        option = OPTIONS[name]
+        if option.field == "precision":
+            values["precision"] = "fp16"
+        elif option.field == "extra":
+            extra[name] = value
+        else:
+            values[option.field] = value
+    return BuildConfig(extra=extra, **values, **fields)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -132,38 +182,37 @@ def demo(out, quick, threads, exporter, as_json):
 @shape_opt
 @weights_opt
 @pickle_opt
+@trust_opt
 @click.option("-o", "--out", required=True, help="Output model folder (model.json + model.safetensors).")
 @json_opt
 def prune_cmd(model, ratio, target_macs, target_params, global_pruning, max_ratio, round_to, importance,
-              taylor_batches, ignore, input_shape, weights, allow_pickle, out, as_json):
+              taylor_batches, ignore, input_shape, weights, allow_pickle, trust_code, out, as_json):
     """Structured (channel) pruning; writes a model folder and its replayable recipe."""
-    from .artifacts import ensure_output_dir, save_model_folder, write_json
-    from .pruning import PruneConfig, prune
+    from .artifacts import check_output_dir
+    from .pruning import PruneConfig
+    from .stages import prune
 
     config = PruneConfig(ratio=ratio, round_to=round_to, importance=importance, ignore=tuple(ignore),
                          target_macs=target_macs, target_params=target_params, global_pruning=global_pruning,
                          max_ratio=max_ratio)
     config.validate()
-    loaded = _load(model, weights, allow_pickle)
-    if loaded.meta.get("recipe"):
-        raise TrtPruneError(f"'{model}' is already pruned; prune its source '{loaded.source}' again with a "
-                            "higher ratio instead (recipes do not stack yet)")
+    shape = parse_shape(input_shape)
+    check_output_dir(out)  # refused before any work; created only when there is a model to write
+    loaded = _load(model, weights, allow_pickle, trust_code)
     if importance == "taylor" and (loaded.task != "detection" or not hasattr(loaded.model, "num_classes")):
         raise TrtPruneError(f"--importance taylor needs a loss and data; the CLI has them for the built-in "
                             f"detector only, not '{model}'. Use the Python API: prune(model, shape, "
                             "importance='taylor', data=batches, loss_fn=fn)")
-    out_dir = ensure_output_dir(out)
-    shape = parse_shape(input_shape) or loaded.input_shape
+    shape = shape or loaded.input_shape
     data = loss_fn = None
     if importance == "taylor":
         from .finetune import detector_taylor_inputs
+        from .models import check_runs
 
+        check_runs(loaded.model, shape, TrtPruneError)
         data, loss_fn = detector_taylor_inputs(loaded.model, batches=taylor_batches, img_size=shape[-1])
-    result = prune(loaded.model, shape, config, data=data, loss_fn=loss_fn)
-    meta = {"source": loaded.source, "input_shape": list(shape), "task": loaded.task, "recipe": result.recipe,
-            "sparsity": loaded.meta.get("sparsity"), "history": [*loaded.meta.get("history", []), "prune"]}
-    save_model_folder(out_dir, result.model, meta)
-    write_json(out_dir / "recipe.json", result.recipe)
+    result = prune(loaded, shape, config, out=out, data=data, loss_fn=loss_fn)
+    out_dir = result.folder
     summary = {k: result.report[k] for k in ("params_before", "params_after", "macs_before", "macs_after",
                                              "effective_ratio", "groups_total", "groups_pruned")}
     summary.update(out=str(out_dir), skipped_groups=result.report["skipped_groups"], layers=result.report["layers"])
@@ -188,30 +237,19 @@ def prune_cmd(model, ratio, target_macs, target_params, global_pruning, max_rati
               help="Reorder channels first so 2:4 keeps more weight (seconds of search per channel group).")
 @weights_opt
 @pickle_opt
+@trust_opt
 @click.option("-o", "--out", required=True, help="Output model folder.")
 @json_opt
-def sparsify_cmd(model, min_channels, layers, permute_s, weights, allow_pickle, out, as_json):
+def sparsify_cmd(model, min_channels, layers, permute_s, weights, allow_pickle, trust_code, out, as_json):
     """2:4 magnitude masks on TensorRT's axis for every eligible conv/linear layer; says why not for the rest."""
-    from .artifacts import ensure_output_dir, save_model_folder
-    from .sparsity import DEFAULT_MIN_CHANNELS, sparsify
+    from .artifacts import check_output_dir
+    from .stages import sparsify
 
-    loaded = _load(model, weights, allow_pickle)
-    floor = DEFAULT_MIN_CHANNELS if min_channels is None else min_channels
+    check_output_dir(out)
+    loaded = _load(model, weights, allow_pickle, trust_code)
     only = [p.strip() for p in layers.split(",") if p.strip()] if layers else None
-    source = loaded.model
-    permuted = None
-    if permute_s is not None:
-        from .sparsity.permute import permute_for_24
-
-        permuted = permute_for_24(source, loaded.input_shape, min_channels=floor, time_budget_s=permute_s)
-        source = permuted.model
-    result = sparsify(source, min_channels=floor, only=only)  # errors before any output exists
-    out_dir = ensure_output_dir(out)
-    meta = {"source": loaded.source, "input_shape": list(loaded.input_shape), "task": loaded.task,
-            "recipe": loaded.meta.get("recipe"),
-            "sparsity": {"pattern": "2:4", "axis": "input channels", "layers": result.sparse_layers},
-            "history": [*loaded.meta.get("history", []), "sparsify"]}
-    save_model_folder(out_dir, result.model, meta)
+    result = sparsify(loaded, min_channels=min_channels, only=only, permute_s=permute_s, out=out)
+    out_dir = result.folder
     from rich.table import Table
 
     table = Table(title=f"2:4 on {model}: {len(result.sparse_layers)} of {len(result.layers)} layers")
@@ -221,8 +259,8 @@ def sparsify_cmd(model, min_channels, layers, permute_s, weights, allow_pickle, 
         table.add_row(row["module"], "x".join(map(str, row["shape"])), "yes" if row["made_24"] else "no",
                       row["reason"])
     summary = {"out": str(out_dir), "sparse_layers": len(result.sparse_layers), "layers": result.layers}
-    if permuted is not None:
-        summary["permutation"] = permuted.groups
+    if result.permutation is not None:
+        summary["permutation"] = result.permutation
     _emit(summary, as_json, table)
 
 
@@ -231,6 +269,7 @@ def sparsify_cmd(model, min_channels, layers, permute_s, weights, allow_pickle, 
 @shape_opt
 @weights_opt
 @pickle_opt
+@trust_opt
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
               help="torch.export-based exporter (TorchScript as fallback) or TorchScript directly.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default chosen for TensorRT 10/11 and ORT).")
@@ -266,12 +305,12 @@ def sparsify_cmd(model, min_channels, layers, permute_s, weights, allow_pickle, 
 @click.option("--class-agnostic", is_flag=True, help="With --nms: boxes of different classes suppress each other.")
 @click.option("-o", "--out", required=True, help="Output .onnx file.")
 @json_opt
-def export_cmd(model, input_shape, weights, allow_pickle, exporter, opset, static_batch, dynamic_hw, no_parity, atol,
-               rtol, nms, nms_plugin, score_threshold, iou_threshold, max_detections, pre_nms_topk, class_agnostic,
-               out, as_json):
+def export_cmd(model, input_shape, weights, allow_pickle, trust_code, exporter, opset, static_batch, dynamic_hw,
+               no_parity, atol, rtol, nms, nms_plugin, score_threshold, iou_threshold, max_detections, pre_nms_topk,
+               class_agnostic, out, as_json):
     """Export to ONNX and check ONNX Runtime's outputs against torch."""
-    from .artifacts import ensure_output_file
-    from .export import export_onnx
+    from .artifacts import check_output_file
+    from .stages import export
 
     nms_options = {"score_threshold": score_threshold, "iou_threshold": iou_threshold,
                    "max_detections": max_detections, "pre_nms_topk": pre_nms_topk, "plugin": nms_plugin,
@@ -281,17 +320,18 @@ def export_cmd(model, input_shape, weights, allow_pickle, exporter, opset, stati
         raise TrtPruneError("--dynamic-hw does not combine with --nms: the anchors in the graph are computed for one "
                             "input size; export one file per size (--input-shape)")
     if nms:
-        _export_nms(model, input_shape, weights, allow_pickle, exporter, opset, static_batch, no_parity, atol, rtol,
-                    given, out, as_json)
+        _export_nms(model, input_shape, weights, allow_pickle, trust_code, exporter, opset, static_batch, no_parity,
+                    atol, rtol, given, out, as_json)
         return
     if given:
         flags = ", ".join("--" + k.replace("_", "-").replace("plugin", "nms-plugin") for k in given)
         raise TrtPruneError(f"{flags} only apply with --nms; add --nms or drop them")
-    ensure_output_file(out)
-    loaded = _load(model, weights, allow_pickle)
-    shape = parse_shape(input_shape) or loaded.input_shape
-    result = export_onnx(loaded.model, out, shape, exporter=exporter, opset=opset, dynamic_batch=not static_batch,
-                         dynamic_hw=dynamic_hw, check_parity=not no_parity, atol=atol, rtol=rtol)
+    shape = parse_shape(input_shape)
+    check_output_file(out)
+    loaded = _load(model, weights, allow_pickle, trust_code)
+    result = export(loaded, out, shape or loaded.input_shape, exporter=exporter, opset=opset,
+                    dynamic_batch=not static_batch, dynamic_hw=dynamic_hw, check_parity=not no_parity, atol=atol,
+                    rtol=rtol)
     data = result.to_dict()
     first = next(iter(result.parity.values()), {})
     data["parity_per_output"] = data.pop("parity")
@@ -316,19 +356,19 @@ def export_cmd(model, input_shape, weights, allow_pickle, exporter, opset, stati
     _emit(data, as_json, table)
 
 
-def _export_nms(model, input_shape, weights, allow_pickle, exporter, opset, static_batch, no_parity, atol, rtol,
-                options, out, as_json):
+def _export_nms(model, input_shape, weights, allow_pickle, trust_code, exporter, opset, static_batch, no_parity,
+                atol, rtol, options, out, as_json):
     """``export --nms``: every option and the model are checked before anything is written."""
-    from .artifacts import ensure_output_file
-    from .detection.nms_export import NMSConfig, decode_plan, export_detector_nms
+    from .artifacts import check_output_file
+    from .detection.nms_export import NMSConfig
+    from .stages import export_nms
 
     NMSConfig(**options).validate()  # a bad option fails before the model loads
-    loaded = _load(model, weights, allow_pickle)
-    shape = parse_shape(input_shape) or loaded.input_shape
-    config = decode_plan(loaded.model, shape, opset).config(**options)  # the model's own settings under options
-    ensure_output_file(out)
-    result = export_detector_nms(loaded.model, out, shape, config, exporter=exporter, opset=opset,
-                                 dynamic_batch=not static_batch, check_parity=not no_parity, atol=atol, rtol=rtol)
+    shape = parse_shape(input_shape)
+    check_output_file(out)
+    loaded = _load(model, weights, allow_pickle, trust_code)
+    result = export_nms(loaded, out, shape or loaded.input_shape, options, exporter=exporter, opset=opset,
+                        dynamic_batch=not static_batch, check_parity=not no_parity, atol=atol, rtol=rtol)
     data = result.to_dict()
     parity = data.pop("parity")
     data["parity_per_output"] = parity
@@ -354,15 +394,40 @@ def _export_nms(model, input_shape, weights, allow_pickle, exporter, opset, stat
     _emit(data, as_json, table)
 
 
+def _shape_map(text: str | None):
+    """``--input-shape``: one shape (``1x3x320x320``) for a one-input model, or ``name=1x3x320x320`` pairs
+    joined by ``;`` for several inputs."""
+    if text is None:
+        return None
+    if "=" not in text:
+        return parse_shape(text)
+    shapes = {}
+    for part in text.split(";"):
+        name, sep, shape = part.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"'{text}' is not a list of name=shape pairs; write it like "
+                                     "images=1x3x320x320;mask=1x1x320x320")
+        shapes[name.strip()] = parse_shape(shape.strip())
+    return shapes
+
+
+onnx_shape_opt = click.option("--input-shape", default=None, metavar="NxCxHxW",
+                              help="Input shape for dynamic axes (parity is checked at it): one shape, or "
+                                   "name=NxCxHxW pairs joined by ';' for several inputs. Default: a size the graph "
+                                   "accepts, or an error asking for this option.")
+
+
 @cli.command("clean")
 @click.argument("onnx_file", metavar="FILE.onnx")
+@onnx_shape_opt
 @click.option("-o", "--out", required=True, help="Output .onnx file (the input is never modified).")
 @json_opt
-def clean_cmd(onnx_file, out, as_json):
+def clean_cmd(onnx_file, input_shape, out, as_json):
     """Shape inference, constant folding, dead-node removal… with onnx-graphsurgeon; parity checked."""
-    from .clean import clean_onnx
+    from .stages import clean
 
-    result = clean_onnx(onnx_file, out)
+    shape = _shape_map(input_shape)
+    result = clean(onnx_file, out, **({"input_shape": shape} if shape is not None else {}))
     from rich.table import Table
 
     table = Table(title=f"{onnx_file} → {out}: {result.nodes_before} → {result.nodes_after} nodes")
@@ -380,14 +445,16 @@ def clean_cmd(onnx_file, out, as_json):
 @click.option("--block-node", multiple=True, help="Also keep this node in fp32 (repeatable).")
 @click.option("--atol", type=float, default=1e-2, show_default=True, help="Parity tolerance against fp32.")
 @click.option("--no-parity", is_flag=True, help="Skip the ONNX Runtime check against the fp32 model.")
+@onnx_shape_opt
 @click.option("-o", "--out", required=True, help="Output .onnx file (the input is never modified).")
 @json_opt
-def fp16_cmd(onnx_file, io_type, block_node, atol, no_parity, out, as_json):
+def fp16_cmd(onnx_file, io_type, block_node, atol, no_parity, input_shape, out, as_json):
     """fp16 ONNX for TensorRT 11's strongly typed builds: sensitive ops kept fp32, checked against fp32."""
-    from .precision import to_fp16
+    from .stages import fp16
 
-    result = to_fp16(onnx_file, out, keep_io_types=io_type == "fp32", block_nodes=tuple(block_node),
-                     check_parity=not no_parity, atol=atol)
+    shape = _shape_map(input_shape)
+    result = fp16(onnx_file, out, keep_io_types=io_type == "fp32", block_nodes=tuple(block_node),
+                  check_parity=not no_parity, atol=atol, **({"input_shape": shape} if shape is not None else {}))
     from rich.table import Table
 
     table = Table(title=f"{onnx_file} → {out}: fp16, {len(result.blocked)} nodes kept fp32")
@@ -398,66 +465,80 @@ def fp16_cmd(onnx_file, io_type, block_node, atol, no_parity, out, as_json):
     _emit(result.to_dict(), as_json, table)
 
 
-def _backend_option():
-    return click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime or tensorrt.")
+def _backend_help(what: str) -> str:
+    from .backends import SOURCE_KINDS, backend_class, backend_names
+
+    kinds = {kind: [n for n in backend_names() if kind in backend_class(n).builds_from] for kind in SOURCE_KINDS}
+    return f"{what}: {', '.join(kinds['onnx'])} (from FILE.onnx), {', '.join(kinds['model'])} (from MODEL)."
+
+
+def _takes(option: str) -> str:
+    from .backends import backends_taking
+
+    return "--backend " + " or ".join(backends_taking(option))
 
 
 @cli.command("build")
-@click.argument("onnx_file", metavar="FILE.onnx")
-@_backend_option()
-@click.option("--fp16", is_flag=True, help="fp16 precision (TensorRT 10 flag; 11 needs an fp16 ONNX).")
-@click.option("--sparse", is_flag=True, help="Let TensorRT choose 2:4 sparse kernels where faster.")
+@click.argument("source", metavar="FILE.onnx|MODEL")
+@click.option("--backend", default="onnxruntime", show_default=True, help=_backend_help("Backend"))
+@click.option("--fp16", is_flag=True, help=f"fp16 precision ({_takes('fp16')}; TensorRT 11 needs an fp16 ONNX).")
+@click.option("--sparse", is_flag=True, help=f"Let TensorRT choose 2:4 sparse kernels where faster "
+                                             f"({_takes('sparse_weights')}).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None)
+@trust_opt
 @click.option("-o", "--out", default=None,
               help="Where to keep the built artifact: the engine/cache folder (TensorRT) or the optimised model "
                    "(ONNX Runtime).")
 @json_opt
-def build_cmd(onnx_file, backend, fp16, sparse, batch, threads, out, as_json):
-    """Build a backend session from ONNX (checks it builds and runs once)."""
+def build_cmd(source, backend, fp16, sparse, batch, threads, trust_code, out, as_json):
+    """Build a backend session (checks it builds and runs once)."""
     import time
 
-    from .backends import BuildConfig, get_backend
+    from .backends import backend_class, get_backend
     from .errors import BackendUnavailableError
     from .profiling.profile import make_feeds, resolve_input_shapes
+    from .stages import build
 
-    chosen = get_backend(backend)
-    ok, reason = chosen.available()
+    flags = {"fp16": fp16, "sparse_weights": sparse}
+    if out is not None:  # the backend's declaration says where a kept artifact goes
+        from .artifacts import check_output_dir, check_output_file
+
+        declared = backend_class(backend).options
+        if "cache_dir" in declared:
+            flags["cache_dir"] = str(check_output_dir(out, "-o"))
+        elif "optimized_model_path" in declared:
+            flags["optimized_model_path"] = str(check_output_file(out))
+        else:
+            raise TrtPruneError(f"--backend {backend} keeps no built artifact; drop -o")
+    config = _backend_config(backend, flags, threads=threads, batch=(batch, batch, batch))
+    ok, reason = get_backend(backend).available()
     if not ok:  # before any output is created
         raise BackendUnavailableError(f"backend {backend!r} is unavailable: {reason}")
-    if not Path(onnx_file).is_file():
-        raise TrtPruneError(f"ONNX file '{onnx_file}' does not exist; export a model first")
-    extra = {}
-    if out is not None:
-        from .artifacts import ensure_output_dir, ensure_output_file
+    if config.cache_dir:
+        from .artifacts import ensure_output_dir
 
-        if backend == "onnxruntime":
-            extra["optimized_model_path"] = str(ensure_output_file(out))
-        else:
-            ensure_output_dir(out)
-    config = BuildConfig(threads=threads, batch=(batch, batch, batch), precision="fp16" if fp16 else "fp32",
-                         sparse_weights=sparse, cache_dir=out if backend != "onnxruntime" else None, extra=extra)
+        ensure_output_dir(config.cache_dir)
     start = time.perf_counter()
-    with chosen.build(onnx_file, config) as session:
+    with build(source, backend, config, batch=batch, trust_code=trust_code) as session:
         seconds = time.perf_counter() - start
         shapes = resolve_input_shapes(session.inputs, batch, None)
         outputs = session.run(make_feeds(session.inputs, shapes))
-        data = {"backend": backend, "onnx": onnx_file, "build_seconds": seconds, "env": session.env(),
+        data = {"backend": backend, "source": str(source), "build_seconds": seconds, "env": session.env(),
                 "notes": session.notes, "inputs": {n: list(s) for n, s in shapes.items()},
                 "outputs": {k: list(v.shape) for k, v in outputs.items()}, "out": out}
     if not as_json:
-        _console().print(f"built {onnx_file} on {backend} in {seconds:.2f} s; outputs "
+        _console().print(f"built {source} on {backend} in {seconds:.2f} s; outputs "
                          + ", ".join(f"{k} {list(v)}" for k, v in data["outputs"].items()))
     _emit(data, as_json)
 
 
 @cli.command("profile")
-@click.argument("onnx_file", metavar="FILE.onnx|MODEL")
+@click.argument("source", metavar="FILE.onnx|MODEL")
 @click.option("--backend", default="onnxruntime", show_default=True,
-              help="onnxruntime or tensorrt (FILE.onnx), or torch (MODEL: a spec such as builtin:demo-detector, or "
-                   "a model folder; CUDA when present).")
+              help=_backend_help("Backend") + " A MODEL given to an ONNX backend is exported and cleaned first.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
-@shape_opt
+@onnx_shape_opt
 @click.option("--iterations", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--warmup", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Warm-up seconds.")
 @click.option("--duration", type=click.FloatRange(min=0), default=1.0, show_default=True,
@@ -474,45 +555,36 @@ def build_cmd(onnx_file, backend, fp16, sparse, batch, threads, out, as_json):
                    "in the report.")
 @click.option("--png-dir", default=None, metavar="DIR", help="Also write the report's plots as PNG files here.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
-              help="--backend torch: where to run (default: CUDA when torch sees a GPU).")
-@click.option("--fp16", is_flag=True,
-              help="--backend torch: half precision (CUDA only); tensorrt: the FP16 builder flag (TensorRT 10; 11 "
-                   "needs an fp16 ONNX, see trt-prune fp16).")
-@click.option("--channels-last", is_flag=True, help="--backend torch: channels_last memory format.")
+              help=f"Where to run ({_takes('device')}; default: CUDA when torch sees a GPU).")
+@click.option("--fp16", is_flag=True, help=f"Half precision ({_takes('fp16')}; torch: CUDA only; TensorRT 11 needs "
+                                           "an fp16 ONNX, see trt-prune fp16).")
+@click.option("--channels-last", is_flag=True, help=f"channels_last memory format ({_takes('channels_last')}).")
 @click.option("--cuda-graph", is_flag=True,
-              help="--backend torch or tensorrt: time CUDA-graph replays (CUDA only), as trtexec --useCudaGraph.")
+              help=f"Time CUDA-graph replays, as trtexec --useCudaGraph ({_takes('cuda_graph')}; CUDA only).")
 @click.option("--sparse24", is_flag=True,
-              help="--backend torch: run layers whose weights hold 2:4 on cuSPARSELt (CUDA and --fp16).")
-@click.option("--sparse", is_flag=True, help="--backend tensorrt: SPARSE_WEIGHTS (2:4 kernels where faster).")
+              help=f"Run layers whose weights hold 2:4 on cuSPARSELt ({_takes('sparse24')}; CUDA and --fp16).")
+@click.option("--sparse", is_flag=True, help=f"SPARSE_WEIGHTS: 2:4 kernels where faster ({_takes('sparse_weights')}).")
 @click.option("--cache-dir", default=None, metavar="DIR",
-              help="--backend tensorrt: engine cache folder (the one 'trt-prune build -o' wrote); an engine built "
-                   "for the same ONNX, GPU, TensorRT version and options is loaded instead of rebuilt.")
+              help=f"Engine cache folder ({_takes('cache_dir')}; the one 'trt-prune build -o' wrote): an engine "
+                   "built for the same ONNX, GPU, TensorRT version and options is loaded instead of rebuilt.")
+@trust_opt
 @json_opt
-def profile_cmd(onnx_file, backend, batch, input_shape, iterations, warmup, duration, threads, layer_runs, top, out,
+def profile_cmd(source, backend, batch, input_shape, iterations, warmup, duration, threads, layer_runs, top, out,
                 html_path, compare_path, png_dir, device, fp16, channels_last, cuda_graph, sparse24, sparse, cache_dir,
-                as_json):
+                trust_code, as_json):
     """Latency percentiles, throughput and per-layer times mapped back to PyTorch modules."""
-    from .artifacts import ensure_output_dir, ensure_output_file, write_json
-    from .backends import BuildConfig, backend_names
-    from .profiling.profile import profile_onnx, profile_torch
+    from .artifacts import check_output_dir, check_output_file, ensure_output_dir, write_json
+    from .backends import source_kind
+    from .stages import profile
 
     # Everything that can fail on bad input fails here, before the long timing run, and writes nothing.
-    if backend not in backend_names():
-        raise TrtPruneError(f"unknown backend {backend!r}; choose one of {', '.join(backend_names())}")
-    applies = {"--device": ("torch",), "--fp16": ("torch", "tensorrt"), "--channels-last": ("torch",),
-               "--cuda-graph": ("torch", "tensorrt"), "--sparse24": ("torch",), "--sparse": ("tensorrt",),
-               "--cache-dir": ("tensorrt",)}
-    given = {"--device": device, "--fp16": fp16, "--channels-last": channels_last, "--cuda-graph": cuda_graph,
-             "--sparse24": sparse24, "--sparse": sparse, "--cache-dir": cache_dir}
-    wrong = [flag for flag, value in given.items() if value and backend not in applies[flag]]
-    if wrong:
-        where = "; ".join(f"{flag} to --backend {' or '.join(applies[flag])}" for flag in wrong)
-        verb = "does" if len(wrong) == 1 else "do"
-        raise TrtPruneError(f"{', '.join(wrong)} {verb} not apply to --backend {backend} ({where} only); for ONNX "
-                            "Runtime convert the ONNX file first (trt-prune fp16, trt-prune sparsify)")
-    if backend != "torch" and not Path(onnx_file).is_file():
-        raise TrtPruneError(f"ONNX file {onnx_file!r} does not exist; export one (trt-prune export), or profile "
-                            "the PyTorch model with --backend torch")
+    config = _backend_config(backend, {"device": device, "fp16": fp16, "channels_last": channels_last,
+                                       "cuda_graph": cuda_graph, "sparse24": sparse24, "sparse_weights": sparse,
+                                       "cache_dir": cache_dir})
+    shape = _shape_map(input_shape)
+    if source_kind(source) == "onnx" and not Path(source).is_file():
+        raise TrtPruneError(f"ONNX file {source!r} does not exist; export one (trt-prune export), or profile the "
+                            "model itself (a spec or folder)")
     if compare_path and not (html_path or png_dir):
         raise TrtPruneError(f"--compare {compare_path} only feeds the report; add --html report.html or "
                             "--png-dir DIR")
@@ -523,24 +595,15 @@ def profile_cmd(onnx_file, backend, batch, input_shape, iterations, warmup, dura
         compare = load_profile(compare_path)
     for path in (out, html_path):
         if path:
-            ensure_output_file(path)
-    if png_dir:
-        ensure_output_dir(png_dir)
-    if backend == "torch":
-        extra = {k: v for k, v in (("device", device), ("channels_last", channels_last),
-                                   ("cuda_graph", cuda_graph), ("sparse24", sparse24)) if v}
-        result = profile_torch(onnx_file, batch=batch, input_shape=parse_shape(input_shape), warmup_s=warmup,
-                               iterations=iterations, min_duration_s=duration, threads=threads,
-                               layer_runs=layer_runs, config=BuildConfig(precision="fp16" if fp16 else "fp32",
-                                                                         extra=extra))
-    else:
-        if cache_dir:
-            ensure_output_dir(cache_dir)
-        config = BuildConfig(precision="fp16" if fp16 else "fp32", sparse_weights=sparse, cache_dir=cache_dir,
-                             extra={"cuda_graph": True} if cuda_graph else {})
-        result = profile_onnx(onnx_file, backend=backend, batch=batch, input_shape=parse_shape(input_shape),
-                              warmup_s=warmup, iterations=iterations, min_duration_s=duration, threads=threads,
-                              layer_runs=layer_runs, config=config)
+            check_output_file(path)
+    for folder in (png_dir, cache_dir):
+        if folder:
+            check_output_dir(folder, "--png-dir" if folder == png_dir else "--cache-dir")
+    if cache_dir:
+        ensure_output_dir(cache_dir)
+    result = profile(source, backend, batch=batch, input_shape=shape, warmup_s=warmup, iterations=iterations,
+                     min_duration_s=duration, threads=threads, layer_runs=layer_runs, config=config,
+                     trust_code=trust_code)
     full = result.to_dict()
     data = {k: v for k, v in full.items() if k != "samples_ms"}
     from .profiling.aggregate import AGGREGATE_KEYS, aggregate_layers
@@ -561,7 +624,7 @@ def profile_cmd(onnx_file, backend, batch, input_shape, iterations, warmup, dura
     from rich.table import Table
 
     lat = result.latency_ms
-    table = Table(title=f"{onnx_file} on {backend}, batch {batch}: p50 {lat['p50']:.3f} ms, p90 {lat['p90']:.3f}, "
+    table = Table(title=f"{source} on {backend}, batch {batch}: p50 {lat['p50']:.3f} ms, p90 {lat['p90']:.3f}, "
                         f"p99 {lat['p99']:.3f}, mean {lat['mean']:.3f}; {result.throughput_ips:.1f} inferences/s; "
                         f"layers sum {result.per_layer_sum_ms or 0:.3f} ms")
     for col in ("layer", "op", "module", "ms"):
@@ -622,22 +685,28 @@ store_opt = click.option("--store", default="trt-prune-bench.sqlite", show_defau
 @click.argument("suite_file", metavar="SUITE.yaml")
 @store_opt
 @click.option("--name", default=None, help="Run name, unique in the store (default: suite name + UTC time).")
+@click.option("--trust-code", is_flag=True,
+              help="Allow suite entries (or model folders) whose model is a .py file (loading it runs that file).")
 @json_opt
-def bench_run_cmd(suite_file, store, name, as_json):
+def bench_run_cmd(suite_file, store, name, trust_code, as_json):
     """Measure every entry × variant × backend × batch of a suite and record it as one run."""
     import time
 
-    from .bench.runner import run_suite
-    from .bench.store import Store
-    from .bench.suite import load_suite
+    from .regression.runner import run_suite
+    from .regression.store import Store
+    from .regression.suite import load_suite
 
     suite = load_suite(suite_file)  # every bad value fails here, before any work
     name = name or f"{suite.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    if not Path(store).is_file():
+        from .artifacts import check_output_file
+
+        check_output_file(store, "--store")
     target = Store(store)
     if target.path.is_file() and target.has_run(name):
         raise TrtPruneError(f"the store {store!r} already has a run named {name!r}; choose another --name")
     say = (lambda text: None) if as_json else (lambda text: _console().print(f"[dim]{text}[/dim]"))
-    result = run_suite(suite, target, name, progress=say)
+    result = run_suite(suite, target, name, progress=say, trust_code=trust_code)
     from rich.table import Table
 
     table = Table(title=f"run {name} ({result['commit'] or 'no git commit'}) → {store}")
@@ -671,22 +740,23 @@ def bench_run_cmd(suite_file, store, name, as_json):
 @click.option("--accuracy", type=click.Choice(["auto", "map", "none"]), default="auto", show_default=True,
               help="Live runs: score mAP (auto: for the demo detector's family).")
 @click.option("--html", "html_path", default=None, metavar="PATH", help="Also write the comparison as HTML.")
+@trust_opt
 @json_opt
 def bench_compare_cmd(baseline, candidate, backend, min_effect, max_accuracy_drop, store, batch, input_shape,
-                      threads, max_blocks, accuracy, html_path, as_json):
+                      threads, max_blocks, accuracy, html_path, trust_code, as_json):
     """Regression verdict between A and B: exit 0 (no regression), 1 (regression), 2 (error)."""
-    from .artifacts import ensure_output_file
+    from .artifacts import check_output_file
     from .backends import backend_names
-    from .bench.live import Settings, compare_live
-    from .bench.runner import compare_stored, exit_code, is_stored
-    from .bench.store import Store
+    from .regression.live import Settings, compare_live
+    from .regression.runner import compare_stored, exit_code, is_stored
+    from .regression.store import Store
 
     if backend is not None and backend not in backend_names():
         raise TrtPruneError(f"unknown backend {backend!r}; choose one of {', '.join(backend_names())}")
     settings = Settings(min_effect=min_effect, max_drop=max_accuracy_drop, batch=batch, threads=threads,
                         max_blocks=max_blocks, min_blocks=min(8, max_blocks)).check()
     if html_path:
-        ensure_output_file(html_path)
+        check_output_file(html_path)
     target = Store(store)
     stored = [is_stored(target, ref) for ref in (baseline, candidate)]
     if any(stored) and not all(stored):
@@ -698,16 +768,16 @@ def bench_compare_cmd(baseline, candidate, backend, min_effect, max_accuracy_dro
     else:
         say = (lambda text: None) if as_json else (lambda text: _console().print(f"[dim]{text}[/dim]"))
         result = compare_live(baseline, candidate, backend or "onnxruntime", settings, parse_shape(input_shape),
-                              None if accuracy == "auto" else accuracy, progress=say)
+                              None if accuracy == "auto" else accuracy, progress=say, trust_code=trust_code)
     profiles = result.pop("profiles", None)
     if html_path:
-        from .bench.report import write_comparison_html
+        from .regression.report import write_comparison_html
 
         result["html"] = str(write_comparison_html(result, html_path, profiles))
     if as_json:
         _emit(result, True)
     else:
-        from .bench.report import comparison_table
+        from .regression.report import comparison_table
 
         _console().print(comparison_table(result))
     sys.exit(exit_code(result))
@@ -721,15 +791,15 @@ def bench_compare_cmd(baseline, candidate, backend, min_effect, max_accuracy_dro
 @json_opt
 def bench_history_cmd(store, entry, html_path, as_json):
     """Every stored result over runs and commits; with --html, one plot per entry."""
-    from .artifacts import ensure_output_file
-    from .bench.store import Store
+    from .artifacts import check_output_file
+    from .regression.store import Store
 
     if html_path:
-        ensure_output_file(html_path)
+        check_output_file(html_path)
     rows = Store(store).history(entry)
     data: dict = {"store": store, "results": rows}
     if html_path:
-        from .bench.report import write_history_html
+        from .regression.report import write_history_html
 
         data["html"] = str(write_history_html(rows, html_path))
     from rich.table import Table
@@ -744,7 +814,7 @@ def bench_history_cmd(store, entry, html_path, as_json):
 
 
 def main(argv=None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point (exit 0 done, 1 a regression verdict, 2 bad input)."""
     cli.main(args=argv, prog_name="trt-prune")
 
 

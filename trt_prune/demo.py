@@ -103,27 +103,25 @@ def _session_predict(session, input_name: str, output_name: str):
 def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | None = None, console=None,
              settings: DemoSettings | None = None, exporter: str = "dynamo") -> dict:
     """Run the demo, write its artifacts to ``out`` and return the report (also ``out/report.json``)."""
-    from .backends import BuildConfig, get_backend
-    from .clean import clean_onnx
+    from .backends import BuildConfig
     from .data import RoadScenes
+    from .demo_report import plot_latency, plot_slowest_layers, rich_table, write_html
     from .detection.metrics import evaluate
-    from .export import export_onnx
     from .finetune import finetune_detector, recalibrate_batchnorm
     from .models import load_model
     from .profiling.layers import build_module_map
     from .profiling.profile import interleaved_timings, machine_info
-    from .profiling.stats import cv_warning, summarize
-    from .pruning import count_params, macs_of, prune
+    from .profiling.stats import CV_THRESHOLD, cv_warning, summarize
+    from .pruning import count_params, macs_of
     from .pruning.alignment import preferred_round_to
-    from .report import plot_latency, plot_slowest_layers, rich_table, write_html
-    from .sparsity import sparsify
     from .sparsity.inspect import inspect_sparsity
+    from .stages import build, prune, sparsify, to_onnx
 
     settings = settings or (QUICK if quick else FULL)
     log = _Log(console)
     out = ensure_output_dir(out)
     loaded = load_model(MODEL_SPEC)
-    if "weights" not in loaded.meta:
+    if loaded.meta.weights is None:
         raise TrtPruneError("the demo detector's shipped weights are missing from the package; "
                             "train them with: python bench/train_demo_detector.py")
     dense = loaded.model
@@ -170,7 +168,6 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
         log(f"{name}: mAP@[.5:.95] {v['map_after']['map50_95']:.3f} after fine-tune "
             f"({ft_info[name]['seconds']:.0f} s)")
 
-    backend = get_backend("onnxruntime")
     sessions, feeds, exports, cleans = {}, {}, {}, {}
     onnx_dir = ensure_output_dir(out / "onnx")
     gen = torch.Generator().manual_seed(0)
@@ -178,13 +175,15 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
     try:
         with tempfile.TemporaryDirectory(prefix="trt_prune_demo_") as tmp:
             for name, v in variants.items():
-                raw_path = Path(tmp) / f"{name}.raw.onnx"
                 final = onnx_dir / f"{name.replace('+', '_')}.onnx"
-                exports[name] = export_onnx(v["finetuned"], raw_path, shape, exporter=exporter)
-                cleans[name] = clean_onnx(raw_path, final)
-                log(f"{name}: exported ({exports[name].exporter}) and cleaned "
-                    f"{cleans[name].nodes_before} → {cleans[name].nodes_after} nodes")
-                sessions[name] = backend.build(final, BuildConfig(threads=threads, extra={"allow_spinning": False}))
+                artifact = to_onnx(v["finetuned"], final, workdir=tmp, input_shape=shape, name=name,
+                                   exporter=exporter)
+                exports[name], cleans[name] = (next(s for s in artifact.steps if s["stage"] == stage)
+                                               for stage in ("export", "clean"))
+                log(f"{name}: exported ({exports[name]['exporter']}) and cleaned "
+                    f"{cleans[name]['nodes_before']} → {cleans[name]['nodes_after']} nodes")
+                sessions[name] = build(final, "onnxruntime",
+                                       BuildConfig(threads=threads, extra={"allow_spinning": False}))
                 feeds[name] = {sessions[name].inputs[0].name: image}
                 ins, outs = sessions[name].inputs[0].name, sessions[name].outputs[0].name
                 v["map_onnx"] = score(_session_predict(sessions[name], ins, outs))
@@ -211,7 +210,7 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
     for name, v in variants.items():
         lat = summarize(samples[name])
         layers = sorted(v["per_layer"], key=lambda r: r["ms"], reverse=True)
-        parity = exports[name].parity.get(exports[name].output_names[0], {})
+        parity = exports[name]["parity"].get(exports[name]["output_names"][0], {})
         rows.append({
             "name": name,
             "params": count_params(v["finetuned"]),
@@ -231,8 +230,8 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
             "throughput_ips": 1000.0 / lat["mean"],
             "onnx": str(onnx_dir / f"{name.replace('+', '_')}.onnx"),
             "parity": parity,
-            "export": exports[name].to_dict(),
-            "clean": cleans[name].to_dict(),
+            "export": exports[name],
+            "clean": cleans[name],
             "finetune": ft_info[name],
             "per_layer": [{"name": r["name"], "op": r["op"], "module": r.get("module"), "ms": r["ms"]}
                           for r in layers],
@@ -271,9 +270,12 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
             "the profiler's own overhead",
         ],
     }
-    for r in rows:
-        if r["cv_warning"]:
-            report["notes"].append(f"{r['name']}: {r['cv_warning']}")
+    unstable = [r for r in rows if r["cv_warning"]]
+    if unstable:  # one line for the run, not one per variant: the advice is the same for all of them
+        cvs = ", ".join(f"{r['name']} {r['latency_ms']['cv']:.1%}" for r in unstable)
+        report["notes"].append(f"latency is unstable (coefficient of variation above {CV_THRESHOLD:.1%}): {cvs}; "
+                               "the speed-ups compare medians of interleaved rounds, which such noise affects "
+                               "least")
     images = [plot_latency(report, out / "latency.png"),
               plot_slowest_layers(rows[0]["per_layer"], rows[1]["per_layer"], out / "slowest_layers.png")]
     write_json(out / "report.json", report)

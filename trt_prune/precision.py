@@ -53,9 +53,20 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from trt_prune.clean import check_model, is_plugin, load_source, parity_points, probe_model
-from trt_prune.errors import PrecisionError
-from trt_prune.onnx_io import PROTOBUF_LIMIT, compare_outputs, random_feeds, run_onnxruntime, save_onnx
+from trt_prune.errors import PrecisionError, TrtPruneError
+from trt_prune.onnx_io import (
+    PROTOBUF_LIMIT,
+    InputShape,
+    ParityCheck,
+    check_model,
+    given_input_shapes,
+    graph_inputs,
+    is_plugin,
+    load_source,
+    one_line,
+    save_onnx,
+)
+from trt_prune.onnx_io import check_parity as compare_graphs  # check_parity: also an option name here
 
 # op type -> why it stays fp32
 DEFAULT_BLOCK_OPS: dict[str, str] = {
@@ -101,7 +112,9 @@ class Fp16Result:
     one in ONNX Runtime (see :func:`trt_prune.onnx_io.compare_outputs`), worst over the parity batches; empty
     when the check was off. Outputs behind a selection op (NMS, TopK, ArgMax) or a TensorRT plugin are not
     compared, the op's inputs are, as ``"<node>:input<i>"`` (the decoded boxes and scores of a detector's NMS
-    tail: a 1e-3 difference in a score may legitimately reorder the detections after it). ``initializers``:
+    tail: a 1e-3 difference in a score may legitimately reorder the detections after it). ``input_shapes``:
+    the shape of each input parity was checked at (given or chosen; with the check off, those given).
+    ``initializers``:
     counts and bytes by dtype after conversion, and how many fp32 weight values
     fell outside fp16's range (``clamped``: beyond ±65504, stored as ±65504) or below its normal range
     (``subnormal``: 0 < |w| < 6.1e-5, stored with fewer significant bits). ``activations``: float tensors by
@@ -124,6 +137,7 @@ class Fp16Result:
     io_types: dict = field(default_factory=dict)
     parity: dict[str, dict[str, float]] = field(default_factory=dict)
     tolerance: dict[str, float] = field(default_factory=dict)
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -131,7 +145,8 @@ class Fp16Result:
         return asdict(self)
 
 
-def to_fp16(src, dst, *, keep_io_types: bool = True, block_ops: Iterable[str] | None = None,
+def to_fp16(src, dst, *, input_shape: InputShape | None = None, keep_io_types: bool = True,
+            block_ops: Iterable[str] | None = None,
             block_nodes: Sequence[str] = (), reduce_min_elements: int | None = DEFAULT_REDUCE_MIN_ELEMENTS,
             block_head_activations: bool = True, check_parity: bool = True, atol: float = 1e-2,
             rtol: float = 1e-2, seed: int = 0) -> Fp16Result:
@@ -143,12 +158,16 @@ def to_fp16(src, dst, *, keep_io_types: bool = True, block_ops: Iterable[str] | 
     ``block_head_activations`` keeps output score activations in fp32.
 
     Parity: seeded random inputs (batch 1, and 2 when the batch is symbolic) through both models in ONNX
-    Runtime; an element fails when ``|fp16 - fp32| > atol + rtol * |fp32|``; any failure raises
+    Runtime, at ``input_shape`` (one full shape when the model has one input, or ``{input name: shape}``,
+    checked against the fixed axes) or, for other dynamic axes, at a size the graph's pooling/strides/resizes
+    accept (:func:`trt_prune.onnx_io.candidate_input_shapes`; the fp16 model keeps its dynamic axes); an
+    element fails when ``|fp16 - fp32| > atol + rtol * |fp32|``; any failure raises
     :class:`PrecisionError` and writes nothing, unless ``check_parity=False``. The defaults (1e-2, 1e-2) are
     about ten fp16 steps (fp16 resolves 1 part in 2048): rounding the weights to fp16 alone moves the outputs of
     a deep network by a few 1e-3.
-    ``src`` is only read; ``dst`` is written atomically. A missing, corrupt or non-fp32 ``src``, unknown
-    ``block_nodes``, or a conversion that breaks the graph raise :class:`PrecisionError`; an unwritable ``dst``
+    ``src`` is only read; ``dst`` is written atomically. A missing, corrupt or non-fp32 ``src``, a bad
+    ``input_shape`` (or dynamic axes no size could be found for), unknown ``block_nodes``, or a conversion that
+    breaks the graph raise :class:`PrecisionError`; an unwritable ``dst``
     :class:`~trt_prune.errors.OutputError`.
     """
     started = time.perf_counter()
@@ -160,6 +179,7 @@ def to_fp16(src, dst, *, keep_io_types: bool = True, block_ops: Iterable[str] | 
         raise PrecisionError(f"reduce_min_elements must be an int >= 0 or None, got {reduce_min_elements!r}")
     ops = dict(DEFAULT_BLOCK_OPS) if block_ops is None else {str(op): "in block_ops" for op in block_ops}
     src_path, dst_path, original = load_source(src, dst, PrecisionError, "fp16 conversion")
+    given = given_input_shapes(graph_inputs(original), input_shape, PrecisionError)
     if original.ByteSize() > PROTOBUF_LIMIT:
         raise PrecisionError(f"{str(src_path)!r} is over protobuf's 2 GiB; fp16 conversion of such models is not "
                              "supported (ONNX shape inference cannot run on it in memory)")
@@ -176,7 +196,7 @@ def to_fp16(src, dst, *, keep_io_types: bool = True, block_ops: Iterable[str] | 
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:
-        raise PrecisionError(f"ONNX shape inference fails on {str(src_path)!r} ({_one_line(exc)}); the converter "
+        raise PrecisionError(f"ONNX shape inference fails on {str(src_path)!r} ({one_line(exc)}); the converter "
                              "needs every tensor's type. Clean the model first (trt-prune clean)") from exc
     names = {n.name for n in model.graph.node}
     unknown = [n for n in block_nodes if n not in names]
@@ -195,14 +215,24 @@ def to_fp16(src, dst, *, keep_io_types: bool = True, block_ops: Iterable[str] | 
             model, keep_io_types=bool(keep_io_types), disable_shape_infer=True,
             op_block_list=[], node_block_list=[b["node"] for b in blocked])
     except Exception as exc:
-        raise PrecisionError(f"ONNX Runtime's fp16 converter failed on {str(src_path)!r} ({_one_line(exc)})") from exc
+        raise PrecisionError(f"ONNX Runtime's fp16 converter failed on {str(src_path)!r} ({one_line(exc)})") from exc
     converted = _tidy(converted, before_names, original)
     try:
         check_model(converted)
     except onnx.checker.ValidationError as exc:
-        raise PrecisionError(f"the fp16 graph fails onnx.checker ({_one_line(exc)}); nothing was written. "
+        raise PrecisionError(f"the fp16 graph fails onnx.checker ({one_line(exc)}); nothing was written. "
                              "Block the node it names with block_nodes=[...]") from exc
-    parity = _parity(original, converted, atol, rtol, seed) if check_parity else {}
+    shapes = {name: list(shape) for name, shape in given.items()}
+    parity: dict[str, dict[str, float]] = {}
+    if check_parity:
+        try:
+            checked = compare_graphs(original, converted, _PARITY, atol=atol, rtol=rtol, seed=seed, given=given)
+        except TrtPruneError:
+            raise
+        except Exception as exc:  # the check's own machinery: still one line, still nothing written
+            raise PrecisionError(f"the parity check failed ({one_line(exc)}); nothing was written. Pass "
+                                 "check_parity=False to convert without it") from exc
+        parity, shapes = checked.outputs, checked.input_shapes
     written = save_onnx(converted, dst_path)
 
     typed = onnx.shape_inference.infer_shapes(converted)
@@ -215,7 +245,7 @@ def to_fp16(src, dst, *, keep_io_types: bool = True, block_ops: Iterable[str] | 
                     "reduce_always": list(_ALWAYS_FP32_REDUCE), "head_activations": block_head_activations},
         blocked=blocked, initializers={**_initializer_stats(converted), **weights},
         activations=_activation_stats(typed), io_types=_io_types(converted), parity=parity,
-        tolerance={"atol": atol, "rtol": rtol} if check_parity else {},
+        tolerance={"atol": atol, "rtol": rtol} if check_parity else {}, input_shapes=shapes,
         seconds=round(time.perf_counter() - started, 3))
 
 
@@ -350,7 +380,7 @@ def _tidy(model: onnx.ModelProto, before_names: set[str], original: onnx.ModelPr
     """Order the nodes, drop Cast round trips the converter made, fold Casts of constants."""
     import onnx_graphsurgeon as gs
 
-    from trt_prune.clean import _same_dtype, cleanup, remove_identity, toposort
+    from trt_prune.cleaner import _same_dtype, cleanup, remove_identity, toposort
 
     graph = gs.import_onnx(model)
     for node in graph.nodes:
@@ -411,47 +441,11 @@ def _stop(node: onnx.NodeProto) -> tuple[int, ...] | list[int] | None:
     return _SELECTION.get(node.op_type) if node.domain in ("", "ai.onnx") else None
 
 
-def _parity(original, converted, atol: float, rtol: float, seed: int) -> dict[str, dict[str, float]]:
-    dynamic = any(v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].HasField("dim_value")
-                  for v in original.graph.input)
-    types = {v.name: v.type.tensor_type.elem_type for v in converted.graph.input}
-    outputs, probes = parity_points(original, _stop)
-    if probes:
-        reference_model, reference_names = probe_model(original, outputs, probes)
-        fp16_model, fp16_names = probe_model(converted, outputs, probes)
-    else:
-        reference_model, reference_names, fp16_model, fp16_names = original, outputs, converted, outputs
-    labels = outputs + [f"{name}:input{slot}" for name, slot in probes]
-    parity: dict[str, dict[str, float]] = {}
-    failing = []
-    for batch in (1, 2) if dynamic else (1,):
-        feeds = random_feeds(original, batch=batch, seed=seed + batch)
-        try:
-            expected = run_onnxruntime(reference_model, feeds)
-        except Exception as exc:
-            raise PrecisionError(f"ONNX Runtime cannot run the fp32 model ({_one_line(exc)}), so parity cannot "
-                                 "be checked; pass check_parity=False to convert without it") from exc
-        cast = {k: v.astype(np.float16) if types.get(k) == TensorProto.FLOAT16 else v for k, v in feeds.items()}
-        try:
-            got = run_onnxruntime(fp16_model, cast)
-        except Exception as exc:
-            raise PrecisionError(f"ONNX Runtime cannot run the fp16 model ({_one_line(exc)}); nothing was "
-                                 "written") from exc
-        for label, ref_name, name in zip(labels, reference_names, fp16_names, strict=True):
-            reference = expected[ref_name]
-            error = compare_outputs(got[name], reference, atol=atol, rtol=rtol)
-            entry = parity.setdefault(label, {"max_abs": 0.0, "max_rel": 0.0, "mismatched": 0})
-            entry["max_abs"] = max(entry["max_abs"], error["max_abs"])
-            entry["max_rel"] = max(entry["max_rel"], error["max_rel"])
-            entry["mismatched"] += error["mismatched"]
-            if error["mismatched"]:
-                failing.append(f"{label} at batch {batch}: {error['mismatched']} of {reference.size} element(s) "
-                               f"off, max_abs {error['max_abs']:.3g}, max_rel {error['max_rel']:.3g}")
-    if failing:
-        raise PrecisionError(f"the fp16 model differs from the fp32 one beyond atol={atol}, rtol={rtol} "
-                             f"({'; '.join(failing)}); nothing was written. Keep more nodes in fp32 "
-                             "(block_nodes=[...]) or loosen atol/rtol")
-    return parity
+_PARITY = ParityCheck(
+    error=PrecisionError, reference="the fp32 model", candidate="the fp16 model",
+    changed="the fp16 model differs from the fp32 one",
+    remedy="Keep more nodes in fp32 (block_nodes=[...]) or loosen atol/rtol",
+    disable="pass check_parity=False to convert without it", stop=_stop, cast_inputs=True)
 
 
 # --------------------------------------------------------------------------------------------------- stats
@@ -522,7 +516,3 @@ def _file_bytes(path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "headless_shell")
 
 
 def _kill(model, graph, fraction=0.5, pick=None):
@@ -72,3 +76,22 @@ def detector():
             m.running_var.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.1, 0.1)
     return model
+
+
+def find_browser() -> str | None:
+    """A headless-capable Chromium on PATH (the first of :data:`BROWSERS` found), or None."""
+    for name in BROWSERS:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture
+def browser() -> str:
+    """The path of a Chromium on PATH for screenshot tests; the test skips, saying why, where there is none
+    (CI installs Debian's ``chromium`` in ``.ci/run``)."""
+    found = find_browser()
+    if found is None:
+        pytest.skip(f"no browser on PATH (looked for {', '.join(BROWSERS)}); `apt-get install chromium` adds one")
+    return found

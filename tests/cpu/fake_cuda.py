@@ -39,6 +39,9 @@ class FakeCudart:
 
     def __init__(self, fail_capture=False, fail_host_alloc=False):
         self.buffers, self.host_buffers, self.live_graphs = {}, {}, set()
+        # Freed device memory stays reserved, so no address is handed out twice: a reallocation always moves
+        # the buffer, and tests that count CUDA-graph captures do not depend on the host allocator's reuse.
+        self._freed: list[np.ndarray] = []
         self.capturing = None
         self.fail_capture, self.fail_host_alloc = fail_capture, fail_host_alloc
         self.counts = Counter()
@@ -74,7 +77,7 @@ class FakeCudart:
     def cudaFree(self, ptr):
         if ptr not in self.buffers:
             return (1,)
-        del self.buffers[ptr]
+        self._freed.append(self.buffers.pop(ptr))
         return (0,)
 
     def cudaMallocHost(self, nbytes):

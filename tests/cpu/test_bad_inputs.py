@@ -14,7 +14,7 @@ from torch import nn
 
 from trt_prune.cli import cli
 from trt_prune.errors import ExportError
-from trt_prune.export import export_onnx, locate_failure
+from trt_prune.exporter import export_onnx, locate_failure
 
 MODEL_FILE = '''
 import torch

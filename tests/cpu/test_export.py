@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from trt_prune.errors import ExportError, OutputError, TrtPruneError
-from trt_prune.export import DEFAULT_OPSET, export_onnx
+from trt_prune.exporter import DEFAULT_OPSET, export_onnx
 from trt_prune.models.demo_detector import DemoDetector
 from trt_prune.onnx_io import compare_outputs, external_locations, load_onnx, node_module, onnx_sha256, save_onnx
 
@@ -145,7 +145,7 @@ def test_fallback_reason_recorded_when_dynamo_call_raises(tmp_path, monkeypatch)
 
 
 def test_parity_failure_raises_and_writes_nothing(tmp_path, monkeypatch):
-    import trt_prune.export as export_module
+    import trt_prune.exporter as export_module
 
     real = export_module.run_onnxruntime
     monkeypatch.setattr(export_module, "run_onnxruntime",

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from trt_prune.clean import clean_onnx
-from trt_prune.export import export_onnx
+from trt_prune.cleaner import clean_onnx
+from trt_prune.exporter import export_onnx
 from trt_prune.onnx_io import random_feeds, run_onnxruntime
 from trt_prune.precision import DEFAULT_BLOCK_OPS, PrecisionError, choose_blocked, to_fp16
 

@@ -159,7 +159,7 @@ def test_transpose_axis_uses_perm_not_its_inverse(tmp_path):
 
 def test_masked_detector_export_end_to_end(tmp_path):
     """2:4 masks on chosen DemoDetector convs survive BatchNorm folding and map back to the modules."""
-    from trt_prune.export import export_onnx
+    from trt_prune.exporter import export_onnx
     from trt_prune.models.demo_detector import DemoDetector
     from trt_prune.onnx_io import node_module
 
@@ -209,8 +209,8 @@ class _ConvBNLinear(torch.nn.Module):
 def test_sparsify_export_clean_keeps_every_eligible_layer_24(tmp_path, exporter):
     """Every layer sparsify made 2:4 still holds the pattern on TensorRT's axis after export (BatchNorm folded
     into the conv, Linear weights possibly transposed) and clean; ours and Polygraphy's checker agree."""
-    from trt_prune.clean import clean_onnx
-    from trt_prune.export import export_onnx
+    from trt_prune.cleaner import clean_onnx
+    from trt_prune.exporter import export_onnx
     from trt_prune.onnx_io import node_module
     from trt_prune.sparsity import sparsify
 

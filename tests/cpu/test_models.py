@@ -6,11 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from trt_prune.artifacts import save_model_folder
 from trt_prune.errors import ModelSpecError, WeightsError
 from trt_prune.models import BUILTINS, builtin_weights_path, load_model, load_weights
 from trt_prune.models.demo_detector import DemoDetector
-from trt_prune.pruning import prune
+from trt_prune.stages import prune
 
 
 class NotAStateDict:
@@ -27,7 +26,7 @@ def test_builtin_detector_size_and_shipped_weights():
     assert loaded.input_shape == (1, 3, 320, 320)
     path = builtin_weights_path("demo-detector")
     assert path.is_file() and path.stat().st_size <= 10 * 1024 * 1024
-    assert loaded.meta["weights"] == f"shipped:{path.name}"
+    assert loaded.meta.weights == f"shipped:{path.name}"
     assert not loaded.model.training
     x = torch.rand(1, 3, 320, 320)
     assert loaded.model(x).shape == (1, 4 + 4, 40 * 40 + 20 * 20 + 10 * 10)
@@ -105,11 +104,13 @@ def test_pickle_needs_opt_in(tmp_path, capsys):
 
 def test_model_folder_roundtrip(tmp_path):
     base = load_model("builtin:demo-detector")
-    result = prune(base.model, (1, 3, 128, 128), ratio=0.3)
-    folder = save_model_folder(tmp_path / "pruned", result.model, {
-        "source": base.source, "input_shape": [1, 3, 320, 320], "recipe": result.recipe, "history": ["prune"]})
+    result = prune(base, (1, 3, 128, 128), ratio=0.3, out=tmp_path / "pruned")  # the stage writes the folder
+    folder = result.folder
+    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.safetensors", "recipe.json"]
     loaded = load_model(str(folder))
-    assert loaded.source == "builtin:demo-detector" and loaded.meta["recipe"]["version"] == 1
+    assert loaded.source == "builtin:demo-detector" and loaded.meta.recipe["version"] == 1
+    assert loaded.input_shape == (1, 3, 128, 128) and loaded.meta.history == ["prune"]
+    assert loaded.meta.weights == base.meta.weights and loaded.task == "detection"
     x = torch.rand(1, 3, 128, 128)
     torch.testing.assert_close(loaded.model(x), result.model.eval()(x))
     with pytest.raises(ModelSpecError, match="holds no model.json"):

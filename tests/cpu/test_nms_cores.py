@@ -23,7 +23,7 @@ from trt_prune.detection.nms_export import (
 )
 from trt_prune.detection.torchvision_decode import core_reference
 from trt_prune.errors import ExportError
-from trt_prune.export import export_onnx
+from trt_prune.exporter import export_onnx
 from trt_prune.models.cores import calibrate_batchnorm, detection_core
 from trt_prune.onnx_io import load_onnx
 

@@ -29,7 +29,7 @@ from trt_prune.detection.nms_export import (
     unpad_detections,
 )
 from trt_prune.errors import ExportError
-from trt_prune.export import export_onnx
+from trt_prune.exporter import export_onnx
 from trt_prune.models import load_model
 from trt_prune.onnx_io import run_onnxruntime
 
@@ -39,7 +39,7 @@ HW = (320, 320)
 @pytest.fixture(scope="module")
 def detector():
     loaded = load_model("builtin:demo-detector")
-    assert loaded.meta["weights"].startswith("shipped:")
+    assert loaded.meta.weights.startswith("shipped:")
     return loaded.model
 
 

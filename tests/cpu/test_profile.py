@@ -13,7 +13,8 @@ from torch import nn
 from trt_prune.backends import BuildConfig, LayerTime, Session, TensorSpec, get_backend
 from trt_prune.errors import BackendError, ProfileError
 from trt_prune.models.demo_detector import DemoDetector
-from trt_prune.profiling import aggregate_layers, interleaved_timings, make_feeds, profile_onnx, resolve_input_shapes
+from trt_prune.profiling import aggregate_layers, interleaved_timings, make_feeds, resolve_input_shapes
+from trt_prune.stages import profile as profile_onnx
 from trt_prune.profiling.layers import (
     PASSIVE_OPS,
     Graph,

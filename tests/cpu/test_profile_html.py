@@ -19,30 +19,32 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from trt_prune import provenance
 from trt_prune.cli import cli
 from trt_prune.errors import ProfileError
-from trt_prune.export import export_onnx
-from trt_prune.profiling import profile as profile_mod
-from trt_prune.profiling import profile_onnx
-from trt_prune.profiling.html import (
-    PNG_NAMES,
-    breakdown_rows,
-    check_profile,
+from trt_prune.exporter import export_onnx
+from trt_prune.profiling import ProfileResult
+from trt_prune.stages import profile as profile_onnx
+from trt_prune.profiling.compare import (
+    as_profile,
     compare_layers,
     compare_totals,
     format_ms,
     layer_key,
     load_profile,
     per_layer_share,
+)
+from trt_prune.profiling.html import (
+    PNG_NAMES,
+    breakdown_rows,
     render_plots,
     summary_rows,
     write_profile_html,
     write_profile_pngs,
 )
-from trt_prune.profiling.profile import gpu_info, parse_gpu_query
+from trt_prune.provenance import gpu_info, parse_gpu_query
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-CHROMIUM = "/usr/bin/chromium"
 QUICK = {"warmup_s": 0.0, "iterations": 20, "min_duration_s": 0.0, "layer_runs": 3}
 QUICK_CLI = ["--iterations", "20", "--warmup", "0", "--duration", "0", "--layer-runs", "3"]
 
@@ -99,6 +101,14 @@ def _images(page: str) -> list[bytes]:
         assert src.startswith("data:image/png;base64,"), src[:60]
         out.append(base64.b64decode(src.split(",", 1)[1], validate=True))
     return out
+
+
+def _profile(per_layer, **fields):
+    """A small but complete profile dict (every required field) with these layer rows."""
+    latency = dict.fromkeys(("p50", "p90", "p95", "p99", "mean", "std", "min", "max", "cv"), 1.0)
+    return {"backend": "onnxruntime", "onnx": "net.onnx", "batch": 1, "input_shapes": {"images": [1, 3, 8, 8]},
+            "latency_ms": {**latency, "n": 1}, "throughput_ips": 1000.0, "throughput_images_s": 1000.0,
+            "per_layer": per_layer, **fields}
 
 
 def _sums(rows):
@@ -205,10 +215,7 @@ def test_compare_layers_matches_by_module(profiles):
 
 
 def test_compare_layers_sums_rows_sharing_a_module():
-    def prof(rows):
-        return {"backend": "x", "batch": 1, "throughput_ips": 1.0, "per_layer": rows,
-                "latency_ms": dict.fromkeys(("p50", "p90", "p95", "p99", "mean", "std", "min", "max", "cv", "n"), 1)}
-
+    prof = _profile
     base = prof([{"name": "a1", "op": "Conv", "module": "m", "ms": 1.0},
                  {"name": "a2", "op": "Relu", "module": "m", "ms": 0.5},
                  {"name": "reorder", "op": "Reorder", "module": None, "ms": 0.25}])
@@ -295,13 +302,13 @@ def test_html_without_samples_explains_the_missing_histogram(profiles, tmp_path)
 def test_bad_profiles_raise_and_write_nothing(profiles, tmp_path):
     good = profiles[0]
     with pytest.raises(ProfileError, match="is a list, not a profile"):
-        check_profile([1, 2])
-    with pytest.raises(ProfileError, match=r"lacks \['per_layer'"):
-        check_profile({k: v for k, v in good.items() if k not in ("per_layer",)})
+        as_profile([1, 2])
+    with pytest.raises(ProfileError, match=r"lacks \['per_layer'\]"):
+        as_profile({k: v for k, v in good.items() if k not in ("per_layer",)})
     with pytest.raises(ProfileError, match=r"'latency_ms' lacks numbers for \['p99'\]"):
-        check_profile({**good, "latency_ms": {k: v for k, v in good["latency_ms"].items() if k != "p99"}})
+        as_profile({**good, "latency_ms": {k: v for k, v in good["latency_ms"].items() if k != "p99"}})
     with pytest.raises(ProfileError, match=r"per_layer\[0\]"):
-        check_profile({**good, "per_layer": [{"name": "x"}]})
+        as_profile({**good, "per_layer": [{"name": "x"}]})
     with pytest.raises(ProfileError, match="top must be a positive integer"):
         write_profile_html(good, tmp_path / "t.html", top=0)
     out = tmp_path / "report.html"
@@ -314,7 +321,9 @@ def test_bad_profiles_raise_and_write_nothing(profiles, tmp_path):
 def test_load_profile(profiles, tmp_path):
     good = tmp_path / "good.json"
     good.write_text(json.dumps({k: v for k, v in profiles[0].items() if k != "samples_ms"}))
-    assert load_profile(good)["latency_ms"] == profiles[0]["latency_ms"]
+    loaded = load_profile(good)
+    assert isinstance(loaded, ProfileResult) and loaded.latency_ms == profiles[0]["latency_ms"]
+    assert loaded.to_dict() == {**profiles[0], "samples_ms": []}  # every field back, samples left out by -o
     (tmp_path / "text.json").write_text("not json")
     with pytest.raises(ProfileError, match="text.json' is not JSON"):
         load_profile(tmp_path / "text.json")
@@ -325,18 +334,97 @@ def test_load_profile(profiles, tmp_path):
         load_profile(tmp_path / "missing.json")
 
 
+def test_profile_record_round_trips_with_its_version(profiles):
+    data = profiles[0]
+    assert data["format"] == "trt_prune.profile" and data["version"] == 1
+    record = ProfileResult.from_dict(data)
+    assert record.to_dict() == data
+    assert ProfileResult.from_dict(json.loads(json.dumps(data))) == record
+    # a file from before the version field: the same record
+    old = {k: v for k, v in data.items() if k not in ("format", "version", "breakdown")}
+    assert ProfileResult.from_dict(old) == record
+    # what 'profile -o' adds beside the fields is ignored
+    assert ProfileResult.from_dict({**data, "aggregates": {"op": []}, "per_layer_vs_e2e": "x"}) == record
+
+
+def test_profile_of_a_newer_version_or_another_format(profiles, tmp_path):
+    path = tmp_path / "new.json"
+    path.write_text(json.dumps({**profiles[0], "version": 2}))
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    message = str(info.value)
+    assert f"profile '{path}' is profile format version 2, written by a newer trt_prune" in message
+    assert "reads version 1 and older: upgrade trt_prune" in message and "\n" not in message
+    path.write_text(json.dumps({**profiles[0], "format": "trt_prune.recipe"}))
+    with pytest.raises(ProfileError, match=r"new.json' is a 'trt_prune.recipe' file, not a profile"):
+        load_profile(path)
+    path.write_text(json.dumps({**profiles[0], "version": "1"}))
+    with pytest.raises(ProfileError, match=r"'version' is '1', expected a positive integer"):
+        load_profile(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"batch": 0}, r"'batch' is 0, expected an integer >= 1"),
+    ({"batch": True}, r"'batch' is True, expected an integer >= 1"),
+    ({"backend": ""}, r"'backend' is '', expected a non-empty string"),
+    ({"onnx": None}, r"'onnx' is None, expected a string"),
+    ({"throughput_ips": float("nan")}, r"'throughput_ips' is nan, expected a finite number >= 0"),
+    ({"throughput_images_s": -1.0}, r"'throughput_images_s' is -1.0, expected a finite number >= 0"),
+    ({"per_layer_sum_ms": "3 ms"}, r"'per_layer_sum_ms' is '3 ms', expected a finite number >= 0"),
+    ({"input_shapes": {"images": [1, "3"]}}, r"input_shapes\['images'\] is \[1, '3'\], expected a list of integers"),
+    ({"input_shapes": [1, 3]}, r"'input_shapes' is \[1, 3\], expected a dict"),
+    ({"samples_ms": [1.0, float("inf")]}, r"samples_ms\[1\] is inf, expected a finite number >= 0"),
+    ({"notes": "slow"}, r"notes is 'slow', expected a list of strings"),
+    ({"env": {"providers": "CPUExecutionProvider"}}, r"env\['providers'\] is 'CPUExecutionProvider', expected a list"),
+    ({"breakdown": [1]}, r"'breakdown' is \[1\], expected a dict"),
+    ({"cv_warning": 3}, r"'cv_warning' is 3, expected a string"),
+])
+def test_profile_fields_are_checked_by_name(profiles, tmp_path, change, message):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({**profiles[0], **change}))
+    with pytest.raises(ProfileError, match=message) as info:
+        load_profile(path)
+    assert str(info.value).startswith(f"profile '{path}': ") and "\n" not in str(info.value)
+
+
+def test_profile_layer_rows_and_latency_are_checked(profiles):
+    good = profiles[0]
+    row = good["per_layer"][0]
+    for bad, message in (({**row, "ms": -0.1}, r"per_layer\[0\]\['ms'\] is -0.1"),
+                         ({**row, "module": 7}, r"per_layer\[0\]\['module'\] is 7, expected a string or null"),
+                         ({**row, "members": [1]}, r"per_layer\[0\]\['members'\] is \[1\]"),
+                         ({**row, "op": None}, r"per_layer\[0\] is .*each row needs 'name' and 'op'")):
+        with pytest.raises(ProfileError, match=message):
+            ProfileResult.from_dict({**good, "per_layer": [bad]}, "base")
+    for key, value, message in (("n", 0, r"latency_ms\['n'\] is 0, expected an integer >= 1"),
+                                ("n", 2.5, r"latency_ms\['n'\] is 2.5"),
+                                ("p99", float("inf"), r"latency_ms\['p99'\] is inf, expected a finite number")):
+        with pytest.raises(ProfileError, match=message):
+            ProfileResult.from_dict({**good, "latency_ms": {**good["latency_ms"], key: value}})
+    # an infinite rate is what profile_record writes for a 0 ms mean, and only then
+    zero = {**good, "latency_ms": {**good["latency_ms"], "mean": 0.0}, "throughput_ips": float("inf")}
+    assert ProfileResult.from_dict(zero).throughput_ips == float("inf")
+    with pytest.raises(ProfileError, match="'throughput_ips' is inf"):
+        ProfileResult.from_dict({**good, "throughput_ips": float("inf")})
+
+
 def test_report_loads_no_backend_library(profiles, tmp_path):
     """A report made from a stored profile, in a fresh interpreter, never loads onnxruntime, TensorRT, torch or
     any of trt_prune's backend modules."""
     stored = tmp_path / "p.json"
     stored.write_text(json.dumps(profiles[1]))
-    code = ("import sys; from trt_prune.profiling.html import load_profile, write_profile_html; "
-            f"write_profile_html(load_profile({str(stored)!r}), {str(tmp_path / 'r.html')!r}); "
+    code = ("import sys; from trt_prune.profiling.compare import compare_layers, load_profile; "
+            f"p = load_profile({str(stored)!r}); compare_layers(p, p); "
+            "print(sorted(m for m in ('matplotlib', 'onnxruntime', 'tensorrt', 'torch', 'onnx', 'trt_prune.backends') "
+            "if m in sys.modules)); "
+            "from trt_prune.profiling.html import write_profile_html; "
+            f"write_profile_html(p, {str(tmp_path / 'r.html')!r}); "
             "print(sorted(m for m in ('onnxruntime', 'tensorrt', 'torch', 'onnx', 'trt_prune.backends') "
             "if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
-    assert done.stdout.strip() == "[]" and (tmp_path / "r.html").is_file()
+    # the comparison needs no plotting library, the report no backend
+    assert done.stdout.split("\n")[:2] == ["[]", "[]"] and (tmp_path / "r.html").is_file()
 
 
 # ---------------------------------------------------------------- CLI
@@ -412,9 +500,9 @@ def test_gpu_info_never_fails(tmp_path, monkeypatch, script, expected):
     fake.write_text(f"#!/bin/sh\n{script}\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(profile_mod, "GPU_PROBE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(provenance, "GPU_PROBE_TIMEOUT_S", 0.5)
     assert gpu_info() == expected
-    info = profile_mod.machine_info()
+    info = provenance.machine_info()
     assert {k: info[k] for k in expected} == expected and ("gpu" in info) == bool(expected)
 
 
@@ -440,12 +528,11 @@ def _is_flat(png: Path) -> bool:
     return bool((flat == flat[0]).all())
 
 
-@pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason=f"{CHROMIUM} is not installed")
-def test_chromium_renders_the_page(profiles, tmp_path):
+def test_chromium_renders_the_page(profiles, tmp_path, browser):
     wide, narrow = profiles
     page = write_profile_html(narrow, tmp_path / "report.html", compare=wide)
     shot = tmp_path / "shot.png"
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync", "--no-first-run",
                     f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2400",
                     page.resolve().as_uri()], capture_output=True, timeout=120, check=True)
@@ -456,8 +543,10 @@ def test_chromium_renders_the_page(profiles, tmp_path):
 
 def test_per_layer_share_within_and_outside_ten_percent():
     def prof(total, mean, run):
-        return {"per_layer": [{"name": "a", "op": "Conv", "module": "a", "ms": total}], "per_layer_sum_ms": total,
-                "per_layer_run_ms": run, "latency_ms": {"mean": mean}}
+        profile = _profile([{"name": "a", "op": "Conv", "module": "a", "ms": total}], per_layer_sum_ms=total,
+                           per_layer_run_ms=run)
+        profile["latency_ms"]["mean"] = mean
+        return profile
 
     inside = per_layer_share(prof(5.2, 5.0, 5.6))
     assert inside.startswith("per-layer sum 5.200 ms = 104.0 % of the mean end-to-end latency 5.000 ms")

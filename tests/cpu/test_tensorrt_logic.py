@@ -6,6 +6,7 @@ real libraries where a GPU is visible; elsewhere those variants skip and say why
 import ctypes
 import hashlib
 import json
+import logging
 import re
 import sys
 import types
@@ -38,6 +39,7 @@ from trt_prune.backends.tensorrt import (
     runtime_options,
     timing_breakdown,
 )
+from trt_prune.backends.tensorrt.buildlog import make_logger
 from trt_prune.errors import BackendError, BackendUnavailableError, ProfileError
 from trt_prune.onnx_io import onnx_sha256
 
@@ -591,6 +593,30 @@ def test_cache_entry_is_written_then_reused(monkeypatch, model_path, tmp_path):
         assert third.cache_key == key and any("loaded from cache" in n for n in third.notes)
     assert trt.counts["build"] == 1 and trt.counts["deserialize"] == 3
     assert not cudart.buffers  # every device buffer freed on close
+
+
+def test_tensorrt_messages_go_to_logging_and_the_build_log(monkeypatch, model_path, caplog, capsys):
+    """Each TensorRT message reaches the ``trt_prune.tensorrt`` logger at the matching level; INFO and worse are
+    also kept as the build log; nothing is printed."""
+    trt = _install(monkeypatch, cudart=FakeCudart())
+    caplog.set_level(logging.DEBUG, logger="trt_prune.tensorrt")
+    severity = trt.ILogger.Severity
+    logger = make_logger(trt)
+    for level, msg in ((severity.INTERNAL_ERROR, "a"), (severity.ERROR, "b"), (severity.WARNING, "c"),
+                       (severity.INFO, "d"), (severity.VERBOSE, "e")):
+        logger.log(level, msg)
+    assert logger.lines == ["a", "b", "c", "d"]
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
+        ("trt_prune.tensorrt", logging.CRITICAL, "[TensorRT] a"), ("trt_prune.tensorrt", logging.ERROR, "[TensorRT] b"),
+        ("trt_prune.tensorrt", logging.WARNING, "[TensorRT] c"), ("trt_prune.tensorrt", logging.INFO, "[TensorRT] d"),
+        ("trt_prune.tensorrt", logging.DEBUG, "[TensorRT] e")]
+    caplog.clear()
+    with get_backend("tensorrt").build(model_path, BuildConfig(**CONFIG)) as session:
+        assert session.sparsity == {"eligible_sparse": ["/conv/Conv"], "ran_sparse": []}
+    records = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
+    eligible = "[TensorRT] (Sparsity) Layers eligible for sparse math: /conv/Conv"
+    assert ("trt_prune.tensorrt", logging.INFO, eligible) in records
+    assert capsys.readouterr() == ("", "")
 
 
 def _built_cache(monkeypatch, model_path, tmp_path):

@@ -11,7 +11,8 @@ from trt_prune.backends import BuildConfig, get_backend
 from trt_prune.backends.torch_backend import sparse24_plan, sparse24_reason
 from trt_prune.errors import BackendError, BackendUnavailableError
 from trt_prune.models import load_model
-from trt_prune.profiling import aggregate_layers, profile_torch
+from trt_prune.profiling import aggregate_layers
+from trt_prune.stages import profile
 from trt_prune.sparsity.pattern import mask_2of4
 
 
@@ -72,8 +73,8 @@ def test_module_own_times_add_up_to_the_forward_pass():
 
 
 def test_profile_torch_on_a_spec_gives_the_common_record():
-    result = profile_torch("builtin:demo-detector", batch=2, input_shape=(1, 3, 128, 128), warmup_s=0,
-                           iterations=3, min_duration_s=0, layer_runs=2)
+    result = profile("builtin:demo-detector", "torch", batch=2, input_shape=(1, 3, 128, 128), warmup_s=0,
+                     iterations=3, min_duration_s=0, layer_runs=2)
     assert result.backend == "torch" and result.onnx == "builtin:demo-detector"
     assert result.input_shapes == {"images": [2, 3, 128, 128]} and result.latency_ms["n"] == 3
     assert result.throughput_images_s == pytest.approx(2 * result.throughput_ips)
@@ -91,7 +92,7 @@ def test_profile_torch_on_a_spec_gives_the_common_record():
     (_config(device="cpu", cuda_graph=True), BackendError, "cuda_graph needs device 'cuda'"),
     (_config(device="cpu", sparse24=True), BackendError, "sparse24 .* needs device 'cuda' and precision fp16"),
     (_config(device="tpu"), BackendError, "device must be 'cuda' or 'cpu'"),
-    (_config(fancy=True), BackendError, r"unknown torch option\(s\) \['fancy'\]"),
+    (_config(fancy=True), BackendError, r"backend 'torch' does not take option\(s\) \['fancy'\]"),
 ])
 def test_bad_configs_are_refused(config, error, message):
     with pytest.raises(error, match=message):
@@ -102,7 +103,7 @@ def test_cuda_without_a_gpu_and_onnx_sources_are_refused():
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailableError, match="torch sees no CUDA GPU"):
             get_backend("torch").build(Block(), _config(device="cuda"))
-    with pytest.raises(BackendError, match="runs the PyTorch model, not 'model.onnx'"):
+    with pytest.raises(BackendError, match="builds from a PyTorch model .*, not an ONNX file 'model.onnx'"):
         get_backend("torch").build("model.onnx")
     with pytest.raises(BackendError, match="no input shape"):
         get_backend("torch").build(Block(), BuildConfig(extra={"device": "cpu"}))
@@ -156,7 +157,7 @@ def test_cli_profiles_a_model_on_the_torch_backend(tmp_path):
     assert data["aggregates"]["op"][0]["key"] == "Conv2d"  # convolutions dominate the detector
     assert (tmp_path / "r.html").read_text().count("backbone.stem.conv") >= 1
     for args, needle in ((["m.onnx", "--backend", "onnxruntime", "--fp16"],
-                          "--fp16 does not apply to --backend onnxruntime (--fp16 to --backend torch or tensorrt "
+                          "--fp16 does not apply to --backend onnxruntime (--fp16 to --backend tensorrt or torch "
                           "only)"),
                          (["m.onnx", "--backend", "tensorrt", "--channels-last", "--sparse"],
                           "--channels-last does not apply to --backend tensorrt (--channels-last to --backend torch "

@@ -15,7 +15,7 @@ import importlib
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from trt_prune.errors import BackendError, BackendUnavailableError
+from trt_prune.registry import Registry
 
 PRECISIONS = ("fp32", "fp16")
 
@@ -193,7 +194,9 @@ class Session(ABC):
         self._outputs: list[TensorSpec] = []
         self.notes: list[str] = []  # what the build decided that a user should know
         self.profile_run_ms: float | None = None  # backend-measured mean run time of the last profile_layers
+        self.artifact: Any = None  # the OnnxArtifact it was built from (trt_prune.stages.build sets it)
         self._closed = False
+        self._cleanups: list[Callable[[], Any]] = []
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -266,11 +269,19 @@ class Session(ABC):
         check_feeds(self.inputs, feeds)
         return self._profile_layers_impl(dict(feeds), runs, module_map)
 
+    def own(self, cleanup: Callable[[], Any]) -> None:
+        """Call ``cleanup`` when the session closes (a temporary folder its model was exported to)."""
+        self._cleanups.append(cleanup)
+
     def close(self) -> None:
         """Release the backend's resources; the session cannot be used afterwards."""
         if not self._closed:
             self._closed = True
-            self._close_impl()
+            try:
+                self._close_impl()
+            finally:
+                for cleanup in reversed(self._cleanups):
+                    cleanup()
 
     def __enter__(self) -> Session:
         return self
@@ -299,14 +310,83 @@ class Session(ABC):
         return None
 
 
+# What a backend builds from: an ONNX file, or the PyTorch model itself (an nn.Module, a model spec or a folder).
+SOURCE_KINDS = ("onnx", "model")
+
+
+@dataclass(frozen=True)
+class BackendOption:
+    """One build option a backend may accept: where it lands in :class:`BuildConfig` and its CLI flag.
+
+    ``field`` is ``"precision"`` (the option means ``precision="fp16"``), ``"sparse_weights"``, ``"cache_dir"``
+    or ``"extra"`` (the value goes to ``config.extra[name]``). The CLI derives its checks from these: a flag
+    given to a backend whose :attr:`Backend.options` lacks it is refused, naming the backends that take it.
+    """
+
+    name: str
+    field: str
+    flag: str
+    help: str
+
+
+# Every option any backend knows; a backend lists the names it accepts in ``Backend.options``.
+OPTIONS: dict[str, BackendOption] = {o.name: o for o in (
+    BackendOption("fp16", "precision", "--fp16", "half precision"),
+    BackendOption("sparse_weights", "sparse_weights", "--sparse", "2:4 sparse kernels where faster (TensorRT)"),
+    BackendOption("cache_dir", "cache_dir", "--cache-dir", "engine cache folder"),
+    BackendOption("cuda_graph", "extra", "--cuda-graph", "run by CUDA-graph replay"),
+    BackendOption("device", "extra", "--device", "cuda or cpu"),
+    BackendOption("channels_last", "extra", "--channels-last", "channels_last memory format"),
+    BackendOption("sparse24", "extra", "--sparse24", "2:4 layers on cuSPARSELt"),
+    BackendOption("providers", "extra", "", "ONNX Runtime execution providers"),
+    BackendOption("optimized_model_path", "extra", "", "write the graph ONNX Runtime optimised"),
+    BackendOption("allow_spinning", "extra", "", "ONNX Runtime's idle threads spin"),
+    BackendOption("cuda_api", "extra", "", "cuda-python or pycuda"),
+    BackendOption("pinned_host", "extra", "", "page-locked host staging"),
+    BackendOption("strongly_typed", "extra", "", "strongly typed TensorRT network"),
+    BackendOption("workspace_mib", "extra", "", "TensorRT workspace limit"),
+    BackendOption("tf32", "extra", "", "allow TF32 in TensorRT"),
+)}
+
+
+def options_in(config: BuildConfig) -> list[str]:
+    """Names of the :data:`OPTIONS` that ``config`` sets away from their defaults (unknown extra keys too)."""
+    used = []
+    if config.precision == "fp16":
+        used.append("fp16")
+    if config.sparse_weights:
+        used.append("sparse_weights")
+    if config.cache_dir:
+        used.append("cache_dir")
+    used += [key for key in config.extra]
+    return used
+
+
+def source_kind(source: Any) -> str:
+    """``"onnx"`` for an ONNX file (a path ending in ``.onnx``), ``"model"`` for an ``nn.Module``, a loaded
+    model, a model spec or a model folder."""
+    if isinstance(source, (str, Path)):
+        return "onnx" if str(source).lower().endswith(".onnx") else "model"
+    if hasattr(source, "model") and hasattr(source, "input_shape"):  # a LoadedModel
+        return "model"
+    try:
+        from torch import nn
+    except ImportError:  # no torch: nothing here can be a module
+        return "unknown"
+    return "model" if isinstance(source, nn.Module) else "unknown"
+
+
 class Backend(ABC):
-    """Builds sessions from ONNX. Subclasses set ``name``, ``install_hint`` and ``library`` (the module whose
-    import makes the backend available) and implement :meth:`_build_impl`; one that needs more than an import
+    """Builds sessions. Subclasses set ``name``, ``install_hint``, ``library`` (the module whose import makes
+    the backend available), ``builds_from`` (which :data:`SOURCE_KINDS` it takes) and ``options`` (the
+    :data:`OPTIONS` it accepts), and implement :meth:`_build_impl`; one that needs more than an import
     overrides :meth:`available`."""
 
     name: ClassVar[str] = ""
     install_hint: ClassVar[str] = ""
     library: ClassVar[str] = ""
+    builds_from: ClassVar[tuple[str, ...]] = ("onnx",)
+    options: ClassVar[frozenset[str]] = frozenset()
 
     def available(self) -> tuple[bool, str]:
         """``(True, "")`` when this backend can build here, else ``(False, what is missing and how to fix it)``."""
@@ -323,55 +403,95 @@ class Backend(ABC):
         except Exception:  # a half-installed library may fail to import in many ways; it has no version then
             return None
 
-    def build(self, onnx_path: str | Path, config: BuildConfig | None = None) -> Session:
-        """Build a session for ``onnx_path``; raises :class:`BackendUnavailableError` when the backend
-        cannot run here and :class:`BackendError` when the model or configuration is wrong."""
+    def check_config(self, config: BuildConfig | None) -> BuildConfig:
+        """``config`` (default ``BuildConfig()``) if every option it sets is one this backend accepts."""
+        if config is None:
+            return BuildConfig()
+        if not isinstance(config, BuildConfig):
+            raise BackendError(f"config must be a BuildConfig, got {type(config).__name__}")
+        refused = [o for o in options_in(config) if o not in self.options]
+        if refused:
+            raise BackendError(f"backend {self.name!r} does not take option(s) {refused}; it accepts "
+                               f"{sorted(self.options) or 'none'}" + _who_takes(refused))
+        return config
+
+    def build(self, source: Any, config: BuildConfig | None = None) -> Session:
+        """Build a session for ``source`` (see :attr:`builds_from`); raises :class:`BackendUnavailableError`
+        when the backend cannot run here and :class:`BackendError` when the source or configuration is wrong."""
         ok, reason = self.available()
         if not ok:
             raise BackendUnavailableError(f"backend {self.name!r} is unavailable: {reason}")
-        path = Path(onnx_path)
-        if not path.is_file():
-            raise BackendError(f"ONNX file {str(path)!r} does not exist; export the model first")
-        # one readable check before any backend parses it: a truncated or foreign file, or weights named
-        # outside the model's folder, get the same error whichever backend was asked for
-        from trt_prune.onnx_io import load_onnx
+        config = self.check_config(config)
+        kind = source_kind(source)
+        if kind not in self.builds_from:
+            takes = " or ".join(_KIND_WORDS[k] for k in self.builds_from)
+            given = _KIND_WORDS.get(kind, type(source).__name__)
+            raise BackendError(f"backend {self.name!r} builds from {takes}, not {given} {_label(source)}; "
+                               + ("export it first (trt-prune export, or trt_prune.stages.build does it for you)"
+                                  if kind == "model" else "give the model spec or folder it was exported from"))
+        if kind == "onnx":
+            path = Path(source)
+            if not path.is_file():
+                raise BackendError(f"ONNX file {str(path)!r} does not exist; export the model first")
+            # one readable check before any backend parses it: a truncated or foreign file, or weights named
+            # outside the model's folder, get the same error whichever backend was asked for
+            from trt_prune.onnx_io import load_onnx
 
-        load_onnx(path, load_external_data=False, error=BackendError)
-        if config is None:
-            config = BuildConfig()
-        elif not isinstance(config, BuildConfig):
-            raise BackendError(f"config must be a BuildConfig, got {type(config).__name__}")
-        return self._build_impl(path, config)
+            load_onnx(path, load_external_data=False, error=BackendError)
+            source = path
+        return self._build_impl(source, config)
 
     @abstractmethod
-    def _build_impl(self, onnx_path: Path, config: BuildConfig) -> Session: ...
+    def _build_impl(self, source: Any, config: BuildConfig) -> Session: ...
 
 
-_REGISTRY: dict[str, type[Backend]] = {}
+_KIND_WORDS = {"onnx": "an ONNX file", "model": "a PyTorch model (module, spec or folder)"}
+
+
+def _label(source: Any) -> str:
+    return repr(str(source)) if isinstance(source, (str, Path)) else f"({type(source).__name__})"
+
+
+def _who_takes(options: Sequence[str]) -> str:
+    parts = []
+    for option in options:
+        takers = backends_taking(option)
+        parts.append(f"{option}: {' or '.join(takers)}" if takers else f"{option}: no backend")
+    return f" (which backends take them: {'; '.join(parts)})"
+
+
+def backends_taking(option: str) -> list[str]:
+    """Names of the registered backends whose :attr:`Backend.options` include ``option``."""
+    return [name for name in backend_names() if option in _REGISTRY.lookup(name).options]
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The registered class for ``name``; an unknown name lists the valid ones."""
+    return _REGISTRY.lookup(name)
+
+
+_REGISTRY: Registry[str, type[Backend]] = Registry("backend", BackendError)
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:
     """Class decorator: make ``cls`` reachable as ``get_backend(cls.name)``."""
     if not cls.name:
         raise TypeError(f"{cls.__name__} must set a non-empty class attribute 'name' to be registered")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise TypeError(f"backend name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
-    _REGISTRY[cls.name] = cls
-    return cls
+    unknown = sorted(set(cls.options) - set(OPTIONS)) + sorted(set(cls.builds_from) - set(SOURCE_KINDS))
+    if unknown:
+        raise TypeError(f"{cls.__name__} declares unknown option(s) or source kind(s) {unknown}; options: "
+                        f"{sorted(OPTIONS)}, source kinds: {list(SOURCE_KINDS)}")
+    return _REGISTRY.register(cls.name, cls)
 
 
 def backend_names() -> list[str]:
     """Every registered backend name, available here or not."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_backend(name: str) -> Backend:
     """A new instance of the backend registered as ``name``."""
-    try:
-        cls = _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise BackendError(f"unknown backend {name!r}; valid names: {', '.join(backend_names())}") from None
-    return cls()
+    return _REGISTRY.lookup(name)()
 
 
 def backend_status() -> dict[str, tuple[bool, str]]:

@@ -2,8 +2,8 @@
 
 ``BuildConfig`` fields: ``threads`` sets intra-op threads (default: every core this process may use);
 ``optimization_level`` 0-3 picks ORT_DISABLE_ALL, ORT_ENABLE_BASIC, ORT_ENABLE_EXTENDED, ORT_ENABLE_ALL
-(default ALL). ``precision`` and ``sparse_weights`` change nothing here: ONNX Runtime runs the precision the
-ONNX carries and has no 2:4 kernels; the session notes say so.
+(default ALL). ``precision="fp16"`` and ``sparse_weights`` are refused (not in :attr:`OnnxRuntimeBackend.options`):
+ONNX Runtime runs the precision the ONNX carries (convert it with ``trt-prune fp16``) and has no 2:4 kernels.
 
 ``extra`` keys: ``providers`` (list, default ``["CPUExecutionProvider"]``; CUDA or TensorRT providers need
 the ``onnxruntime-gpu`` distribution), ``optimized_model_path`` (write the graph ORT optimised, for
@@ -38,7 +38,6 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
               "tensor(uint8)": "uint8", "tensor(bool)": "bool", "tensor(int16)": "int16",
               "tensor(uint16)": "uint16"}
-_KNOWN_EXTRA = {"providers", "optimized_model_path", "allow_spinning"}
 
 
 def usable_cores() -> int:
@@ -66,14 +65,12 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     install_hint = "pip install onnxruntime (or onnxruntime-gpu for the CUDA and TensorRT providers)"
     library = "onnxruntime"
+    builds_from = ("onnx",)
+    options = frozenset({"providers", "optimized_model_path", "allow_spinning"})
 
     def _build_impl(self, onnx_path: Path, config: BuildConfig) -> Session:
         import onnxruntime as ort
 
-        unknown = sorted(set(config.extra) - _KNOWN_EXTRA)
-        if unknown:
-            raise BackendError(f"unknown onnxruntime option(s) {unknown} in BuildConfig.extra; known: "
-                               f"{sorted(_KNOWN_EXTRA)}")
         providers = list(config.extra.get("providers") or ["CPUExecutionProvider"])
         have = ort.get_available_providers()
         missing = [p for p in providers if p not in have]
@@ -82,13 +79,7 @@ class OnnxRuntimeBackend(Backend):
                 f"ONNX Runtime provider(s) {missing} are not in this onnxruntime build (it has {have}); "
                 f"the CUDA and TensorRT providers need `pip install onnxruntime-gpu` in place of onnxruntime "
                 f"and an NVIDIA GPU")
-        notes = []
-        if config.precision != "fp32":
-            notes.append(f"precision {config.precision!r}: ONNX Runtime runs the precision the ONNX carries; "
-                         f"convert the model to fp16 first to time fp16")
-        if config.sparse_weights:
-            notes.append("sparse_weights: ONNX Runtime has no 2:4 sparse kernels; the flag is ignored")
-        return OnnxRuntimeSession(onnx_path, config, providers, notes)
+        return OnnxRuntimeSession(onnx_path, config, providers, [])
 
 
 class OnnxRuntimeSession(Session):

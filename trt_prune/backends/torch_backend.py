@@ -5,10 +5,10 @@ optionally ``channels_last``, optionally replayed from a CUDA graph (eager launc
 kernels), and optionally with 2:4 layers on cuSPARSELt through ``torch.sparse.to_sparse_semi_structured``; on
 the CPU it runs the model eagerly in fp32, which is what the tests exercise.
 
-It builds from the model rather than from ONNX (``get_backend("torch").build(model_or_spec, config)``): an
-``nn.Module``, a model spec (``builtin:demo-detector``, ``torchvision:resnet50``…) or a model folder. The
-input shape comes from ``config.shapes`` (one entry, any name) or the model spec's own shape with
-``config.batch``'s opt batch.
+It builds from the model rather than from ONNX (``builds_from = ("model",)``;
+``get_backend("torch").build(model_or_spec, config)``): an ``nn.Module``, a loaded model, a model spec
+(``builtin:demo-detector``, ``torchvision:resnet50``…) or a model folder. The input shape comes from
+``config.shapes`` (one entry, any name) or the model spec's own shape with ``config.batch``'s opt batch.
 
 ``BuildConfig`` fields it reads: ``precision`` (``fp16`` needs CUDA), ``threads`` (CPU: ``torch.set_num_threads``,
 a process-wide setting, reported in ``notes``), ``batch`` / ``shapes``, and ``extra``:
@@ -46,7 +46,6 @@ from trt_prune.backends.base import (
 )
 from trt_prune.errors import BackendError, BackendUnavailableError
 
-EXTRA_KEYS = frozenset({"device", "channels_last", "cuda_graph", "sparse24"})
 SPARSE_ALIGN = 16  # cuSPARSELt's fp16 2:4 weights: rows and columns multiples of 16 (torch's own constraint)
 
 
@@ -130,20 +129,13 @@ class TorchBackend(Backend):
     install_hint = "pip install torch (a CUDA build for the GPU path)"
     library = "torch"
 
-    def build(self, source, config: BuildConfig | None = None) -> TorchSession:  # type: ignore[override]
-        """Build a session for ``source``: an ``nn.Module``, a model spec or a model folder (not ONNX)."""
-        ok, reason = self.available()
-        if not ok:
-            raise BackendUnavailableError(f"backend 'torch' is unavailable: {reason}")
-        if config is None:
-            config = BuildConfig()
-        elif not isinstance(config, BuildConfig):
-            raise BackendError(f"config must be a BuildConfig, got {type(config).__name__}")
+    builds_from = ("model",)
+    options = frozenset({"fp16", "device", "channels_last", "cuda_graph", "sparse24"})
+
+    def _build_impl(self, source, config: BuildConfig) -> TorchSession:
+        """Build a session for ``source``: an ``nn.Module``, a loaded model, a model spec or a model folder."""
         model, default_shape, label = _resolve_model(source)
         return _build_session(model, default_shape, label, config)
-
-    def _build_impl(self, onnx_path: Path, config: BuildConfig) -> Session:
-        raise BackendError("the torch backend runs the PyTorch model, not ONNX; build it from a model")
 
 
 def _resolve_model(source) -> tuple[Any, tuple[int, ...] | None, str]:
@@ -151,6 +143,8 @@ def _resolve_model(source) -> tuple[Any, tuple[int, ...] | None, str]:
 
     if isinstance(source, nn.Module):
         return source, None, type(source).__name__
+    if hasattr(source, "model") and hasattr(source, "input_shape"):  # a LoadedModel
+        return source.model, tuple(source.input_shape), str(getattr(source, "spec", type(source.model).__name__))
     if isinstance(source, (str, Path)):
         text = str(source)
         if text.endswith(".onnx") or text.endswith(".engine"):
@@ -180,9 +174,6 @@ def _input_shape(default: tuple[int, ...] | None, config: BuildConfig) -> tuple[
 def _build_session(model, default_shape, label: str, config: BuildConfig) -> TorchSession:
     import torch
 
-    unknown = sorted(set(config.extra) - EXTRA_KEYS)
-    if unknown:
-        raise BackendError(f"unknown torch option(s) {unknown} in BuildConfig.extra; known: {sorted(EXTRA_KEYS)}")
     device = str(config.extra.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device not in ("cuda", "cpu"):
         raise BackendError(f"device must be 'cuda' or 'cpu', got {device!r}")
@@ -209,6 +200,9 @@ def _build_session(model, default_shape, label: str, config: BuildConfig) -> Tor
     model = model.to(device=device, dtype=torch.float16 if fp16 else torch.float32)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    from trt_prune.models import check_runs
+
+    check_runs(model, shape, BackendError)  # a wrong input shape: one error naming the module, not a traceback
     plan = []
     if sparse:
         plan = sparse24_plan(model)

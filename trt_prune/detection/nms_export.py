@@ -15,7 +15,7 @@ torchvision's RetinaNet, FCOS, SSD300 and SSDlite (``core:NAME``), decoded by
 
 How it is built. The detector plus box decoding (for the demo: anchor points, ``softplus(raw) * stride``, clipping)
 and the score activation are a torch module (:class:`DetectorDecode`, or ``CoreDecode``), exported by
-:func:`trt_prune.export.export_onnx` as it is (either exporter, dynamic batch, its own parity check on the decoded
+:func:`trt_prune.exporter.export_onnx` as it is (either exporter, dynamic batch, its own parity check on the decoded
 boxes and scores). The selection part (pre-NMS top-k, ``NonMaxSuppression``, the final top-K and the zero padding)
 is written with ``onnx.helper`` and appended to that graph. Reasons: NMS's output has a data-dependent length, which
 the dynamo exporter can only emit through a custom translation table (``export_onnx`` exposes none) or a fake static
@@ -581,7 +581,7 @@ class NMSExportResult:
 
     path: str
     config: NMSConfig
-    decode: object  # trt_prune.export.ExportResult of the decode graph
+    decode: object  # trt_prune.exporter.ExportResult of the decode graph
     op: str
     output_names: list[str]
     output_shapes: dict[str, list]
@@ -626,7 +626,7 @@ def export_detector_nms(model, path, input_shape=(1, 3, 320, 320), config: NMSCo
     :func:`nms_reference` on the decode graph's own boxes and scores (else :class:`ExportError`), and are compared
     with the torch model's own post-processing, :attr:`DecodePlan.reference` (reported in ``detections_parity``).
     """
-    from trt_prune.export import export_onnx
+    from trt_prune.exporter import export_onnx
     from trt_prune.onnx_io import load_onnx, run_onnxruntime, save_onnx, staging_folder
 
     if config is not None:

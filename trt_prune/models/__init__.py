@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..artifacts import MODEL_FORMAT, MODEL_JSON, MODEL_VERSION, MODEL_WEIGHTS, is_model_folder
+from ..artifacts import MODEL_JSON, MODEL_WEIGHTS, ModelMeta, is_model_folder, read_model_meta
 from ..errors import ModelSpecError, WeightsError
+from ..registry import Registry
 from .cores import CORE_NAMES, core_spec, detection_core
 
 
@@ -33,12 +33,13 @@ class BuiltinModel:
     task: str = "detection"
 
 
-BUILTINS: dict[str, BuiltinModel] = {}
+BUILTINS: Registry[str, BuiltinModel] = Registry("built-in model", ModelSpecError)
 
 
-def register_builtin(name: str, factory, input_shape, weights=None, description="", task="detection"):
+def register_builtin(name: str, factory, input_shape, weights=None, description="", task="detection",
+                     replace: bool = False):
     """Add a model reachable as ``builtin:NAME``."""
-    BUILTINS[name] = BuiltinModel(factory, tuple(input_shape), weights, description, task)
+    BUILTINS.register(name, BuiltinModel(factory, tuple(input_shape), weights, description, task), replace=replace)
 
 
 def _demo_detector():
@@ -53,17 +54,26 @@ register_builtin("demo-detector", _demo_detector, (1, 3, 320, 320), "demo_detect
 
 @dataclass
 class LoadedModel:
-    """A model plus what the stages need to know about it."""
+    """A model plus what the stages need to know about it: ``meta`` is its :class:`ModelMeta` (for a folder,
+    its ``model.json``; for a spec, the source, shape, task and weights), which the stages extend when they
+    write a new folder."""
 
     model: nn.Module
     spec: str  # what the user named
-    source: str  # the spec of the unpruned architecture (a folder's source, else ``spec``)
-    input_shape: tuple[int, ...]
-    meta: dict = field(default_factory=dict)  # model.json of a folder: recipe, sparsity, history
+    meta: ModelMeta
+
+    @property
+    def source(self) -> str:
+        """The spec of the unpruned architecture (a folder's source, else ``spec``)."""
+        return self.meta.source
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.meta.input_shape)
 
     @property
     def task(self) -> str:
-        return self.meta.get("task", "classification")
+        return self.meta.task
 
 
 SPEC_HELP = ("builtin:NAME (" + ", ".join(f"builtin:{n}" for n in sorted(BUILTINS)) + "), torchvision:NAME, "
@@ -136,6 +146,8 @@ def load_weights(model: nn.Module, path: str | Path, allow_pickle: bool = False)
 
 
 def _from_file(spec: str) -> nn.Module:
+    """Build the module a ``file.py:factory`` spec names (this runs the file: callers decide whether that is
+    allowed, see ``trust_code`` in :func:`load_model`)."""
     file, _, factory = spec.rpartition(":")
     path = Path(file)
     if not path.is_file():
@@ -152,7 +164,11 @@ def _from_file(spec: str) -> nn.Module:
     if not callable(fn):
         names = sorted(n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_"))
         raise ModelSpecError(f"'{file}' has no callable '{factory}'; callables there: {names}")
-    model = fn()
+    try:
+        model = fn()
+    except Exception as exc:  # the user's factory: whatever it raises is a problem with the spec
+        raise ModelSpecError(f"the factory '{spec}' raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                             "; fix the factory or choose another spec") from exc
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"'{spec}' returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -166,7 +182,7 @@ def _build(spec: str) -> tuple[nn.Module, tuple[int, ...], str]:
     if kind == "builtin":
         entry = BUILTINS.get(name)
         if entry is None:
-            raise ModelSpecError(f"unknown built-in model '{name}'; built-ins: {sorted(BUILTINS)}")
+            raise ModelSpecError(f"unknown built-in model '{name}'; built-ins: {BUILTINS.names()}")
         return entry.factory(), entry.input_shape, entry.task
     if kind == "torchvision":
         import torchvision
@@ -199,33 +215,33 @@ def _build(spec: str) -> tuple[nn.Module, tuple[int, ...], str]:
     raise ModelSpecError(f"unknown model spec '{spec}'; use {SPEC_HELP}")
 
 
-def _load_folder(folder: Path) -> LoadedModel:
+def _load_folder(folder: Path, trust_code: bool) -> LoadedModel:
     from ..pruning import apply_recipe
 
-    try:
-        meta = json.loads((folder / MODEL_JSON).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelSpecError(f"'{folder / MODEL_JSON}' is not readable JSON ({exc})") from exc
-    if meta.get("format") != MODEL_FORMAT or meta.get("version") != MODEL_VERSION:
-        raise ModelSpecError(f"'{folder / MODEL_JSON}' is not a trt_prune model folder of version {MODEL_VERSION}")
-    source = meta.get("source")
-    if not source:
-        raise ModelSpecError(f"'{folder / MODEL_JSON}' names no source model")
-    model, default_shape, task = _build(source)
-    if meta.get("recipe"):
-        model = apply_recipe(model, meta["recipe"])
+    meta = read_model_meta(folder)
+    runs = meta.runs_code
+    if runs is not None and not trust_code:
+        raise ModelSpecError(f"the model folder '{folder}' is built by running '{runs}' (its {MODEL_JSON} names the "
+                             f"source '{meta.source}'); loading it would execute that file. Pass --trust-code "
+                             "(trust_code=True in Python) if you trust it")
+    model, _, _ = _build(meta.source)
+    if meta.recipe:
+        model = apply_recipe(model, meta.recipe)
     load_weights(model, folder / MODEL_WEIGHTS, allow_pickle=False)
-    shape = tuple(meta.get("input_shape") or default_shape)
-    meta.setdefault("task", task)
-    return LoadedModel(model.eval(), str(folder), source, shape, meta)
+    return LoadedModel(model.eval(), str(folder), meta)
 
 
 def load_model(spec: str, weights: str | Path | None = None, allow_pickle: bool = False,
-               pretrained: bool = True) -> LoadedModel:
+               pretrained: bool = True, trust_code: bool = False) -> LoadedModel:
     """Resolve ``spec`` to a model in eval mode.
 
     Built-in models come with their shipped weights unless ``weights`` is given or ``pretrained`` is False.
+    A ``file.py:factory`` spec runs that file: naming it is the caller's choice. A model folder whose
+    ``model.json`` names such a source would run a file the caller did not name, so it needs
+    ``trust_code=True`` (``--trust-code``), as pickled weights need ``allow_pickle``.
     """
+    if isinstance(spec, Path):
+        spec = str(spec)
     if not isinstance(spec, str) or not spec:
         raise ModelSpecError(f"empty model spec; use {SPEC_HELP}")
     path = Path(spec)
@@ -233,18 +249,40 @@ def load_model(spec: str, weights: str | Path | None = None, allow_pickle: bool 
         if not is_model_folder(path):
             raise ModelSpecError(f"folder '{spec}' holds no {MODEL_JSON}; pass a folder written by "
                                  "'trt-prune prune' or 'sparsify', or a spec: " + SPEC_HELP)
-        loaded = _load_folder(path)
+        loaded = _load_folder(path, trust_code)
         if weights is not None:
             load_weights(loaded.model, weights, allow_pickle)
         return loaded
     model, shape, task = _build(spec)
-    meta: dict = {"task": task}
+    meta = ModelMeta(source=spec, input_shape=tuple(shape), task=task)
     if weights is not None:
         load_weights(model, weights, allow_pickle)
-        meta["weights"] = str(weights)
+        meta.weights = str(weights)
     elif pretrained and spec.startswith("builtin:"):
         shipped = builtin_weights_path(spec.partition(":")[2])
         if shipped is not None and shipped.is_file():
             load_weights(model, shipped)
-            meta["weights"] = f"shipped:{shipped.name}"
-    return LoadedModel(model.eval(), spec, spec, tuple(shape), meta)
+            meta.weights = f"shipped:{shipped.name}"
+    return LoadedModel(model.eval(), spec, meta)
+
+
+def check_runs(model: nn.Module, input_shape, error: type[Exception] = ModelSpecError) -> None:
+    """Run ``model`` once on zeros of ``input_shape`` (one shape, or one per input); a failure — a wrong
+    input shape, most often — is one ``error`` naming the module that rejected it and the shape to give."""
+    shapes = [tuple(input_shape)] if input_shape and isinstance(input_shape[0], int) else [tuple(s) for s in
+                                                                                          input_shape]
+    first = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0))
+    dtype = first.dtype if first.is_floating_point() else torch.float32
+    example = tuple(torch.zeros(s, device=first.device, dtype=dtype) for s in shapes)
+    try:
+        with torch.no_grad():
+            model(*example)
+    except Exception as exc:  # the model's own code: any failure means it does not take this input
+        from ..exporter import locate_failure
+
+        where = locate_failure(model, exc)
+        text = " ".join(str(exc).split())
+        text = f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+        given = ", ".join("x".join(map(str, s)) for s in shapes)
+        raise error(f"the model does not run on input shape {given}{f' ({where})' if where else ''}: {text}; "
+                    "give the input shape the model takes (--input-shape NxCxHxW)") from exc

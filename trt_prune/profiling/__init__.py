@@ -8,12 +8,11 @@ from __future__ import annotations
 import importlib
 
 _PUBLIC = {
-    "ProfileResult": "trt_prune.profiling.profile",
+    "ProfileResult": "trt_prune.profiling.result",
     "aggregate_layers": "trt_prune.profiling.aggregate",
     "interleaved_timings": "trt_prune.profiling.profile",
     "make_feeds": "trt_prune.profiling.profile",
-    "profile_onnx": "trt_prune.profiling.profile",
-    "profile_torch": "trt_prune.profiling.profile",
+    "measure": "trt_prune.profiling.profile",
     "resolve_input_shapes": "trt_prune.profiling.profile",
     "cv_warning": "trt_prune.profiling.stats",
     "summarize": "trt_prune.profiling.stats",

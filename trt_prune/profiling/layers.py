@@ -33,6 +33,12 @@ The mapping rule (:func:`resolve_ort_anchor`, :func:`attribute_nodes`):
 3. A layer's module is that of its heaviest member (Conv, Gemm, MatMul... before element-wise ops), so a
    Conv+SiLU layer counts for the conv module. ONNX nodes whose metadata names no module (made by an
    exporter's optimiser) take the deepest common module of their neighbours (:func:`fill_from_neighbours`).
+   In a graph where no node names a module (files from other converters: nodes named ``Conv_0``, no scopes,
+   no metadata) each node stands for itself: its module is its own name.
+
+Unnamed nodes (allowed by ONNX, written by some converters) get the name ONNX Runtime gives them,
+``<op type>_<index>``, the index counting the nodes ORT keeps (``Constant`` nodes become initializers and do
+not count; seen with ONNX Runtime 1.32): :func:`ort_node_names`.
 """
 
 from __future__ import annotations
@@ -80,9 +86,12 @@ class Graph:
 
     @classmethod
     def from_onnx(cls, model: Any) -> Graph:
-        """Build from an ``onnx.ModelProto`` (no I/O, no onnx import needed)."""
+        """Build from an ``onnx.ModelProto`` (no I/O, no onnx import needed); unnamed nodes get the names ONNX
+        Runtime gives them (:func:`ort_node_names`)."""
         g = model.graph
-        nodes = [GraphNode(n.name, n.op_type, tuple(n.input), tuple(n.output)) for n in g.node]
+        names = ort_node_names(g.node)
+        nodes = [GraphNode(name, n.op_type, tuple(n.input), tuple(n.output)) for name, n in zip(names, g.node,
+                                                                                                strict=True)]
         return cls(nodes, tuple(v.name for v in g.input), tuple(v.name for v in g.output))
 
     def node_names(self) -> set[str]:
@@ -99,6 +108,18 @@ class Graph:
             for t in dict.fromkeys(t for t in n.inputs if t):
                 out.setdefault(t, []).append(n.name)
         return out
+
+
+def ort_node_names(nodes: Sequence[Any]) -> list[str]:
+    """The name of each ONNX node (``onnx.NodeProto`` or anything with ``name`` and ``op_type``) as ONNX Runtime
+    reports it: its own, or for an unnamed node ``<op type>_<index>``, where the index counts the nodes before
+    it that are not ``Constant`` (ORT turns those into initializers before it names nodes)."""
+    names, index = [], 0
+    for node in nodes:
+        names.append(node.name or f"{node.op_type}_{index}")
+        if node.op_type != "Constant":
+            index += 1
+    return names
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -341,19 +362,24 @@ def ort_layer_times(profile: OrtProfile, graph: Graph,
     return rows, attribution
 
 
+_LAYOUT_OPS = ("ReorderInput", "ReorderOutput")
+
+
 def _attribute_layout_changes(rows: list[LayerTime]) -> None:
     """Layout conversions ONNX Runtime inserts (``ReorderInput`` / ``ReorderOutput``) map to no ONNX node;
     they exist for one layer: a ``ReorderInput`` converts the input of the next layer that runs, a
     ``ReorderOutput`` the output of the previous one. Rows are in execution order; each takes that layer's
-    module (and keeps no ONNX members)."""
+    module (and keeps no ONNX members). Other nodes ORT makes itself and names after their op (``Reshape``,
+    ``Reshape_token_12``: the NCHWc transformer reshapes the blocked inputs and output of a broadcasting Add)
+    serve the next layer that runs, like a ``ReorderInput``."""
     for i, row in enumerate(rows):
-        if row.module is not None or row.op not in ("ReorderInput", "ReorderOutput"):
+        if row.module is not None or row.members:
             continue
-        span = range(i + 1, len(rows)) if row.op == "ReorderInput" else range(i - 1, -1, -1)
-        owner = next((rows[j] for j in span if rows[j].op not in ("ReorderInput", "ReorderOutput")
-                      and rows[j].module is not None), None)
-        if owner is not None:
-            row.module = owner.module
+        if row.op in _LAYOUT_OPS or _TOKEN_SUFFIX.sub("", row.name) == row.op:
+            span = range(i - 1, -1, -1) if row.op == "ReorderOutput" else range(i + 1, len(rows))
+            owner = next((rows[j] for j in span if rows[j].members and rows[j].module is not None), None)
+            if owner is not None:
+                row.module = owner.module
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -439,14 +465,21 @@ def build_module_map(model: Any, node_module: Callable[[Any], str | None] | None
     """ONNX node name -> PyTorch module path for every node of ``model`` (an ``onnx.ModelProto``).
 
     ``node_module`` takes an ONNX node and returns its module path or None; by default
-    :func:`default_node_module`.
+    :func:`default_node_module`. Unnamed nodes are keyed by the name ONNX Runtime gives them
+    (:func:`ort_node_names`). When no node names a module at all (a file from another converter: ``Conv_0``,
+    no scopes), every node maps to its own name, so that each profiled layer still says where it ran.
     """
     resolve = node_module or default_node_module()
-    mapping = {n.name: resolve(n) for n in model.graph.node}
-    return fill_from_neighbours(mapping, model.graph.node)
+    nodes = model.graph.node
+    names = ort_node_names(nodes)
+    mapping = {name: resolve(n) for name, n in zip(names, nodes, strict=True)}
+    if not any(module is not None for module in mapping.values()):
+        return {name: name for name in names}
+    return fill_from_neighbours(mapping, nodes, names)
 
 
-def fill_from_neighbours(mapping: dict[str, str | None], nodes: Sequence[Any]) -> dict[str, str | None]:
+def fill_from_neighbours(mapping: dict[str, str | None], nodes: Sequence[Any],
+                         names: Sequence[str] | None = None) -> dict[str, str | None]:
     """Give a node that names no module the deepest module around all its mapped neighbours.
 
     Exporters' graph optimisers create nodes without the metadata that names their module (the dynamo
@@ -454,26 +487,28 @@ def fill_from_neighbours(mapping: dict[str, str | None], nodes: Sequence[Any]) -
     called both its producer's module and its consumers' modules, so it is their deepest common ancestor: the
     ``Split`` of ``backbone.stage1.1.cv1``'s output feeding ``backbone.stage1.1.m.0`` and the block's ``Concat``
     lands in ``backbone.stage1.1``. Repeats until nothing changes (chains of unnamed nodes); passive ops
-    (Constant, Identity…) are left alone.
+    (Constant, Identity…) are left alone. ``names`` are the nodes' keys in ``mapping`` when they are not the
+    nodes' own names (unnamed nodes: :func:`ort_node_names`).
     """
+    keys = list(names) if names is not None else [n.name for n in nodes]
     producer: dict[str, str] = {}
     users: dict[str, list[str]] = {}
-    for n in nodes:
+    for key, n in zip(keys, nodes, strict=True):
         for t in n.output:
-            producer[t] = n.name
+            producer[t] = key
         for t in n.input:
-            users.setdefault(t, []).append(n.name)
+            users.setdefault(t, []).append(key)
     out = dict(mapping)
     changed = True
     while changed:
         changed = False
-        for n in nodes:
-            if out.get(n.name) is not None or n.op_type in PASSIVE_OPS:
+        for key, n in zip(keys, nodes, strict=True):
+            if out.get(key) is not None or n.op_type in PASSIVE_OPS:
                 continue
             around = [producer.get(t) for t in n.input] + [u for t in n.output for u in users.get(t, [])]
             modules = [out[m] for m in around if m is not None and out.get(m) is not None]
             if modules:
-                out[n.name] = _common_ancestor(modules)
+                out[key] = _common_ancestor(modules)
                 changed = True
     return out
 

@@ -1,4 +1,5 @@
-"""Profile an ONNX model on a backend: end-to-end latency statistics plus per-layer times, as one record.
+"""Measure a built session: end-to-end latency statistics plus per-layer times, as one record
+(:func:`trt_prune.stages.profile` builds the session and calls :func:`measure`).
 
 Latency and per-layer times come from separate runs (per-layer instrumentation inflates the total).
 Throughput is derived from the latency of sequential inference calls, one call in flight at a time:
@@ -8,56 +9,19 @@ Throughput is derived from the latency of sequential inference calls, one call i
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.metadata
-import os
-import platform
 import random
-import shutil
-import subprocess
-import sys
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from trt_prune.backends import BuildConfig, LayerTime, Session, TensorSpec, get_backend
-from trt_prune.backends.base import read_onnx_io
+from trt_prune.backends import LayerTime, Session, TensorSpec
 from trt_prune.errors import ProfileError
 from trt_prune.profiling.aggregate import AGGREGATE_KEYS, ROOT, UNMAPPED, aggregate_layers, stage_of  # noqa: F401
+from trt_prune.profiling.result import ProfileResult
 from trt_prune.profiling.stats import cv_warning, summarize
-
-
-@dataclass
-class ProfileResult:
-    """One profiling run. ``latency_ms`` is :func:`~trt_prune.profiling.stats.summarize` of ``samples_ms``;
-    ``per_layer`` rows are ``{name, op, module, ms, members}`` sorted by ``ms`` descending;
-    ``per_layer_run_ms`` is the backend's own mean run time during the per-layer run (instrumented, so
-    larger than ``latency_ms``); ``env`` says where it ran. ``breakdown`` is trtexec's per-phase summary
-    (latency, enqueue, H2D, GPU compute, D2H from CUDA events; :func:`~trt_prune.backends.tensorrt.timing_breakdown`)
-    for backends that can time the phases apart (TensorRT), from its own run after the end-to-end one."""
-
-    backend: str
-    onnx: str
-    batch: int
-    input_shapes: dict[str, list[int]]
-    latency_ms: dict[str, Any]
-    throughput_ips: float
-    throughput_images_s: float
-    per_layer: list[dict[str, Any]] = field(default_factory=list)
-    per_layer_sum_ms: float | None = None
-    per_layer_run_ms: float | None = None
-    cv_warning: str | None = None
-    env: dict[str, Any] = field(default_factory=dict)
-    samples_ms: list[float] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    breakdown: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field."""
-        return dataclasses.asdict(self)
+from trt_prune.provenance import GPU_QUERY, gpu_info, machine_info, parse_gpu_query  # noqa: F401 (re-exported)
 
 
 def resolve_input_shapes(specs: Sequence[TensorSpec], batch: int,
@@ -126,76 +90,9 @@ def make_feeds(specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]],
     return feeds
 
 
-GPU_QUERY = ("nvidia-smi", "--query-gpu=name,clocks.sm,clocks.mem", "--format=csv,noheader")
-GPU_PROBE_TIMEOUT_S = 5.0
-
-
-def parse_gpu_query(text: str) -> dict[str, str]:
-    """``gpu``, ``gpu_sm_clock`` and ``gpu_mem_clock`` from the output of :data:`GPU_QUERY` (its first GPU,
-    the one a session uses by default); ``{}`` when the text is not such output."""
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    parts = [p.strip() for p in first.split(",")]
-    if len(parts) != 3 or not parts[0]:
-        return {}
-    return {"gpu": parts[0], "gpu_sm_clock": parts[1], "gpu_mem_clock": parts[2]}
-
-
-def gpu_info() -> dict[str, str]:
-    """GPU name and current clocks from ``nvidia-smi`` where it exists; ``{}`` on any failure.
-
-    Clocks change with load and power state, so a GPU number without them is hard to compare. The probe must
-    never cost a result: no binary, a hang (timeout), an error or odd output all give ``{}``.
-    """
-    exe = shutil.which(GPU_QUERY[0])
-    if exe is None:
-        return {}
-    try:
-        done = subprocess.run([exe, *GPU_QUERY[1:]], capture_output=True, text=True, timeout=GPU_PROBE_TIMEOUT_S,
-                              check=False)
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return parse_gpu_query(done.stdout) if done.returncode == 0 else {}
-
-
-def _dist_version(*names: str) -> str | None:
-    """Installed version of the first distribution found, read from metadata without importing it."""
-    for name in names:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, OS, Python and package versions, plus the GPU and its clocks where ``nvidia-smi``
-    answers: stored with every result so numbers keep their context."""
-    from trt_prune import __version__
-
-    cpu = None
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    info: dict[str, Any] = {
-        "cpu": cpu or platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "usable_cores": usable, "platform": platform.platform(), "python": sys.version.split()[0],
-        "numpy": np.__version__, "trt_prune": __version__}
-    ort_version = _dist_version("onnxruntime", "onnxruntime-gpu")
-    if ort_version:
-        info["onnxruntime"] = ort_version
-    return {**info, **gpu_info()}
-
-
-def _module_map_for(onnx_path: Path, module_map: Any) -> Mapping[str, str | None] | None:
+def module_map_for(onnx_path: Path, module_map: Any) -> Mapping[str, str | None] | None:
+    """``module_map`` as a dict from ONNX node name to module path: a dict or None as given, a function of an
+    ONNX node applied to every node of ``onnx_path``."""
     if module_map is None or isinstance(module_map, Mapping):
         return module_map
     if callable(module_map):
@@ -208,60 +105,7 @@ def _module_map_for(onnx_path: Path, module_map: Any) -> Mapping[str, str | None
                        f"ONNX node, or None; got {type(module_map).__name__}")
 
 
-def profile_onnx(onnx_path: str | Path, backend: str = "onnxruntime", batch: int = 1,
-                 input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
-                 warmup_s: float = 1.0, iterations: int = 200, min_duration_s: float = 1.0,
-                 threads: int | None = None, per_layer: bool = True, layer_runs: int = 20,
-                 module_map: Mapping[str, str | None] | Callable[[Any], str | None] | None = None,
-                 seed: int = 0, config: BuildConfig | None = None) -> ProfileResult:
-    """Build ``onnx_path`` on ``backend`` and measure it with random inputs of the given batch.
-
-    Timing runs at least ``iterations`` calls and at least ``min_duration_s`` seconds after ``warmup_s``
-    of warm-up; per-layer times (``per_layer``) come from a separate run of ``layer_runs`` inferences.
-    ``module_map`` maps ONNX node names to PyTorch module paths (a dict, or a function of an ONNX node);
-    by default it comes from the node names. ``config`` supplies the other build options (precision,
-    sparse weights, cache); its shapes and threads are replaced by the ones given here.
-    """
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise ProfileError(f"ONNX file {str(path)!r} does not exist; export the model first")
-    chosen = get_backend(backend)
-    inputs, _ = read_onnx_io(path)
-    shapes = resolve_input_shapes(inputs, batch, input_shape)
-    base = config if config is not None else BuildConfig()
-    config = dataclasses.replace(base, threads=threads if threads is not None else base.threads,
-                                 batch=(batch, batch, batch), shapes={n: (s, s, s) for n, s in shapes.items()})
-    mapping = _module_map_for(path, module_map)
-    with chosen.build(path, config) as session:
-        return _measure(session, backend, str(path), batch, shapes, warmup_s, iterations, min_duration_s,
-                        per_layer, layer_runs, mapping, seed)
-
-
-def profile_torch(model, batch: int = 1, input_shape: Sequence[int] | None = None, warmup_s: float = 1.0,
-                  iterations: int = 200, min_duration_s: float = 1.0, threads: int | None = None,
-                  per_layer: bool = True, layer_runs: int = 20, seed: int = 0,
-                  config: BuildConfig | None = None) -> ProfileResult:
-    """:func:`profile_onnx` for the torch backend: ``model`` is an ``nn.Module``, a model spec or a folder.
-
-    ``input_shape`` is the full shape (its batch axis is replaced by ``batch``); by default the spec's own.
-    ``config.extra`` carries the torch options (device, channels_last, cuda_graph, sparse24). Per-layer rows
-    are each module's own time (see :mod:`trt_prune.backends.torch_backend`), keyed by module path.
-    """
-    base = config if config is not None else BuildConfig()
-    shapes = dict(base.shapes)
-    if input_shape is not None:
-        shape = (batch, *[int(d) for d in list(input_shape)[1:]])
-        shapes = {"images": (shape, shape, shape)}
-    config = dataclasses.replace(base, threads=threads if threads is not None else base.threads,
-                                 batch=(batch, batch, batch), shapes=shapes)
-    with get_backend("torch").build(model, config) as session:
-        spec = session.inputs[0]
-        label = model if isinstance(model, str) else session.label
-        return _measure(session, "torch", str(label), batch, {spec.name: tuple(spec.shape)}, warmup_s, iterations,
-                        min_duration_s, per_layer, layer_runs, None, seed)
-
-
-def _measure(session: Session, backend: str, source: str, batch: int, shapes: Mapping[str, Sequence[int]],
+def measure(session: Session, backend: str, source: str, batch: int, shapes: Mapping[str, Sequence[int]],
              warmup_s: float, iterations: int, min_duration_s: float, per_layer: bool, layer_runs: int,
              mapping: Mapping[str, str | None] | None, seed: int) -> ProfileResult:
     """Time ``session`` end to end, then profile its layers in a separate run, into one record."""

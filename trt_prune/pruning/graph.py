@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import PruneError
+from ..registry import Registry
 from . import record
 
 
@@ -212,23 +213,18 @@ class TraceState:
 
 _NODE_TYPES = (torch.fx.Node, record.Node)  # torch.export's graph or the dispatch recording's
 ChannelRule = Callable[[TraceState, "torch.fx.Node", list], object]
-CHANNEL_RULES: dict[str, ChannelRule] = {}
+CHANNEL_RULES: Registry[str, ChannelRule] = Registry("channel rule", PruneError)
 
 
-def register_channel_rule(*op_names: str):
+def register_channel_rule(*op_names: str, replace: bool = False):
     """Register how an ATen op (by overload-packet name, e.g. ``"conv2d"``) maps channels in to out.
 
     The rule gets ``(state, node, args)`` where ``args`` mirrors ``node.args`` with every tensor replaced by its
     :class:`Channels` (or None when it carries no tracked channel axis) and returns the output's channels:
-    a :class:`Channels`, a list of them for multi-output ops, or None.
+    a :class:`Channels`, a list of them for multi-output ops, or None. An op that already has a rule needs
+    ``replace=True`` (see :mod:`trt_prune.registry`).
     """
-
-    def deco(fn: ChannelRule) -> ChannelRule:
-        for name in op_names:
-            CHANNEL_RULES[name] = fn
-        return fn
-
-    return deco
+    return CHANNEL_RULES.decorator(*op_names, replace=replace)
 
 
 def _shape(node) -> tuple[int, ...]:

@@ -18,28 +18,25 @@ import torch
 from torch import nn
 
 from ..errors import PruneError
+from ..registry import Registry
 from .graph import ChannelGraph, ChannelGroup, Slot
 
-IMPORTANCES: dict[str, type[Importance]] = {}
+IMPORTANCES: Registry[str, type[Importance]] = Registry("importance", PruneError)
 
 
-def register_importance(name: str):
+def register_importance(name: str, replace: bool = False):
     """Class decorator: make an :class:`Importance` available by ``name`` (CLI ``--importance``)."""
 
     def deco(cls):
         cls.name = name
-        IMPORTANCES[name] = cls
-        return cls
+        return IMPORTANCES.register(name, cls, replace=replace)
 
     return deco
 
 
 def get_importance(name: str) -> Importance:
     """The importance criterion called ``name``; an unknown name lists the valid ones."""
-    try:
-        return IMPORTANCES[name]()
-    except KeyError:
-        raise PruneError(f"unknown importance '{name}'; choose one of {sorted(IMPORTANCES)}") from None
+    return IMPORTANCES.lookup(name)()
 
 
 def slot_param(module: nn.Module, slot: Slot) -> tuple[str, int] | None:

@@ -6,6 +6,7 @@ import copy
 import itertools
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,9 +63,12 @@ class PruneConfig:
 
 @dataclass
 class PruneResult:
+    """The pruned model, its replayable recipe, a report, and the model folder it was written to (if any)."""
+
     model: nn.Module
     recipe: dict
     report: dict = field(default_factory=dict)
+    folder: Path | None = None
 
 
 def count_params(model: nn.Module) -> int:

@@ -12,20 +12,15 @@ import torch
 from torch import nn
 
 from ..errors import PruneError
+from ..registry import Registry
 
 SurgeryFn = Callable[[nn.Module, str, torch.Tensor], None]
-SURGERY: dict[type, SurgeryFn] = {}
+SURGERY: Registry[type, SurgeryFn] = Registry("surgery", PruneError, describe=lambda t: t.__qualname__)
 
 
-def register_surgery(*types: type):
+def register_surgery(*types: type, replace: bool = False):
     """Register ``fn(module, kind, keep)`` cutting ``module``'s ``kind`` axis (out/in/norm/depthwise) to ``keep``."""
-
-    def deco(fn: SurgeryFn) -> SurgeryFn:
-        for t in types:
-            SURGERY[t] = fn
-        return fn
-
-    return deco
+    return SURGERY.decorator(*types, replace=replace)
 
 
 def _cut(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
@@ -127,18 +122,13 @@ def _grouped_conv(module, keep: torch.Tensor) -> None:
     module.in_channels = module.out_channels = int(keep.numel())
 
 
-FIXUPS: dict[type, Callable[[nn.Module, str], None]] = {}
+FIXUPS: Registry[type, Callable[[nn.Module, str], None]] = Registry("fixup", PruneError,
+                                                                   describe=lambda t: t.__qualname__)
 
 
-def register_fixup(*types: type):
+def register_fixup(*types: type, replace: bool = False):
     """Register ``fn(module, path)`` run after a module's tensors were cut, to update sizes it stores."""
-
-    def deco(fn):
-        for t in types:
-            FIXUPS[t] = fn
-        return fn
-
-    return deco
+    return FIXUPS.decorator(*types, replace=replace)
 
 
 @register_fixup(*_CONV_TRANSPOSE)

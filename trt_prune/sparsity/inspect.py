@@ -1,11 +1,13 @@
 """Which weights of an ONNX model hold TensorRT's 2:4 pattern, read the way TensorRT reads them.
 
-For every Conv, Gemm and MatMul, each input that traces back to an initializer gets a
-:class:`SparsityRecord` with the reduction axis TensorRT checks: Conv weight axis 1; Gemm A axis 1 (0 when
-``transA``), B axis 0 (1 when ``transB``, the PyTorch ``Linear`` layout); MatMul A its last axis, B its
-second-to-last (axis 1 and 0 of a 2-D matrix). Between the initializer and the consumer the trace goes
-through Cast, QuantizeLinear/DequantizeLinear (and TensorRT's FP8 variants) unchanged, and through Transpose
-with the axis permuted; any other producer ends the trace, as in TensorRT.
+For every Conv, Gemm and MatMul, each input that traces back to a constant gets a :class:`SparsityRecord`
+with the reduction axis TensorRT checks: Conv weight axis 1; Gemm A axis 1 (0 when ``transA``), B axis 0 (1
+when ``transB``, the PyTorch ``Linear`` layout); MatMul A its last axis, B its second-to-last (axis 1 and 0
+of a 2-D matrix). A constant is an initializer or the tensor of a ``Constant`` node (where files from other
+converters keep their weights; TensorRT's parser turns both into weights, so does this module). Between the
+constant and the consumer the trace goes through Identity (TorchScript shares equal tensors through it),
+Cast, QuantizeLinear/DequantizeLinear (and TensorRT's FP8 variants) unchanged, and through Transpose with the
+axis permuted; any other producer ends the trace, as in TensorRT.
 
 Verdicts agree with Polygraphy's checker (``polygraphy inspect sparsity``, ``polygraphy.tools.sparse``) on
 2-D weights and on Conv weights. Where they differ, on purpose:
@@ -33,7 +35,8 @@ from trt_prune.onnx_io import load_onnx
 from trt_prune.sparsity.pattern import GROUP, KEEP, _grouped, holds_2of4, pattern_possible
 
 # ops whose output has its input's layout, element for element: the pattern passes straight through
-_PASS_THROUGH = {"Cast", "QuantizeLinear", "DequantizeLinear", "TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear"}
+_PASS_THROUGH = {"Identity", "Cast", "QuantizeLinear", "DequantizeLinear", "TRT_FP8QuantizeLinear",
+                 "TRT_FP8DequantizeLinear"}
 
 
 @dataclass
@@ -57,7 +60,7 @@ class SparsityRecord:
 
 
 def inspect_sparsity(path: str | os.PathLike) -> list[SparsityRecord]:
-    """Check every Conv/Gemm/MatMul weight initializer of the ONNX file ``path`` for the 2:4 pattern.
+    """Check every Conv/Gemm/MatMul constant weight of the ONNX file ``path`` for the 2:4 pattern.
 
     One record per (initializer, consuming node, input) in graph order. ``eligible`` says the pattern is
     possible at all (the reduction axis divides by 4); ``holds_24`` that it is there; ``reason`` says why
@@ -71,7 +74,12 @@ def inspect_model(model: onnx.ModelProto) -> list[SparsityRecord]:
     """:func:`inspect_sparsity` on a model already in memory (external data loaded)."""
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output if out}
+    for node in graph.node:  # weights held in Constant nodes (``value``, a full tensor)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
+            tensor = next((a.t for a in node.attribute if a.name == "value"), None)
+            if tensor is not None:
+                initializers.setdefault(node.output[0], tensor)
+    producers = {out: node for node in graph.node for out in node.output if out and out not in initializers}
     arrays: dict[str, np.ndarray] = {}
     records = []
     for node in graph.node:

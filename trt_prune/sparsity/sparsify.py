@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -75,9 +76,14 @@ class SparseMasks:
 
 @dataclass
 class SparsifyResult:
+    """The 2:4 model, its masks, a row per conv/linear layer, and — from :func:`trt_prune.stages.sparsify` —
+    the permutation search's record and the model folder written (if any)."""
+
     model: nn.Module
     masks: SparseMasks
     layers: list[dict]
+    permutation: list[dict] | None = None
+    folder: Path | None = None
 
     @property
     def sparse_layers(self) -> list[str]:

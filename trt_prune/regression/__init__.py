@@ -1,6 +1,7 @@
 """Regression benchmarks: a verdict on every change, for speed and accuracy (statistics in :mod:`.stats`)."""
 
-from trt_prune.bench.stats import (
+from trt_prune.errors import BenchError
+from trt_prune.regression.stats import (
     VERDICTS,
     RatioEstimate,
     accuracy_gate,
@@ -8,6 +9,5 @@ from trt_prune.bench.stats import (
     mann_whitney,
     ratio_ci,
 )
-from trt_prune.errors import BenchError
 
 __all__ = ["VERDICTS", "BenchError", "RatioEstimate", "accuracy_gate", "decide", "mann_whitney", "ratio_ci"]

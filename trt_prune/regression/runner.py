@@ -3,7 +3,7 @@ candidates, and turn a comparison into an exit code.
 
 Recording: for every entry, backend and batch size, all variants are built, then timed together in
 interleaved rounds (each variant once per round, order shuffled), scored where the model has an accuracy,
-profiled per layer, and stored as one run (:mod:`trt_prune.bench.store`).
+profiled per layer, and stored as one run (:mod:`trt_prune.regression.store`).
 
 Comparing stored runs (``--baseline RUN[:VARIANT] --candidate RUN[:VARIANT]``) pairs the results with the same
 entry, backend and batch (and variant, unless one is named on each side) and applies the same statistics to
@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from trt_prune.bench.live import (
+from trt_prune.errors import BenchError
+from trt_prune.provenance import git_commit
+from trt_prune.regression.live import (
     Arm,
     Settings,
     accuracy_entry,
@@ -30,35 +31,24 @@ from trt_prune.bench.live import (
     env_differences,
     prepare_arm,
     profile_dict,
-    to_onnx,
     verdict_of,
 )
-from trt_prune.bench.store import Result, Store
-from trt_prune.bench.suite import Entry, Suite, Variant
-from trt_prune.errors import BenchError
+from trt_prune.regression.store import Result, Store
+from trt_prune.regression.suite import Entry, Suite, Variant
 
 EXIT_CODES = {"regression": 1, "improvement": 0, "no change": 0, "inconclusive": 0}
 SEVERITY = ("regression", "inconclusive", "no change", "improvement")  # worst first
 
 
-def git_commit(folder: str | Path = ".") -> str | None:
-    """HEAD of the git checkout around ``folder`` (``+dirty`` with uncommitted changes), None outside git."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True, text=True,
-                             check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return sha + ("+dirty" if dirty else "")
-
-
 # ------------------------------------------------------------------------------------------------- recording
-def _variant_source(entry: Entry, variant: Variant, suite: Suite, backend: str, workdir: Path):
+def _variant_source(entry: Entry, variant: Variant, suite: Suite, backend: str, workdir: Path,
+                    trust_code: bool = False):
     """What to build for ``variant``: ``(source, input_shape, family)`` for :func:`prepare_arm`."""
-    from trt_prune import apply_recipe, load_model, prune, sparsify
-    from trt_prune.bench.live import demo_family
-    from trt_prune.bench.planted import plant_work
+    from trt_prune.backends import backend_class
+    from trt_prune.pruning import apply_recipe
+    from trt_prune.regression.live import demo_family
+    from trt_prune.regression.planted import plant_work
+    from trt_prune.stages import load, prune, sparsify, to_onnx
 
     kind, settings = variant.kind, variant.spec.get(variant.kind)
     family = demo_family(entry.model)
@@ -67,42 +57,50 @@ def _variant_source(entry: Entry, variant: Variant, suite: Suite, backend: str, 
         return str(target), entry.input_shape, family or demo_family(str(target))
     if kind == "dense":
         return entry.model, entry.input_shape, family
-    loaded = load_model(entry.model)
+    loaded = load(entry.model, trust_code=trust_code)
     shape = tuple(entry.input_shape or loaded.input_shape)
     if kind == "prune":
         options = dict(settings)
         recalibrate = options.pop("recalibrate_bn", 0)
-        pruned = prune(loaded.model, shape, **options).model
+        pruned = prune(loaded, shape, **options).model
         if recalibrate:  # BatchNorm statistics re-estimated on road scenes: cheap, recovers most of a light prune
             from trt_prune.finetune import recalibrate_batchnorm
 
             recalibrate_batchnorm(pruned, batches=int(recalibrate), img_size=shape[-1])
         return pruned, shape, family
     if kind == "sparsify":
-        return sparsify(loaded.model, **settings).model, shape, family
+        return sparsify(loaded, **settings).model, shape, family
     if kind == "recipe":
         recipe = json.loads(suite.resolve(settings).read_text())
         return apply_recipe(loaded.model, recipe.get("recipe", recipe)), shape, family
     if kind == "planted_steps":
-        if backend == "torch":
-            raise BenchError(f"variant {variant.name!r}: planted work is an ONNX graph change; use it with "
-                             "onnxruntime or tensorrt")
+        if "onnx" not in backend_class(backend).builds_from:
+            raise BenchError(f"variant {variant.name!r}: planted work is an ONNX graph change; backend {backend!r} "
+                             "builds from the model, not ONNX")
         import onnx
 
-        base = to_onnx(entry.model, workdir, shape, name=f"{variant.name}_base")
+        base = to_onnx(loaded, workdir=workdir, input_shape=shape, name=f"{variant.name}_base").path
         planted = workdir / f"{variant.name}_planted.onnx"
         onnx.save(plant_work(onnx.load(str(base)), int(settings)), str(planted))
         return str(planted), shape, family
     raise BenchError(f"variant {variant.name!r}: unknown kind {kind!r}")
 
 
-def run_suite(suite: Suite, store: Store, name: str, progress=None, settings: Settings | None = None
-              ) -> dict[str, Any]:
-    """Measure every entry × backend × batch of ``suite`` and store the results as run ``name``."""
+def run_suite(suite: Suite, store: Store, name: str, progress=None, settings: Settings | None = None,
+              trust_code: bool = False) -> dict[str, Any]:
+    """Measure every entry × backend × batch of ``suite`` and store the results as run ``name``.
+
+    A suite file that names a ``file.py:factory`` model would run that file: it needs ``trust_code`` (the
+    CLI's ``--trust-code``), as a model folder naming one does."""
     from trt_prune.profiling.profile import interleaved_blocks, machine_info
 
     if store.has_run(name):
         raise BenchError(f"the store already has a run named {name!r}; choose another --name")
+    for index, entry in enumerate(suite.entries):
+        file = entry.model.rpartition(":")[0]
+        if file.endswith(".py") and not trust_code:
+            raise BenchError(f"entries[{index}].model {entry.model!r} in {suite.path} runs {file!r} when loaded; "
+                             "pass --trust-code (trust_code=True) if you trust it")
     base = settings or Settings()
     results = []
     say = progress or (lambda text: None)
@@ -117,9 +115,10 @@ def run_suite(suite: Suite, store: Store, name: str, progress=None, settings: Se
                     try:
                         for variant in entry.variants:
                             say(f"{entry.model} / {variant.name} / {backend} / batch {batch}: building")
-                            source, shape, family = _variant_source(entry, variant, suite, backend, work)
+                            source, shape, family = _variant_source(entry, variant, suite, backend, work,
+                                                                    trust_code)
                             arms[variant.name] = prepare_arm(source, variant.name, backend, cfg, work, shape,
-                                                             entry.accuracy, family)
+                                                             entry.accuracy, family, trust_code)
                         say(f"{entry.model} / {backend} / batch {batch}: {suite.blocks} interleaved rounds of "
                             f"{len(arms)} variants")
                         blocks = interleaved_blocks({k: a.session for k, a in arms.items()},

@@ -108,6 +108,12 @@ def mann_whitney(baseline: Sequence[Sequence[float]], candidate: Sequence[Sequen
     return float(mannwhitneyu(cand, base, alternative="two-sided").pvalue)
 
 
+def no_change_band(min_effect: float) -> tuple[float, float]:
+    """``(1 / (1 + min_effect), 1 + min_effect)``: the ratios that count as no change (symmetric in log space, so
+    a 5 % slowdown and its inverse speed-up are the same distance from 1)."""
+    return 1 / (1 + min_effect), 1 + min_effect
+
+
 def decide(estimate: RatioEstimate, p_value: float, min_effect: float = 0.05, alpha: float = 0.05) -> str:
     """The verdict (module docstring) from a ratio estimate and the test's p-value."""
     if not (isinstance(min_effect, (int, float)) and 0 < min_effect < 1):
@@ -116,7 +122,7 @@ def decide(estimate: RatioEstimate, p_value: float, min_effect: float = 0.05, al
         raise BenchError(f"alpha must be in (0, 1), got {alpha!r}")
     if not (math.isfinite(p_value) and 0 <= p_value <= 1):
         raise BenchError(f"p_value must be in [0, 1], got {p_value!r}")
-    up, down = 1 + min_effect, 1 / (1 + min_effect)
+    down, up = no_change_band(min_effect)
     low, high = estimate.ci
     if low > 1 and estimate.ratio >= up and p_value < alpha:
         return "regression"

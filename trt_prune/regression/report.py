@@ -2,45 +2,39 @@
 comparison as one offline HTML page (:func:`write_comparison_html`) and the history of a result store as one
 offline HTML page with a plot per entry (:func:`write_history_html`).
 
-Everything here is a pure function of the dicts that :func:`~trt_prune.bench.live.compare_arms`,
-:func:`~trt_prune.bench.runner.compare_stored` and :meth:`~trt_prune.bench.store.Store.history` return, so a
-report can be made from their JSON long after the run. The pages follow the profile report
-(:mod:`trt_prune.profiling.html`): plots drawn on matplotlib's Agg canvas and inlined as ``data:`` PNGs, no
-external stylesheet, script or font, every value escaped, the file written atomically after the whole page
-has been built (bad input raises :class:`~trt_prune.errors.BenchError` and leaves no file).
+This module only renders. Its input is the dicts that :func:`~trt_prune.regression.live.compare_arms`,
+:func:`~trt_prune.regression.runner.compare_stored` and :meth:`~trt_prune.regression.store.Store.history` return
+(so a report can be made from their JSON long after the run), checked first by
+:mod:`trt_prune.regression.comparison`. The pages follow the profile report (:mod:`trt_prune.profiling.html`):
+plots drawn on matplotlib's Agg canvas and inlined as ``data:`` PNGs, no external stylesheet, script or font,
+every value escaped, the file written atomically after the whole page has been built (bad input raises
+:class:`~trt_prune.errors.BenchError`, or :class:`~trt_prune.errors.ProfileError` for a profile, and leaves no
+file).
 """
 
 from __future__ import annotations
 
 import html
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from trt_prune.artifacts import write_text
-from trt_prune.bench.stats import VERDICTS
-from trt_prune.errors import BenchError
-from trt_prune.profiling.html import (
-    CSS,
-    DASH,
-    _figure,
-    _figure_html,
-    _label,
-    _png_bytes,
-    _table,
-    format_ms,
+from trt_prune.profiling.compare import DASH, format_ms
+from trt_prune.profiling.html import CSS, _figure, _figure_html, _label, _png_bytes, _table
+from trt_prune.profiling.result import ProfileResult
+from trt_prune.regression.comparison import (
+    check_comparison,
+    check_history,
+    check_profiles,
+    finite_number,
 )
+from trt_prune.regression.stats import no_change_band
 
-REQUIRED_KEYS = ("verdict", "ratio", "ci", "p_value", "p99", "latency_ms", "baseline", "candidate",
-                 "environment", "min_effect", "level")
-REQUIRED_SUB_KEYS = ("verdict", "ratio", "ci")
-HISTORY_KEYS = ("run", "entry", "variant", "backend", "batch", "p50_ms")
 VERDICT_STYLE = {"regression": "bold red", "improvement": "bold green", "no change": "", "inconclusive": "yellow"}
 VERDICT_COLOR = {"regression": "#c0392b", "improvement": "#2a9d8f", "no change": "#555555",
                  "inconclusive": "#d68910"}
-EMPTY_HISTORY = "the store has no results yet; record one with trt-prune bench run"
 TOP_BARS = 15  # per-layer deltas in the bar plot
 PAGE_CSS = CSS + """
 .verdict{font-size:1.3em;font-weight:bold;padding:.4em .8em;border-left:6px solid;margin:.5em 0}
@@ -50,88 +44,12 @@ PAGE_CSS = CSS + """
 .v-inconclusive{color:#9a6300;border-color:#e9a23b;background:#fff4e0}"""
 
 
-# ---------------------------------------------------------------- input
-
-
-def _number(value: Any) -> float | None:
-    """``value`` as a finite float, else None (None, NaN, inf, not a number)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _check_sub(result: Any, what: str, required: Sequence[str]) -> dict[str, Any]:
-    hint = "pass the dict that 'trt-prune bench compare --json' prints (compare_live / compare_stored)"
-    if not isinstance(result, Mapping):
-        raise BenchError(f"{what} is a {type(result).__name__}, not a comparison; {hint}")
-    missing = [k for k in required if k not in result]
-    if missing:
-        raise BenchError(f"{what} is not a comparison: it lacks {missing} (it has {sorted(result)[:14]}); {hint}")
-    if result["verdict"] not in VERDICTS:
-        raise BenchError(f"{what}: verdict {result['verdict']!r} is not one of {list(VERDICTS)}")
-    if _number(result["ratio"]) is None:
-        raise BenchError(f"{what}: ratio {result['ratio']!r} is not a finite number")
-    ci = result["ci"]
-    if not isinstance(ci, Sequence) or isinstance(ci, str) or len(ci) != 2:
-        raise BenchError(f"{what}: ci {ci!r} is not a [low, high] pair")
-    for key in ("layers", "comparisons"):
-        if result.get(key) is not None and not isinstance(result[key], list):
-            raise BenchError(f"{what}: {key!r} is a {type(result[key]).__name__}, expected a list")
-    for i, row in enumerate(result.get("layers") or []):
-        if not isinstance(row, Mapping) or "key" not in row:
-            raise BenchError(f"{what}: layers[{i}] is {str(row)[:100]!r}; each row needs 'key', 'op', 'base_ms', "
-                             "'other_ms', 'delta_ms', 'ratio'")
-    return dict(result)
-
-
-def check_comparison(result: Any) -> dict[str, Any]:
-    """Return ``result`` if it looks like a comparison dict, else raise :class:`BenchError` naming what is wrong,
-    so a wrong file fails before any work instead of as a ``KeyError`` halfway through a page."""
-    result = _check_sub(result, "the comparison", REQUIRED_KEYS)
-    for key in ("p99", "latency_ms", "environment"):
-        if not isinstance(result[key], Mapping):
-            raise BenchError(f"the comparison: {key!r} is a {type(result[key]).__name__}, expected a dict")
-    if result.get("accuracy") is not None and not isinstance(result["accuracy"], Mapping):
-        raise BenchError(f"the comparison: 'accuracy' is a {type(result['accuracy']).__name__}, expected a dict")
-    if _number(result["min_effect"]) is None or not 0 < result["min_effect"] < 1:
-        raise BenchError(f"the comparison: min_effect {result['min_effect']!r} is not a fraction in (0, 1)")
-    for i, sub in enumerate(result.get("comparisons") or []):
-        _check_sub(sub, f"the comparison's comparisons[{i}]", REQUIRED_SUB_KEYS)
-    return result
-
-
-def _check_profiles(profiles: Any) -> list[dict[str, Any]] | None:
-    if profiles is None:
-        return None
-    if not isinstance(profiles, Sequence) or isinstance(profiles, str) or len(profiles) != 2 \
-            or not all(isinstance(p, Mapping) for p in profiles):
-        raise BenchError(f"profiles must be two ProfileResult dicts (baseline, candidate), got {str(profiles)[:100]!r}")
-    return [dict(p) for p in profiles]
-
-
-def _check_history(rows: Any) -> list[dict[str, Any]]:
-    if not isinstance(rows, Sequence) or isinstance(rows, str):
-        raise BenchError(f"history rows must be a list of dicts (Store.history()), got a {type(rows).__name__}")
-    if not rows:
-        raise BenchError(EMPTY_HISTORY)
-    for i, row in enumerate(rows):
-        if not isinstance(row, Mapping):
-            raise BenchError(f"history row {i} is a {type(row).__name__}, not a dict (Store.history() rows)")
-        missing = [k for k in HISTORY_KEYS if k not in row]
-        if missing:
-            raise BenchError(f"history row {i} lacks {missing} (it has {sorted(row)}); pass Store.history() rows")
-        if _number(row["p50_ms"]) is None:
-            raise BenchError(f"history row {i}: p50_ms {row['p50_ms']!r} is not a finite number")
-    return [dict(r) for r in rows]
-
-
 # ---------------------------------------------------------------- formatting
 
 
 def fmt_ratio(value: Any) -> str:
     """``1.123×``; a dash when unknown."""
-    value = _number(value)
+    value = finite_number(value)
     return DASH if value is None else f"{value:.3f}×"
 
 
@@ -139,12 +57,12 @@ def fmt_ci(ci: Any) -> str:
     """``[1.080, 1.170]``."""
     if not isinstance(ci, Sequence) or isinstance(ci, str) or len(ci) != 2:
         return DASH
-    low, high = (_number(v) for v in ci)
+    low, high = (finite_number(v) for v in ci)
     return f"[{DASH if low is None else f'{low:.3f}'}, {DASH if high is None else f'{high:.3f}'}]"
 
 
 def fmt_p(value: Any) -> str:
-    value = _number(value)
+    value = finite_number(value)
     if value is None:
         return DASH
     return f"{value:.2e}" if 0 < value < 0.001 else f"{value:.3f}"
@@ -152,22 +70,22 @@ def fmt_p(value: Any) -> str:
 
 def fmt_change(ratio: Any) -> str:
     """The ratio as a signed change in per cent: ``+12.3 %`` (slower), ``-4.0 %`` (faster)."""
-    ratio = _number(ratio)
+    ratio = finite_number(ratio)
     return DASH if ratio is None else f"{(ratio - 1) * 100:+.1f} %"
 
 
 def _points(value: Any) -> str:
-    value = _number(value)
+    value = finite_number(value)
     return DASH if value is None else f"{value:.2f}"
 
 
 def _delta(value: Any) -> str:
-    value = _number(value)
+    value = finite_number(value)
     return DASH if value is None else f"{value:+.4g}"
 
 
 def _level(result: Mapping[str, Any]) -> str:
-    level = _number(result.get("level"))
+    level = finite_number(result.get("level"))
     return f"{level * 100:g} %" if level is not None else "95 %"
 
 
@@ -183,29 +101,25 @@ def _blocks(result: Mapping[str, Any]) -> str:
     return text + (f" of {per} samples" if per else "")
 
 
-def _band(min_effect: float) -> tuple[float, float]:
-    return 1 / (1 + min_effect), 1 + min_effect
-
-
 def _accuracy_verdict(acc: Mapping[str, Any]) -> str:
     if acc.get("verdict") == "regression":
         return "regression"
-    if _number(acc.get("baseline")) is None or _number(acc.get("candidate")) is None:
+    if finite_number(acc.get("baseline")) is None or finite_number(acc.get("candidate")) is None:
         return "unknown (one side was not scored)"
     return "within the allowed drop"
 
 
 def _latency(result: Mapping[str, Any], side: str, stat: str) -> float | None:
     lat = result.get("latency_ms") or {}
-    return _number((lat.get(side) or {}).get(stat)) if isinstance(lat, Mapping) else None
+    return finite_number((lat.get(side) or {}).get(stat)) if isinstance(lat, Mapping) else None
 
 
 def _slower(row: Mapping[str, Any]) -> bool:
     """Whether a layer row took more time in the candidate (new layers count: all their time is new)."""
-    delta = _number(row.get("delta_ms"))
+    delta = finite_number(row.get("delta_ms"))
     if delta is not None:
         return delta > 0
-    return row.get("base_ms") is None and _number(row.get("other_ms")) is not None
+    return row.get("base_ms") is None and finite_number(row.get("other_ms")) is not None
 
 
 def _layers_title(result: Mapping[str, Any]) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
@@ -241,7 +155,7 @@ def comparison_table(result: Mapping[str, Any]):
     verdict = result["verdict"]
     style = VERDICT_STYLE[verdict]
     level = _level(result)
-    low, high = _band(float(result["min_effect"]))
+    low, high = no_change_band(float(result["min_effect"]))
     parts: list[Any] = []
     title = Text(f"{result['baseline']} → {result['candidate']}", style="bold")
     extra = [str(result[k]) for k in ("backend", "mode") if result.get(k)]
@@ -291,10 +205,10 @@ def comparison_table(result: Mapping[str, Any]):
                            ("delta ms", True), ("ratio", True)):
             table.add_column(col, justify="right" if right else "left")
         for r in rows:
-            delta = _number(r.get("delta_ms"))
+            delta = finite_number(r.get("delta_ms"))
             tone = "red" if _slower(r) else ("green" if delta is not None and delta < 0 else "")
-            table.add_row(str(r["key"]), str(r.get("op", "")), format_ms(_number(r.get("base_ms"))),
-                          format_ms(_number(r.get("other_ms"))), Text(_delta(delta), style=tone),
+            table.add_row(str(r["key"]), str(r.get("op", "")), format_ms(finite_number(r.get("base_ms"))),
+                          format_ms(finite_number(r.get("other_ms"))), Text(_delta(delta), style=tone),
                           Text(fmt_ratio(r.get("ratio")), style=tone))
         parts.append(table)
         if others:
@@ -333,7 +247,7 @@ def plot_ratio(result: Mapping[str, Any]) -> bytes:
     else:
         rows = [(f"{result['baseline']} → {result['candidate']}", result)]
     rows = rows[::-1]  # the first comparison on top
-    low, high = _band(float(result["min_effect"]))
+    low, high = no_change_band(float(result["min_effect"]))
     fig = _figure(8, 0.45 * len(rows) + 1.8)
     ax = fig.add_subplot()
     ax.axvspan(low, high, color="#cccccc", alpha=0.45, label=f"no change (±{float(result['min_effect']) * 100:g} %)")
@@ -345,10 +259,10 @@ def plot_ratio(result: Mapping[str, Any]) -> bytes:
                 (0.12, row.get("ratio"), row.get("ci"), True, "median", row.get("verdict")),
                 (-0.12, tail.get("ratio"), tail.get("ci"), False, "p99", tail.get("verdict"))):
             color = VERDICT_COLOR.get(verdict, "#555555")
-            ratio = _number(ratio)
+            ratio = finite_number(ratio)
             if ratio is None:
                 continue
-            lo, hi = (_number(v) for v in ci) if isinstance(ci, Sequence) and len(ci) == 2 else (None, None)
+            lo, hi = (finite_number(v) for v in ci) if isinstance(ci, Sequence) and len(ci) == 2 else (None, None)
             err = [[ratio - lo], [hi - ratio]] if lo is not None and hi is not None and lo <= ratio <= hi else None
             ax.errorbar([ratio], [i + offset], xerr=err, fmt="o", color=color, capsize=4,
                         markerfacecolor=color if filled else "white", label=name if i == 0 else None)
@@ -370,7 +284,7 @@ def plot_layer_deltas(rows: Sequence[Mapping[str, Any]], top: int = TOP_BARS) ->
     rows = list(rows[:top])[::-1]
     if not rows:
         return None
-    delta = [(_number(r.get("other_ms")) or 0.0) - (_number(r.get("base_ms")) or 0.0) for r in rows]
+    delta = [(finite_number(r.get("other_ms")) or 0.0) - (finite_number(r.get("base_ms")) or 0.0) for r in rows]
     fig = _figure(8, 0.3 * len(rows) + 1.4)
     ax = fig.add_subplot()
     y = list(range(len(rows)))
@@ -383,11 +297,11 @@ def plot_layer_deltas(rows: Sequence[Mapping[str, Any]], top: int = TOP_BARS) ->
     return _png_bytes(fig)
 
 
-def plot_latency_histograms(profiles: Sequence[Mapping[str, Any]], labels: tuple[str, str]) -> bytes | None:
+def plot_latency_histograms(profiles: Sequence[ProfileResult], labels: tuple[str, str]) -> bytes | None:
     """PNG of both arms' latency samples on shared bins; None when neither stores samples."""
     import numpy as np
 
-    samples = [[float(s) for s in p.get("samples_ms") or [] if _number(s) is not None] for p in profiles]
+    samples = [p.samples_ms for p in profiles]
     if not any(samples):
         return None
     edges = np.histogram_bin_edges(np.concatenate([np.asarray(s) for s in samples if s]), bins="auto")
@@ -413,7 +327,7 @@ def plot_history(rows: Sequence[Mapping[str, Any]], runs: Sequence[tuple[str, An
     and below it the accuracy where any was scored."""
     order = {run: i for i, (run, _) in enumerate(runs)}
     variants = list(dict.fromkeys(str(r["variant"]) for r in rows))
-    scored = any(_number(r.get("accuracy")) is not None for r in rows)
+    scored = any(finite_number(r.get("accuracy")) is not None for r in rows)
     fig = _figure(max(8.5, 0.9 * len(runs) + 4.5), 5.6 if scored else 3.6)
     if scored:
         ax, acc_ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
@@ -424,13 +338,13 @@ def plot_history(rows: Sequence[Mapping[str, Any]], runs: Sequence[tuple[str, An
         mine = sorted((r for r in rows if str(r["variant"]) == variant), key=lambda r: order[r["run"]])
         x = [order[r["run"]] for r in mine]
         ax.plot(x, [float(r["p50_ms"]) for r in mine], marker="o", color=color, label=f"{_plain(variant)} p50")
-        tail = [(order[r["run"]], _number(r.get("p99_ms"))) for r in mine]
+        tail = [(order[r["run"]], finite_number(r.get("p99_ms"))) for r in mine]
         tail = [(i, v) for i, v in tail if v is not None]
         if tail:
             ax.plot([i for i, _ in tail], [v for _, v in tail], marker="s", markersize=4, linestyle="--",
                     color=color, alpha=0.8, label=f"{_plain(variant)} p99")
         if acc_ax is not None:
-            acc = [(order[r["run"]], _number(r.get("accuracy"))) for r in mine]
+            acc = [(order[r["run"]], finite_number(r.get("accuracy"))) for r in mine]
             acc = [(i, v) for i, v in acc if v is not None]
             if acc:
                 acc_ax.plot([i for i, _ in acc], [v for _, v in acc], marker="o", color=color,
@@ -474,9 +388,9 @@ def _verdict_box(verdict: str, text: str) -> str:
 def _layer_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[list[list[str]], list[list[str]]]:
     out, css = [], []
     for r in rows:
-        delta = _number(r.get("delta_ms"))
-        out.append([str(r["key"]), str(r.get("op", "")), format_ms(_number(r.get("base_ms"))),
-                    format_ms(_number(r.get("other_ms"))), _delta(delta), fmt_ratio(r.get("ratio"))])
+        delta = finite_number(r.get("delta_ms"))
+        out.append([str(r["key"]), str(r.get("op", "")), format_ms(finite_number(r.get("base_ms"))),
+                    format_ms(finite_number(r.get("other_ms"))), _delta(delta), fmt_ratio(r.get("ratio"))])
         tone = "slower" if _slower(r) else ("faster" if delta is not None and delta < 0 else "")
         css.append(["", "", "", "", tone, tone])
     return out, css
@@ -487,7 +401,7 @@ LAYER_HEADERS = ["module (or layer)", "op", "baseline ms", "candidate ms", "chan
 
 def _summary_rows(result: Mapping[str, Any]) -> list[list[str]]:
     level = _level(result)
-    low, high = _band(float(result["min_effect"]))
+    low, high = no_change_band(float(result["min_effect"]))
     p99 = result["p99"]
     rows = [
         ["verdict", result["verdict"]],
@@ -586,10 +500,11 @@ def _comparisons_section(result: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
-def render_comparison_html(result: Mapping[str, Any], profiles: Sequence[Mapping[str, Any]] | None = None) -> str:
+def render_comparison_html(result: Mapping[str, Any],
+                           profiles: Sequence[ProfileResult | Mapping[str, Any]] | None = None) -> str:
     """The comparison page as a string (see :func:`write_comparison_html`)."""
     result = check_comparison(result)
-    profiles = _check_profiles(profiles)
+    profiles = check_profiles(profiles)
     verdict = result["verdict"]
     title = f"Benchmark comparison: {result['baseline']} → {result['candidate']}"
     summary = (f"median latency ratio {fmt_ratio(result['ratio'])} ({fmt_change(result['ratio'])}), "
@@ -623,7 +538,7 @@ def render_comparison_html(result: Mapping[str, Any], profiles: Sequence[Mapping
 
 
 def write_comparison_html(result: Mapping[str, Any], path: str | os.PathLike,
-                          profiles: Sequence[Mapping[str, Any]] | None = None) -> Path:
+                          profiles: Sequence[ProfileResult | Mapping[str, Any]] | None = None) -> Path:
     """Write a comparison (``trt-prune bench compare``) to ``path`` as one self-contained HTML page that opens
     offline: the verdict, environment differences, accuracy, the ratio with its interval against the
     no-change band, the layers where the time changed (table and plot), with ``profiles`` (the baseline and
@@ -635,7 +550,7 @@ def write_comparison_html(result: Mapping[str, Any], path: str | os.PathLike,
 
 def render_history_html(rows: Sequence[Mapping[str, Any]]) -> str:
     """The history page as a string (see :func:`write_history_html`)."""
-    rows = _check_history(rows)
+    rows = check_history(rows)
     runs: dict[str, Any] = {}
     for r in rows:
         runs.setdefault(r["run"], r.get("commit"))
@@ -651,15 +566,15 @@ def render_history_html(rows: Sequence[Mapping[str, Any]]) -> str:
         png = plot_history(group, mine, title)
         variants = sorted({str(r["variant"]) for r in group})
         caption = (f"{len(mine)} run(s), variants {', '.join(variants)}: p50 latency (solid) and p99 (dashed)"
-                   + (", accuracy below" if any(_number(r.get("accuracy")) is not None for r in group) else ""))
+                   + (", accuracy below" if any(finite_number(r.get("accuracy")) is not None for r in group) else ""))
         figures.append(f"<h3>{html.escape(title)}</h3>" + _figure_html(png, title, caption, ""))
     table = _table(
         ["run", "created", "commit", "entry", "variant", "backend", "batch", "p50 ms", "p99 ms", "images/s",
          "accuracy"],
         [[str(r["run"]), str(r.get("created") or DASH), str(r.get("commit") or DASH), str(r["entry"]),
-          str(r["variant"]), str(r["backend"]), str(r["batch"]), format_ms(_number(r["p50_ms"])),
-          format_ms(_number(r.get("p99_ms"))),
-          DASH if _number(r.get("images_s")) is None else f"{float(r['images_s']):.1f}",
+          str(r["variant"]), str(r["backend"]), str(r["batch"]), format_ms(finite_number(r["p50_ms"])),
+          format_ms(finite_number(r.get("p99_ms"))),
+          DASH if finite_number(r.get("images_s")) is None else f"{float(r['images_s']):.1f}",
           _points(r.get("accuracy"))] for r in rows],
         numeric=(6, 7, 8, 9, 10))
     intro = (f"<p>{len(rows)} results from {len(runs)} run(s), {len(groups)} (entry, backend, batch) "
@@ -671,7 +586,7 @@ def render_history_html(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def write_history_html(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Write the history of a result store (:meth:`~trt_prune.bench.store.Store.history` rows) to ``path`` as
+    """Write the history of a result store (:meth:`~trt_prune.regression.store.Store.history` rows) to ``path`` as
     one self-contained HTML page: per (entry, backend, batch) one plot of p50 (solid) and p99 (dashed) latency
     per variant against run order (ticks ``run / commit``), accuracy below where scored, and a table of every
     row. No rows raises :class:`BenchError` and writes nothing."""

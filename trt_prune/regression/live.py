@@ -2,14 +2,14 @@
 settles (:func:`compare_live`), with the accuracy gate and the layers that changed.
 
 An *arm* is what the user names: an ONNX file, a model spec (``builtin:demo-detector``) or a model folder
-(``trt-prune prune`` output). Specs and folders are exported (dynamo, parity-checked) and cleaned into a work
-folder for the ONNX Runtime and TensorRT backends; the torch backend runs them directly. Accuracy is known
+(``trt-prune prune`` output), built by :func:`trt_prune.stages.build` (exported and cleaned into a work folder
+for a backend that builds from ONNX; given as it is to one that builds from the model). Accuracy is known
 for the demo detector's family (the spec, and folders pruned from it): COCO mAP@[.5:.95] of the built session
 on RoadScenes validation images, as ``trt-prune demo`` scores it; ``accuracy="map"`` asks for it on an ONNX
 file that has the demo detector's output layout.
 
 The sequential loop: ``min_blocks`` interleaved rounds (both arms once per round, order shuffled), then
-:func:`~trt_prune.bench.stats.decide`; while the verdict is ``inconclusive`` another ``step_blocks`` rounds are
+:func:`~trt_prune.regression.stats.decide`; while the verdict is ``inconclusive`` another ``step_blocks`` rounds are
 added, up to ``max_blocks``. Stopping as soon as the interval clears is a form of optional stopping; the
 calibration in ``bench/calibrate_regression.py`` measures the false-regression rate it gives.
 """
@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from trt_prune.bench.stats import accuracy_gate, decide, mann_whitney, ratio_ci
 from trt_prune.errors import BenchError
+from trt_prune.regression.stats import accuracy_gate, decide, mann_whitney, ratio_ci
 
 ENV_KEYS = ("cpu", "usable_cores", "gpu", "backend", "backend_version", "onnxruntime", "torch", "tensorrt",
             "threads", "device", "precision", "providers", "graph_optimization_level")
@@ -104,68 +104,34 @@ def demo_family(source: str) -> bool:
     return False
 
 
-def to_onnx(source, workdir: Path, input_shape=None, name: str | None = None) -> Path:
-    """``source`` as a cleaned ONNX file: itself when it is one, else (a spec, a folder or an ``nn.Module``
-    with ``input_shape``) exported and cleaned into ``workdir`` under ``name``."""
-    from trt_prune.clean import clean_onnx
-    from trt_prune.export import export_onnx
-    from trt_prune.models import load_model
-
-    if isinstance(source, (str, Path)) and Path(source).suffix == ".onnx":
-        if not Path(source).is_file():
-            raise BenchError(f"ONNX file {str(source)!r} does not exist")
-        return Path(source)
-    if isinstance(source, (str, Path)):
-        loaded = load_model(str(source))
-        model, shape = loaded.model, tuple(input_shape or loaded.input_shape)
-    else:
-        if input_shape is None:
-            raise BenchError("exporting a model object needs its input shape")
-        model, shape = source, tuple(input_shape)
-    stem = "".join(c if c.isalnum() else "_" for c in (name or str(source)))[-60:]
-    exported, cleaned = workdir / f"{stem}.onnx", workdir / f"{stem}.clean.onnx"
-    export_onnx(model, exported, shape)
-    clean_onnx(exported, cleaned)
-    return cleaned
-
-
 def prepare_arm(source, label: str, backend: str, settings: Settings, workdir: Path, input_shape=None,
-                accuracy: str | None = None, family: bool | None = None) -> Arm:
+                accuracy: str | None = None, family: bool | None = None, trust_code: bool = False) -> Arm:
     """Build ``source`` (ONNX file, spec, folder, or ``nn.Module`` with ``input_shape``) on ``backend`` with
-    ``settings.batch`` / ``threads``, random inputs, and a scorer. ``family`` says whether ``source`` is of the
-    demo detector's family when it cannot be read from a spec or folder."""
-    from trt_prune.backends import BuildConfig, get_backend
+    ``settings.batch`` / ``threads`` (:func:`trt_prune.stages.build`: a model is exported and cleaned into
+    ``workdir`` for a backend that needs ONNX), random inputs, and a scorer. ``family`` says whether ``source``
+    is of the demo detector's family when it cannot be read from a spec or folder."""
+    from trt_prune.backends import BuildConfig
     from trt_prune.profiling.profile import make_feeds, resolve_input_shapes
+    from trt_prune.stages import build
 
     if accuracy not in (None, "auto", "map", "none"):
         raise BenchError(f"accuracy must be auto, map or none, got {accuracy!r}")
     batch = settings.batch
-    if backend == "torch":
-        shape = None
-        if input_shape is not None:
-            full = (batch, *list(input_shape)[1:])
-            shape = {"images": (full, full, full)}
-        config = BuildConfig(threads=settings.threads, batch=(batch, batch, batch), shapes=shape or {},
-                             extra={})
-        session = get_backend("torch").build(source, config)
-        onnx_path = None
-    else:
-        onnx_path = to_onnx(source, workdir, input_shape, name=label)
-        from trt_prune.backends.base import read_onnx_io
-
-        inputs, _ = read_onnx_io(onnx_path)
-        shapes = resolve_input_shapes(inputs, batch, tuple(input_shape) if input_shape else None)
-        config = BuildConfig(threads=settings.threads, batch=(batch, batch, batch),
-                             shapes={n: (s, s, s) for n, s in shapes.items()})
-        session = get_backend(backend).build(onnx_path, config)
-    shapes = {spec.name: tuple(d if isinstance(d, int) and d > 0 else batch for d in spec.shape)
-              for spec in session.inputs}
+    shape = tuple(input_shape) if input_shape is not None else None
+    session = build(source, backend, BuildConfig(threads=settings.threads), batch=batch, input_shape=shape,
+                    workdir=workdir, trust_code=trust_code)
+    try:
+        shapes = resolve_input_shapes(session.inputs, batch, shape)
+    except BaseException:
+        session.close()
+        raise
     feeds = make_feeds(session.inputs, shapes, settings.seed)
     if family is None:
         family = isinstance(source, (str, Path)) and demo_family(str(source))
     wants_map = accuracy == "map" or (accuracy in (None, "auto") and family)
     score = _map_scorer(session, settings.accuracy_images) if wants_map else None
-    return Arm(label, backend, session, feeds, str(onnx_path) if onnx_path else None, score)
+    onnx_path = str(session.artifact.path) if session.artifact is not None else None
+    return Arm(label, backend, session, feeds, onnx_path, score)
 
 
 def _map_scorer(session, images: int) -> Callable[[], float]:
@@ -244,7 +210,7 @@ def accuracy_entry(base: float | None, cand: float | None, max_drop: float) -> d
 def compare_arms(base: Arm, cand: Arm, settings: Settings, progress: Callable[[str], None] | None = None
                  ) -> dict[str, Any]:
     """Interleave ``base`` and ``cand`` in blocks until the verdict settles; score, profile and report."""
-    from trt_prune.profiling.html import compare_layers
+    from trt_prune.profiling.compare import compare_layers
     from trt_prune.profiling.profile import interleaved_blocks
 
     settings.check()
@@ -284,14 +250,17 @@ def compare_arms(base: Arm, cand: Arm, settings: Settings, progress: Callable[[s
 
 
 def compare_live(baseline: str, candidate: str, backend: str = "onnxruntime", settings: Settings | None = None,
-                 input_shape=None, accuracy: str | None = None, progress=None) -> dict[str, Any]:
+                 input_shape=None, accuracy: str | None = None, progress=None, trust_code: bool = False
+                 ) -> dict[str, Any]:
     """Build both sources and :func:`compare_arms` them; temporary exports are removed afterwards."""
     settings = (settings or Settings()).check()
     with tempfile.TemporaryDirectory(prefix="trt-prune-bench-") as tmp:
         work = Path(tmp)
-        base = prepare_arm(baseline, baseline, backend, settings, work, input_shape, accuracy)
+        base = prepare_arm(baseline, baseline, backend, settings, work, input_shape, accuracy,
+                           trust_code=trust_code)
         try:
-            cand = prepare_arm(candidate, candidate, backend, settings, work, input_shape, accuracy)
+            cand = prepare_arm(candidate, candidate, backend, settings, work, input_shape, accuracy,
+                               trust_code=trust_code)
             try:
                 return compare_arms(base, cand, settings, progress)
             finally:

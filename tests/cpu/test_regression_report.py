@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import os
 import re
 import shutil
 import subprocess
@@ -15,18 +14,18 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from trt_prune.bench.report import (
-    EMPTY_HISTORY,
+from trt_prune.errors import BenchError, ProfileError
+from trt_prune.profiling.result import ProfileResult
+from trt_prune.regression.comparison import EMPTY_HISTORY, check_comparison, check_history
+from trt_prune.regression.report import (
     comparison_table,
     fmt_ci,
     fmt_ratio,
     write_comparison_html,
     write_history_html,
 )
-from trt_prune.errors import BenchError
 
 PNG_SIGNATURE = b"\x89PNG"
-CHROMIUM = "/usr/bin/chromium"
 EVIL = "<script>alert(1)</script>"
 ENV_DIFF = "threads: 1 (baseline) vs 2 (candidate)"
 
@@ -77,6 +76,14 @@ def _stored():
         subs.append(sub)
     return {**subs[0], "mode": "stored runs (not interleaved with each other)", "min_effect": 0.05, "level": 0.95,
             "comparisons": subs, "baseline": "nightly-1", "candidate": "nightly-2"}
+
+
+def _profile(samples):
+    """A profile record of one arm with these latency samples (the per-layer rows do not matter here)."""
+    stats = dict.fromkeys(("p50", "p90", "p95", "p99", "mean", "std", "min", "max"), float(np.median(samples or [1])))
+    return ProfileResult(backend="onnxruntime", onnx="dense.onnx", batch=1, input_shapes={"images": [1, 3, 64, 64]},
+                         latency_ms={**stats, "cv": 0.0, "n": max(1, len(samples))}, throughput_ips=190.0,
+                         throughput_images_s=190.0, samples_ms=list(samples))
 
 
 def _history():
@@ -197,8 +204,8 @@ def test_table_without_layers():
 def test_comparison_html(tmp_path):
     result = _comparison(baseline=f"dense {EVIL}.onnx")
     rng = np.random.default_rng(0)
-    profiles = [{"samples_ms": rng.normal(5.3, 0.2, 160).tolist()},
-                {"samples_ms": rng.normal(5.9, 0.25, 160).tolist()}]
+    profiles = [_profile(rng.normal(5.3, 0.2, 160).tolist()),
+                _profile(rng.normal(5.9, 0.25, 160).tolist()).to_dict()]  # the record or its dict
     path = write_comparison_html(result, tmp_path / "cmp.html", profiles)
     assert path == tmp_path / "cmp.html" and _leftovers(tmp_path) == ["cmp.html"]
     text = _check_offline_page(path)
@@ -223,7 +230,7 @@ def test_comparison_html_stored_no_profiles(tmp_path):
 
 def test_comparison_html_profiles_without_samples(tmp_path):
     text = _check_offline_page(write_comparison_html(_comparison("no change", layers=[]), tmp_path / "c.html",
-                                                     [{"latency_ms": {}}, {"latency_ms": {}}]))
+                                                     [_profile([]), _profile([])]))
     assert text.count("<img ") == 1 and "store no samples" in text and "No per-layer times" in text
 
 
@@ -264,7 +271,30 @@ def test_comparison_not_a_dict(tmp_path, bad):
 def test_comparison_bad_profiles(tmp_path):
     with pytest.raises(BenchError, match="two ProfileResult"):
         write_comparison_html(_comparison(), tmp_path / "bad.html", [{"samples_ms": [1.0]}])
+    with pytest.raises(ProfileError, match=r"the candidate profile is not a profile: it lacks \['backend'"):
+        write_comparison_html(_comparison(), tmp_path / "bad.html", [_profile([1.0]), {"samples_ms": [1.0]}])
+    broken = {**_profile([1.0]).to_dict(), "samples_ms": [1.0, "slow"]}
+    with pytest.raises(ProfileError, match=r"the baseline profile: samples_ms\[1\] is 'slow'"):
+        write_comparison_html(_comparison(), tmp_path / "bad.html", [broken, _profile([1.0])])
     assert _leftovers(tmp_path) == []
+
+
+def test_checks_live_outside_the_renderer():
+    """The runner and the CLI check comparisons and history rows without importing the report (or matplotlib)."""
+    result = _comparison()
+    assert check_comparison(result) == result and check_comparison(result) is not result
+    assert check_history(_history()) == _history()
+    for bad, match in (({**result, "environment": {"differences": "threads"}}, "expected a list of lines"),
+                       ({**result, "min_effect": 1.5}, r"min_effect 1.5 is not a fraction in \(0, 1\)"),
+                       ({**result, "verdict": ["regression"]}, r"verdict \['regression'\] is not one of"),
+                       ({**result, "ratio": 10 ** 400}, "is not a finite number")):
+        with pytest.raises(BenchError, match=match):
+            check_comparison(bad)
+    for rows, match in (([{**_history()[0], "batch": [1]}], r"batch \[1\] is not an integer"),
+                        ([{**_history()[0], "run": None}], "run None is not a string"),
+                        ([{1: "x", "run": "r"}], r"lacks \['entry'")):
+        with pytest.raises(BenchError, match=match):
+            check_history(rows)
 
 
 def test_comparison_keeps_old_file_on_error(tmp_path):
@@ -334,11 +364,10 @@ def _is_flat(png: Path) -> bool:
     return bool((flat == flat[0]).all())
 
 
-@pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason=f"{CHROMIUM} is not installed")
-def test_chromium_renders_the_history(tmp_path):
+def test_chromium_renders_the_history(tmp_path, browser):
     page = write_history_html(_history(), tmp_path / "history.html")
     shot = tmp_path / "s.png"
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync", "--no-first-run",
                     f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1600",
                     page.resolve().as_uri()], capture_output=True, timeout=120, check=True)

@@ -120,7 +120,9 @@ def export_onnx(model, path, input_shape=(1, 3, 320, 320), *, exporter: str = "d
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        _runs(model, example)
+        from trt_prune.models import check_runs
+
+        check_runs(model, [tuple(t.shape) for t in example], ExportError)
         with staging_folder(path) as tmp:
             staged = tmp / Path(path).name
             started = time.perf_counter()
@@ -174,21 +176,6 @@ def _shapes(input_shape, names: list[str]) -> list[tuple[int, ...]]:
 
 def _initializer_names(model) -> set[str]:
     return {t.name for t in model.graph.initializer}
-
-
-def _runs(model, example) -> None:
-    """Run ``model`` once on ``example``; a failure (a wrong input shape, most often) is an ExportError."""
-    import torch
-
-    try:
-        with torch.no_grad():
-            model(*example)
-    except Exception as exc:
-        where = locate_failure(model, exc)
-        shapes = ", ".join("x".join(map(str, t.shape)) for t in example)
-        raise ExportError(f"the model does not run on input shape {shapes}"
-                          f"{f' ({where})' if where else ''}: {_one_line(exc)}; give the input shape the model "
-                          "takes (--input-shape NxCxHxW)") from exc
 
 
 def _export(model, example, staged: Path, exporter: str, opset: int, axes: dict[int, str], input_names: list[str],

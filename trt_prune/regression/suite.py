@@ -18,7 +18,7 @@ entries:
       sparse24: {sparsify: {min_channels: 64}}
       recipe: {recipe: recipes/r.json}       # a recipe written by trt-prune prune, relative to the suite
       pruned: {path: out/pruned}             # a model folder or ONNX file, relative to the suite
-      slowed: {planted_steps: 200}           # planted work (bench calibration; see trt_prune.bench.planted)
+      slowed: {planted_steps: 200}           # planted work (bench calibration; see trt_prune.regression.planted)
 ```
 
 :func:`load_suite` validates everything before any work starts and names the first bad value with its place
@@ -78,9 +78,20 @@ def _fail(where: str, message: str):
     raise BenchError(f"suite {where}: {message}")
 
 
+def _is_int(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: no such file either way
+        return False
+
+
 def _int_list(value, where: str) -> list[int]:
     values = value if isinstance(value, list) else [value]
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+    if not values or not all(_is_int(v, 1) for v in values):
         _fail(where, f"must be a positive integer or a list of them, got {value!r}")
     return values
 
@@ -93,13 +104,16 @@ def load_suite(path: str | Path) -> Suite:
     if not src.is_file():
         raise BenchError(f"suite file {str(src)!r} does not exist; write one (see the README's bench section)")
     try:
-        raw = yaml.safe_load(src.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise BenchError(f"suite file {str(src)!r} is not readable YAML: {exc}") from exc
+        raw = yaml.safe_load(src.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as exc:
+        # ValueError: not UTF-8, or an integer too long to convert. A YAML error's text spans lines (the
+        # offending line and a caret under it): it is joined into one
+        reason = " ".join(str(exc).split()) if not isinstance(exc, RecursionError) else "nested too deeply"
+        raise BenchError(f"suite file {str(src)!r} is not readable YAML: {reason[:300]}") from exc
     if not isinstance(raw, dict):
         raise BenchError(f"suite file {str(src)!r} must hold a mapping with 'entries', got {type(raw).__name__}")
     known = {"name", "backends", "batches", "threads", "blocks", "per_block", "accuracy_images", "entries"}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - known, key=str)
     if unknown:
         _fail("top level", f"unknown key(s) {unknown}; known: {sorted(known)}")
     backends = raw.get("backends", ["onnxruntime"])
@@ -108,7 +122,7 @@ def load_suite(path: str | Path) -> Suite:
         if b not in BACKENDS:
             _fail("backends", f"unknown backend {b!r}; choose from {list(BACKENDS)}")
     threads = raw.get("threads", 1)
-    if threads is not None and not (isinstance(threads, int) and threads >= 1):
+    if threads is not None and not _is_int(threads, 1):
         _fail("threads", f"must be a positive integer or null, got {threads!r}")
     suite = Suite(name=str(raw.get("name") or src.stem), path=str(src), entries=[], backends=list(backends),
                   batches=_int_list(raw.get("batches", [1]), "batches"), threads=threads,
@@ -128,12 +142,12 @@ def load_suite(path: str | Path) -> Suite:
 def _entry(item, where: str, suite: Suite) -> Entry:
     if not isinstance(item, dict) or not isinstance(item.get("model"), str):
         _fail(where, f"must be a mapping with a 'model' spec, got {item!r}")
-    unknown = sorted(set(item) - {"model", "variants", "input_shape", "accuracy"})
+    unknown = sorted(set(item) - {"model", "variants", "input_shape", "accuracy"}, key=str)
     if unknown:
         _fail(where, f"unknown key(s) {unknown}; known: model, variants, input_shape, accuracy")
     shape = item.get("input_shape")
     if shape is not None:
-        if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
+        if not (isinstance(shape, list) and shape and all(_is_int(d, 1) for d in shape)):
             _fail(f"{where}.input_shape", f"must be a list of positive integers like [1, 3, 320, 320], got {shape!r}")
         shape = tuple(shape)
     accuracy = item.get("accuracy", "auto")
@@ -144,7 +158,7 @@ def _entry(item, where: str, suite: Suite) -> Entry:
         _fail(f"{where}.variants", "must be a mapping of variant name to its recipe ({} for the model as it is)")
     variants = []
     for name, spec in raw_variants.items():
-        here = f"{where}.variants.{name}"
+        here = f"{where}.variants.{name if str(name).isprintable() else repr(str(name))}"
         spec = spec or {}
         if not isinstance(spec, dict) or len(spec) > 1:
             _fail(here, f"must be {{}} or one of {list(VARIANT_KINDS)} with its settings, got {spec!r}")
@@ -156,15 +170,15 @@ def _entry(item, where: str, suite: Suite) -> Entry:
                 _fail(f"{here}.{kind}", f"must be a mapping of settings, got {value!r}")
             if kind == "prune":
                 ratio = value.get("ratio", value.get("target_macs"))
-                if ratio is None or not (isinstance(ratio, (int, float)) and 0 < ratio < 1):
+                if ratio is None or isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and 0 < ratio < 1):
                     _fail(f"{here}.prune", f"needs ratio (or target_macs) in (0, 1), got {value!r}")
                 batches = value.get("recalibrate_bn", 0)
-                if not (isinstance(batches, int) and batches >= 0):
+                if not _is_int(batches, 0):
                     _fail(f"{here}.prune.recalibrate_bn", f"must be a number of batches >= 0, got {batches!r}")
             if kind in ("recipe", "path"):
-                if not isinstance(value, str) or not suite.resolve(value).exists():
+                if not isinstance(value, str) or not _exists(suite.resolve(value)):
                     _fail(f"{here}.{kind}", f"{value!r} does not exist (paths are relative to the suite file)")
-            if kind == "planted_steps" and not (isinstance(value, int) and value >= 1):
+            if kind == "planted_steps" and not _is_int(value, 1):
                 _fail(f"{here}.planted_steps", f"must be a positive integer, got {value!r}")
         variants.append(Variant(str(name), spec))
     return Entry(item["model"], variants, shape, accuracy)

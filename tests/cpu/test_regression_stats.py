@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trt_prune.bench import accuracy_gate, decide, mann_whitney, ratio_ci
 from trt_prune.errors import BenchError
+from trt_prune.regression import accuracy_gate, decide, mann_whitney, ratio_ci
 
 
 def _arm(rng, median_ms: float, blocks: int = 10, per_block: int = 20, noise: float = 0.03, drift: float = 0.02):

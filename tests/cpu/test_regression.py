@@ -14,14 +14,14 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from trt_prune.bench.planted import PLANTED_OUTPUT, plant_work
-from trt_prune.bench.runner import exit_code, parse_ref
-from trt_prune.bench.store import Store
-from trt_prune.bench.suite import load_suite
 from trt_prune.cli import cli
 from trt_prune.errors import BenchError
-from trt_prune.export import export_onnx
+from trt_prune.exporter import export_onnx
 from trt_prune.onnx_io import node_module, run_onnxruntime
+from trt_prune.regression.planted import PLANTED_OUTPUT, plant_work
+from trt_prune.regression.runner import exit_code, parse_ref
+from trt_prune.regression.store import Store
+from trt_prune.regression.suite import load_suite
 
 SUITE = """
 name: test
@@ -114,10 +114,108 @@ def test_history_and_stored_errors(recorded, tmp_path):
     assert res.exit_code == 2 and "on backend 'torch'" in res.stderr
     with pytest.raises(BenchError, match="already has a run named 'base'"):
         Store(store).add_run("base", "t", None, "s", {}, {}, [])
+
+
+# ------------------------------------------------------------------------------------------------ the store file
+def _one_result(**overrides):
+    return {"entry": "builtin:demo-detector", "variant": "dense", "backend": "onnxruntime", "batch": 1,
+            "p50_ms": 5.0, "p99_ms": 6.0, "mean_ms": 5.2, "images_s": 192.3, "accuracy": 31.2,
+            "profile": {"per_layer": []}, "env": {"cpu": "test cpu"}, "blocks": [[5.0, 5.1], [4.9, 5.0, 5.2]],
+            **overrides}
+
+
+def _user_version(path):
+    with sqlite3.connect(path) as conn:
+        return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def _set_user_version(path, version):
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {version}")
+    conn.commit()
+    conn.close()
+
+
+def test_store_records_its_schema_version(tmp_path):
+    from trt_prune.regression.store import SCHEMA_VERSION
+
+    path = tmp_path / "runs.sqlite"
+    store = Store(path)
+    store.add_run("a", "2025-01-01T00:00:00Z", "abc1234", "suite", {}, {}, [_one_result()])
+    assert SCHEMA_VERSION == 1 and _user_version(path) == 1 and store.schema_version() == 1
+    [result] = store.results("a")
+    assert result.blocks == [[5.0, 5.1], [4.9, 5.0, 5.2]] and result.env == {"cpu": "test cpu"}
+    assert result.p50_ms == 5.0 and result.accuracy == 31.2
+
+
+def test_store_from_before_versions_reads_as_version_1_and_is_stamped_on_write(tmp_path):
+    path = tmp_path / "old.sqlite"
+    Store(path).add_run("a", "2025-01-01T00:00:00Z", None, "suite", {}, {}, [_one_result()])
+    _set_user_version(path, 0)  # what every store written before the version existed holds
+    store = Store(path)
+    assert store.run_names() == ["a"] and store.schema_version() == 1
+    assert _user_version(path) == 0  # reading changes nothing
+    store.add_run("b", "2025-01-02T00:00:00Z", None, "suite", {}, {}, [_one_result(variant="fast")])
+    assert _user_version(path) == 1 and store.run_names() == ["a", "b"]
+    assert [r.variant for r in store.results("b")] == ["fast"]
+
+
+def test_store_of_a_newer_version_is_refused(tmp_path):
+    path = tmp_path / "new.sqlite"
+    Store(path).add_run("a", "2025-01-01T00:00:00Z", None, "suite", {}, {}, [_one_result()])
+    _set_user_version(path, 2)
+    for action in (lambda s: s.run_names(), lambda s: s.add_run("b", "t", None, "s", {}, {}, [])):
+        with pytest.raises(BenchError) as info:
+            action(Store(path))
+        message = str(info.value)
+        assert f"result store {str(path)!r} has schema version 2, written by a newer trt_prune" in message
+        assert "reads and writes version 1: upgrade trt_prune" in message and "--store NEW.sqlite" in message
+    assert _user_version(path) == 2  # untouched
+    _set_user_version(path, 1)
+    assert Store(path).run_names() == ["a"]  # nothing was added by the refused write
+
+
+def test_store_files_that_are_not_stores(tmp_path):
     junk = tmp_path / "junk.sqlite"
     junk.write_bytes(b"not a database at all" * 100)
-    with pytest.raises(BenchError, match="not usable"):
+    with pytest.raises(BenchError, match=r"junk.sqlite' is not an SQLite database \(it starts with b'not a databa'\)"):
         Store(junk).run_names()
+    with pytest.raises(BenchError, match="is not an SQLite database"):
+        Store(junk).add_run("a", "t", None, "s", {}, {}, [])
+    assert junk.read_bytes() == b"not a database at all" * 100
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE photos (id INTEGER, path TEXT)")
+    with pytest.raises(BenchError) as info:
+        Store(other).add_run("a", "t", None, "s", {}, {}, [])
+    assert "is an SQLite database but not a trt-prune result store (its tables are ['photos']; a store has " \
+           "['blocks', 'results', 'runs'])" in str(info.value)
+    with sqlite3.connect(other) as conn:  # nothing of ours was added to someone else's database
+        assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["photos"]
+    half = tmp_path / "half.sqlite"
+    with sqlite3.connect(half) as conn:
+        conn.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, name TEXT)")
+    with pytest.raises(BenchError, match=r"lacks tables or columns \{'runs': \['created', 'env_json'"):
+        Store(half).run_names()
+    folder = tmp_path / "folder.sqlite"
+    folder.mkdir()
+    with pytest.raises(BenchError, match="is not a file"):
+        Store(folder).add_run("a", "t", None, "s", {}, {}, [])
+
+
+def test_damaged_store_is_one_error(tmp_path):
+    path = tmp_path / "runs.sqlite"
+    Store(path).add_run("a", "2025-01-01T00:00:00Z", None, "suite", {}, {}, [_one_result()])
+    data = path.read_bytes()
+    cut = tmp_path / "cut.sqlite"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BenchError, match="is not usable .*restore it from a copy"):
+        Store(cut).results("a")
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE results SET profile_json = '{\"per_layer\": ['")
+    with pytest.raises(BenchError, match=r"the profile of result 1 \(builtin:demo-detector / dense / onnxruntime / "
+                                         r"batch 1\) of run 'a' is not readable JSON"):
+        Store(path).results("a")
 
 
 # ------------------------------------------------------------------------------------------------ planted work
