@@ -33,8 +33,9 @@ import onnx
 from _common import RESULTS, save, stamp
 
 from trt_prune.profiling.profile import interleaved_blocks
-from trt_prune.regression.live import Settings, compare_arms, prepare_arm, to_onnx
+from trt_prune.regression.live import Settings, compare_arms, prepare_arm
 from trt_prune.regression.planted import calibrate_planted, plant_work
+from trt_prune.stages import to_onnx
 
 
 def _series(base, cand, settings: Settings, n: int, label: str) -> dict:
@@ -67,7 +68,7 @@ def main(argv=None) -> dict:
                                                           "step_blocks", "per_block")}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        base_path = to_onnx("builtin:demo-detector", work)
+        base_path = to_onnx("builtin:demo-detector", workdir=work).path
         model = onnx.load(str(base_path))
         print("A/A …", file=sys.stderr, flush=True)
         a1 = prepare_arm(str(base_path), "A", "onnxruntime", settings, work, accuracy="none")

@@ -3,7 +3,7 @@ measure without TensorRT).
 
 For ``builtin:demo-detector`` and ``torchvision:resnet50`` at 640×640, batch 1 and 8: each variant is built by
 the torch backend in fp16, channels_last, replayed from a CUDA graph, and timed with CUDA events per replay
-(``trt_prune.profiling.profile_torch``; warm-up by time, then a duration). The variants:
+(``trt_prune.profile`` on the torch backend; warm-up by time, then a duration). The variants:
 
 - ``dense``: the model as built (the demo with its shipped weights, resnet50 random);
 - ``structured``: ``trt_prune.prune(ratio=0.3, round_to=16)`` (channel counts kept multiples of 16);
@@ -51,16 +51,16 @@ def variants(spec: str, size: int) -> dict:
 
 def measure(model, batch: int, size: int, seconds: float, sparse: bool, dry_run: bool, per_layer: bool) -> dict:
     from trt_prune.backends import BuildConfig
-    from trt_prune.profiling import aggregate_layers, profile_torch
+    from trt_prune.profiling import aggregate_layers
+    from trt_prune.stages import profile
 
     shape = (batch, 3, size, size)
     extra = {"device": "cpu"} if dry_run else {"device": "cuda", "channels_last": True, "cuda_graph": True,
                                                "sparse24": sparse}
     config = BuildConfig(precision="fp32" if dry_run else "fp16", shapes={"images": (shape, shape, shape)},
                          extra=extra)
-    result = profile_torch(model, batch=batch, warmup_s=min(1.0, seconds), iterations=3 if dry_run else 50,
-                           min_duration_s=seconds, per_layer=per_layer, layer_runs=3 if dry_run else 20,
-                           config=config)
+    result = profile(model, "torch", batch=batch, warmup_s=min(1.0, seconds), iterations=3 if dry_run else 50,
+                     min_duration_s=seconds, per_layer=per_layer, layer_runs=3 if dry_run else 20, config=config)
     row = {"p50_ms": result.latency_ms["p50"], "p99_ms": result.latency_ms["p99"],
            "cv": result.latency_ms["cv"], "images_s": result.throughput_images_s, "notes": result.notes,
            "env": result.env}

@@ -25,10 +25,9 @@ from pathlib import Path
 
 from _common import RESULTS, save, stamp
 
-from trt_prune.cleaner import clean_onnx
-from trt_prune.exporter import export_onnx
 from trt_prune.models import load_model
-from trt_prune.profiling import aggregate_layers, profile_onnx, profile_torch
+from trt_prune.profiling import aggregate_layers
+from trt_prune.stages import profile, to_onnx
 
 
 def _summary(result, node_names: set[str] | None = None) -> dict:
@@ -64,15 +63,12 @@ def main(argv=None) -> dict:
 
     loaded = load_model("builtin:demo-detector")
     with tempfile.TemporaryDirectory() as tmp:
-        exported = Path(tmp) / "demo.onnx"
-        cleaned = Path(tmp) / "demo.clean.onnx"
-        export_onnx(loaded.model, exported, loaded.input_shape)
-        clean_onnx(exported, cleaned)
+        cleaned = to_onnx(loaded, Path(tmp) / "demo.clean.onnx").path
         nodes = {n.name for n in onnx.load(str(cleaned), load_external_data=False).graph.node}
-        ort = profile_onnx(cleaned, backend="onnxruntime", batch=args.batch, warmup_s=1.0,
-                           iterations=args.iterations, min_duration_s=2.0, layer_runs=args.layer_runs)
-    torch_result = profile_torch("builtin:demo-detector", batch=args.batch, warmup_s=1.0,
-                                 iterations=args.iterations, min_duration_s=2.0, layer_runs=args.layer_runs)
+        ort = profile(cleaned, "onnxruntime", batch=args.batch, warmup_s=1.0, iterations=args.iterations,
+                      min_duration_s=2.0, layer_runs=args.layer_runs)
+    torch_result = profile(loaded, "torch", batch=args.batch, warmup_s=1.0, iterations=args.iterations,
+                           min_duration_s=2.0, layer_runs=args.layer_runs)
     result = {
         "provenance": stamp(), "model": "builtin:demo-detector", "input": [args.batch, *loaded.input_shape[1:]],
         "onnxruntime": {**_summary(ort, nodes), "env": {k: ort.env.get(k) for k in ("onnxruntime", "threads",

@@ -2,7 +2,7 @@
 
 ``builtin:demo-detector`` (shipped weights) and ``trt_prune.prune(model, (1, 3, 320, 320), ratio=0.3,
 round_to=8)`` of it are exported with ``export_onnx`` and cleaned with ``clean_onnx`` into a temporary folder,
-then profiled with ``profile_onnx`` on ONNX Runtime (CPU, batch 1). The report is the pruned model's profile
+then profiled with ``trt_prune.profile`` on ONNX Runtime (CPU, batch 1). The report is the pruned model's profile
 with the dense one as ``compare``, the same page ``trt-prune profile pruned.onnx --compare dense.json --html``
 writes. Outputs:
 
@@ -38,21 +38,16 @@ LOCAL_PATHS = ("/tmp", "/work", "/root", "/home")
 
 
 def _export(model, folder: Path, name: str, exporter: str) -> Path:
-    from trt_prune.cleaner import clean_onnx
-    from trt_prune.exporter import export_onnx
+    from trt_prune.stages import to_onnx
 
-    raw = folder / f"{name}.raw.onnx"
-    final = folder / f"{name}.onnx"
-    export_onnx(model, raw, SHAPE, exporter=exporter)
-    clean_onnx(raw, final)
-    return final
+    return to_onnx(model, folder / f"{name}.onnx", input_shape=SHAPE, name=name, exporter=exporter).path
 
 
 def _profile(path: Path, args: argparse.Namespace, note: str) -> dict:
-    from trt_prune.profiling import profile_onnx
+    from trt_prune.stages import profile
 
-    result = profile_onnx(path, backend="onnxruntime", batch=1, warmup_s=args.warmup, iterations=args.iterations,
-                          min_duration_s=args.duration, threads=args.threads, layer_runs=args.layer_runs).to_dict()
+    result = profile(path, "onnxruntime", batch=1, warmup_s=args.warmup, iterations=args.iterations,
+                     min_duration_s=args.duration, threads=args.threads, layer_runs=args.layer_runs).to_dict()
     result["onnx"] = path.name  # the temporary folder means nothing anywhere else
     result["notes"] = [*result["notes"], note]
     return result

@@ -44,19 +44,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
+from trt_prune import onnx_io
 from trt_prune.errors import CleanError, TrtPruneError
-from trt_prune.onnx_io import (
-    PROTOBUF_LIMIT,
-    InputShape,
-    ParityCheck,
-    check_model,
-    given_input_shapes,
-    graph_inputs,
-    load_source,
-    one_line,
-    save_onnx,
-)
-from trt_prune.onnx_io import check_parity as compare_graphs  # check_parity: also an option name here
+from trt_prune.onnx_io import InputShape, one_line
 from trt_prune.registry import Registry
 
 DEFAULT_PASSES = ("shape_inference", "fold_constants", "simplify_reshape", "remove_identity", "merge_transposes",
@@ -65,10 +55,10 @@ DEFAULT_PASSES = ("shape_inference", "fold_constants", "simplify_reshape", "remo
 #: Every clean pass by name: a function ``(onnx-graphsurgeon graph) -> (graph, detail text)``.
 PASSES: Registry[str, Callable] = Registry("clean pass", CleanError)
 
-_PARITY = ParityCheck(
+_CHECK = onnx_io.RewriteCheck(
     error=CleanError, reference="the source graph", candidate="the cleaned graph",
     changed="cleaning changed what the graph computes", remedy="Leave out passes to find the one at fault",
-    disable="pass check_parity=False to clean without it")
+    disable="pass check_parity=False to clean without it", invalid="Leave out passes to find the one at fault")
 
 
 @dataclass
@@ -115,8 +105,8 @@ def clean_onnx(src, dst, *, input_shape: InputShape | None = None, passes: Seque
         raise CleanError("clean needs onnx-graphsurgeon; install it with `pip install onnx-graphsurgeon`") from exc
 
     steps = [(name, PASSES.lookup(name)) for name in (DEFAULT_PASSES if passes is None else passes)]
-    src_path, dst_path, original = load_source(src, dst, CleanError, "clean")
-    given = given_input_shapes(graph_inputs(original), input_shape, CleanError)
+    src_path, dst_path, original = onnx_io.load_source(src, dst, CleanError, "clean")
+    given = onnx_io.given_input_shapes(original, input_shape, CleanError)
 
     try:
         graph = gs.import_onnx(original)
@@ -136,45 +126,15 @@ def clean_onnx(src, dst, *, input_shape: InputShape | None = None, passes: Seque
         records.append({"name": name, "nodes_before": before, "nodes_after": len(graph.nodes), "detail": detail})
 
     try:
-        cleaned = _export(graph, original)
-        check_model(cleaned)
-    except Exception as exc:  # graphsurgeon's export, onnx.checker's ValidationError
-        raise CleanError(f"the cleaned graph fails onnx.checker ({one_line(exc)}); nothing was written. Leave out "
-                         "passes to find the one at fault") from exc
-    shapes = {name: list(shape) for name, shape in given.items()}
-    parity: dict[str, dict[str, float]] = {}
-    if check_parity:
-        checked = _checked(original, cleaned, atol, rtol, seed, given)
-        parity, shapes = checked.outputs, checked.input_shapes
-    written = save_onnx(cleaned, dst_path)
+        cleaned = onnx_io.carry_metadata(gs.export_onnx(graph), original)
+    except Exception as exc:
+        raise CleanError(f"onnx-graphsurgeon cannot export the cleaned graph ({one_line(exc)}); nothing was "
+                         "written. Leave out passes to find the one at fault") from exc
+    written, checked = onnx_io.check_and_save(original, cleaned, dst_path, _CHECK, parity=check_parity, atol=atol,
+                                              rtol=rtol, seed=seed, given=given)
     return CleanResult(src=str(src_path), dst=str(written), nodes_before=nodes_before,
-                       nodes_after=len(cleaned.graph.node), passes=records, parity=parity, input_shapes=shapes)
-
-
-def _checked(original, cleaned, atol: float, rtol: float, seed: int, given):
-    try:
-        return compare_graphs(original, cleaned, _PARITY, atol=atol, rtol=rtol, seed=seed, given=given)
-    except TrtPruneError:
-        raise
-    except Exception as exc:  # a failure of the check's own machinery: still one line, still nothing written
-        raise CleanError(f"the parity check failed ({one_line(exc)}); nothing was written. Pass check_parity=False "
-                         "to clean without it") from exc
-
-
-def _export(graph, original: onnx.ModelProto) -> onnx.ModelProto:
-    import onnx_graphsurgeon as gs
-
-    model = gs.export_onnx(graph)
-    # keep what graphsurgeon does not carry: who made the model, and the per-node module scopes
-    model.ir_version = original.ir_version
-    model.producer_name, model.producer_version = original.producer_name, original.producer_version
-    model.doc_string = original.doc_string
-    model.metadata_props.extend(original.metadata_props)
-    scopes = {n.name: n.metadata_props for n in original.graph.node if n.name and n.metadata_props}
-    for node in model.graph.node:
-        if node.name in scopes and not node.metadata_props:
-            node.metadata_props.extend(scopes[node.name])
-    return model
+                       nodes_after=len(cleaned.graph.node), passes=records, parity=checked.outputs,
+                       input_shapes=checked.input_shapes)
 
 
 # ------------------------------------------------------------------------------------------------ passes
@@ -500,7 +460,7 @@ def slim(graph):
     except ImportError:
         return graph, "skipped: onnxslim is not installed (pip install onnxslim)"
     model = gs.export_onnx(graph, do_type_check=False)
-    if model.ByteSize() > PROTOBUF_LIMIT:
+    if model.ByteSize() > onnx_io.PROTOBUF_LIMIT:
         return graph, "skipped: the model is over protobuf's 2 GiB, onnxslim cannot hold it in memory"
     before = Counter(n.op_type for n in model.graph.node)
     names = {n.name for n in model.graph.node}
@@ -515,7 +475,7 @@ def slim(graph):
     # onnxslim 0.1.98 can break a graph (it drops a Dropout whose mask is still read): keep its result only when
     # it is a valid graph with the same inputs and outputs; the numbers are checked by clean_onnx's parity
     try:
-        check_model(slimmed)
+        onnx_io.check_model(slimmed)
     except Exception as exc:
         return graph, f"skipped: onnxslim's result fails onnx.checker ({one_line(exc, 160)})"
     if ([v.name for v in slimmed.graph.input], [v.name for v in slimmed.graph.output]) != io:

@@ -13,8 +13,10 @@
   pooling, stride and resize of the graph accepts it (:func:`spatial_hints`).
 - :func:`random_feeds`, :func:`run_onnxruntime` and :func:`compare_outputs` are the parity check used by
   export (ONNX vs torch); :func:`check_parity` runs two versions of one graph on the same seeded inputs
-  (clean: cleaned vs source, fp16: fp16 vs fp32), each stage saying its words and error class in a
-  :class:`ParityCheck`.
+  (clean: cleaned vs source, fp16: fp16 vs fp32), and :func:`check_and_save` writes a rewritten graph only
+  once it passes the checker and that check; each stage says its words and error class in a
+  :class:`RewriteCheck`. :func:`carry_metadata` gives a graph rebuilt by onnx-graphsurgeon back the producer
+  and the node scopes graphsurgeon drops.
 
 onnx is imported at module level (it is light and needed by every function); onnxruntime is imported only
 where a session is made.
@@ -276,16 +278,19 @@ def _shape_text(shape: Sequence) -> str:
     return "[" + ", ".join(repr(d) if isinstance(d, str) or d is None else str(d) for d in shape) + "]"
 
 
-def given_input_shapes(inputs: Sequence[Any], input_shape: InputShape | None,
+def given_input_shapes(inputs: onnx.ModelProto | Sequence[Any], input_shape: InputShape | None,
                        error: type[TrtPruneError] = TrtPruneError) -> dict[str, tuple[int, ...]]:
-    """The user's ``input_shape`` as ``{input name: shape}``, checked against the graph's ``inputs`` (items
-    with ``.name`` and ``.shape``: :class:`InputDims` or the backends' ``TensorSpec``).
+    """The user's ``input_shape`` as ``{input name: shape}``, checked against the graph's ``inputs``: a model
+    (its :func:`graph_inputs`) or items with ``.name`` and ``.shape`` (:class:`InputDims`, the backends'
+    ``TensorSpec``).
 
     ``input_shape`` is one full shape (batch axis included) when the model has one input, or a dict by input
     name; inputs left out are not in the result. Each shape needs the input's rank, positive integer sizes,
     and the value of every fixed axis. Any violation is one ``error`` naming the input, the value given and
     the ONNX shape.
     """
+    if isinstance(inputs, onnx.ModelProto):
+        inputs = graph_inputs(inputs)
     names = [i.name for i in inputs]
     if input_shape is None:
         return {}
@@ -695,10 +700,11 @@ def probe_model(model: onnx.ModelProto, outputs: list[str], probes: list[tuple[s
 
 
 @dataclass(frozen=True)
-class ParityCheck:
-    """How a stage that rewrites a graph checks it against its source (:func:`check_parity`): the error class
-    it raises, the words for the two graphs and for what to do, where the comparison stops, and whether the
-    inputs are cast to the rewritten graph's own input types (fp16 inputs)."""
+class RewriteCheck:
+    """How a stage that rewrites a graph (clean, fp16) checks the result before writing it
+    (:func:`check_and_save`, :func:`check_parity`): the error class it raises, the words for the two graphs
+    and for what to do, where the comparison stops, and whether the inputs are cast to the rewritten graph's
+    own input types (fp16 inputs)."""
 
     error: type[TrtPruneError]
     reference: str  # "the source graph"
@@ -706,8 +712,42 @@ class ParityCheck:
     changed: str  # what a mismatch means: "cleaning changed what the graph computes"
     remedy: str  # what to do about a mismatch or a candidate ORT cannot run
     disable: str  # how to go without the check: "pass check_parity=False to clean without it"
+    invalid: str  # what to do when the result fails onnx.checker
     stop: Callable[[onnx.NodeProto], Sequence[int] | None] = plugin_inputs
     cast_inputs: bool = False
+
+
+def carry_metadata(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Give ``model``, rebuilt from ``original`` by onnx-graphsurgeon, back what graphsurgeon does not carry: IR
+    version, producer, doc string, model metadata, and each node's ``metadata_props`` (the dynamo exporter's
+    module scopes), matched by node name. Returns ``model``."""
+    model.ir_version = original.ir_version
+    model.producer_name, model.producer_version = original.producer_name, original.producer_version
+    model.doc_string = original.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(original.metadata_props)
+    scopes = {n.name: n.metadata_props for n in original.graph.node if n.name and n.metadata_props}
+    for node in model.graph.node:
+        if node.name in scopes and not node.metadata_props:
+            node.metadata_props.extend(scopes[node.name])
+    return model
+
+
+def check_and_save(reference: onnx.ModelProto, candidate: onnx.ModelProto, dst: str | os.PathLike,
+                   check: RewriteCheck, *, parity: bool = True, atol: float, rtol: float, seed: int = 0,
+                   given: Mapping[str, Sequence[int]] | None = None) -> tuple[Path, Parity]:
+    """Write ``candidate`` (rewritten from ``reference``) to ``dst`` once it passes ``onnx.checker`` and, with
+    ``parity``, :func:`check_parity`; nothing is written otherwise. Returns the written path and the parity
+    (empty, with the shapes in ``given``, when ``parity`` is off)."""
+    try:
+        check_model(candidate)
+    except Exception as exc:  # onnx.checker's ValidationError, and its C++ complaints
+        raise check.error(f"{check.candidate} fails onnx.checker ({one_line(exc)}); nothing was written. "
+                          f"{check.invalid}") from exc
+    result = Parity({}, {name: list(shape) for name, shape in (given or {}).items()})
+    if parity:
+        result = check_parity(reference, candidate, check, atol=atol, rtol=rtol, seed=seed, given=given)
+    return save_onnx(candidate, dst), result
 
 
 @dataclass
@@ -719,7 +759,7 @@ class Parity:
     input_shapes: dict[str, list[int]]
 
 
-def check_parity(reference: onnx.ModelProto, candidate: onnx.ModelProto, check: ParityCheck, *, atol: float,
+def check_parity(reference: onnx.ModelProto, candidate: onnx.ModelProto, check: RewriteCheck, *, atol: float,
                  rtol: float, seed: int = 0, given: Mapping[str, Sequence[int]] | None = None) -> Parity:
     """Run ``reference`` and ``candidate`` in ONNX Runtime on the same seeded inputs and compare what they
     compute, output by output; any difference beyond ``|candidate - reference| <= atol + rtol * |reference|``
@@ -731,7 +771,18 @@ def check_parity(reference: onnx.ModelProto, candidate: onnx.ModelProto, check: 
     input is dynamic (a wrongly copied batch dimension goes unnoticed at batch 1), unless the reference itself
     refuses batch 2. ``check.stop`` names nodes that are compared on their inputs instead of on what follows
     them (TensorRT plugins, which ONNX Runtime cannot run; selection ops whose output may legitimately reorder).
+    A failure of the check's own machinery is a ``check.error`` too.
     """
+    try:
+        return _check_parity(reference, candidate, check, atol, rtol, seed, given or {})
+    except TrtPruneError:
+        raise
+    except Exception as exc:
+        raise check.error(f"the parity check failed ({one_line(exc)}); nothing was written. {check.disable}") from exc
+
+
+def _check_parity(reference: onnx.ModelProto, candidate: onnx.ModelProto, check: RewriteCheck, atol: float,
+                  rtol: float, seed: int, given: Mapping[str, Sequence[int]]) -> Parity:
     outputs, probes = parity_points(reference, check.stop)
     reference_model, reference_names = reference, outputs
     candidate_model, candidate_names = candidate, outputs
@@ -749,7 +800,7 @@ def check_parity(reference: onnx.ModelProto, candidate: onnx.ModelProto, check: 
     except Exception as exc:
         raise check.error(f"ONNX Runtime cannot load {check.reference} ({one_line(exc)}), so parity cannot be "
                           f"checked; {check.disable}") from exc
-    shapes, expected = _first_runnable(reference, reference_session, given or {}, seed, check)
+    shapes, expected = _first_runnable(reference, reference_session, given, seed, check)
     try:
         candidate_session = ort_session(candidate_model, quiet=True)
     except Exception as exc:
@@ -799,7 +850,7 @@ def check_parity(reference: onnx.ModelProto, candidate: onnx.ModelProto, check: 
 
 
 def _first_runnable(model: onnx.ModelProto, session, given: Mapping[str, Sequence[int]], seed: int,
-                    check: ParityCheck) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
+                    check: RewriteCheck) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
     """The first candidate input shapes (:func:`candidate_input_shapes`) ``session`` runs at, and its outputs."""
     candidates, chosen = candidate_input_shapes(model, given)
     failures = []

@@ -53,20 +53,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from trt_prune.errors import PrecisionError, TrtPruneError
-from trt_prune.onnx_io import (
-    PROTOBUF_LIMIT,
-    InputShape,
-    ParityCheck,
-    check_model,
-    given_input_shapes,
-    graph_inputs,
-    is_plugin,
-    load_source,
-    one_line,
-    save_onnx,
-)
-from trt_prune.onnx_io import check_parity as compare_graphs  # check_parity: also an option name here
+from trt_prune import onnx_io
+from trt_prune.errors import PrecisionError
+from trt_prune.onnx_io import InputShape, is_plugin, one_line
 
 # op type -> why it stays fp32
 DEFAULT_BLOCK_OPS: dict[str, str] = {
@@ -178,9 +167,9 @@ def to_fp16(src, dst, *, input_shape: InputShape | None = None, keep_io_types: b
                                             or not isinstance(reduce_min_elements, int) or reduce_min_elements < 0):
         raise PrecisionError(f"reduce_min_elements must be an int >= 0 or None, got {reduce_min_elements!r}")
     ops = dict(DEFAULT_BLOCK_OPS) if block_ops is None else {str(op): "in block_ops" for op in block_ops}
-    src_path, dst_path, original = load_source(src, dst, PrecisionError, "fp16 conversion")
-    given = given_input_shapes(graph_inputs(original), input_shape, PrecisionError)
-    if original.ByteSize() > PROTOBUF_LIMIT:
+    src_path, dst_path, original = onnx_io.load_source(src, dst, PrecisionError, "fp16 conversion")
+    given = onnx_io.given_input_shapes(original, input_shape, PrecisionError)
+    if original.ByteSize() > onnx_io.PROTOBUF_LIMIT:
         raise PrecisionError(f"{str(src_path)!r} is over protobuf's 2 GiB; fp16 conversion of such models is not "
                              "supported (ONNX shape inference cannot run on it in memory)")
     kinds = _float_kinds(original)
@@ -192,6 +181,7 @@ def to_fp16(src, dst, *, input_shape: InputShape | None = None, keep_io_types: b
 
     model = onnx.ModelProto()
     model.CopyFrom(original)
+    _constants_to_initializers(model.graph)
     _name_nodes(model.graph)
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
@@ -217,23 +207,8 @@ def to_fp16(src, dst, *, input_shape: InputShape | None = None, keep_io_types: b
     except Exception as exc:
         raise PrecisionError(f"ONNX Runtime's fp16 converter failed on {str(src_path)!r} ({one_line(exc)})") from exc
     converted = _tidy(converted, before_names, original)
-    try:
-        check_model(converted)
-    except onnx.checker.ValidationError as exc:
-        raise PrecisionError(f"the fp16 graph fails onnx.checker ({one_line(exc)}); nothing was written. "
-                             "Block the node it names with block_nodes=[...]") from exc
-    shapes = {name: list(shape) for name, shape in given.items()}
-    parity: dict[str, dict[str, float]] = {}
-    if check_parity:
-        try:
-            checked = compare_graphs(original, converted, _PARITY, atol=atol, rtol=rtol, seed=seed, given=given)
-        except TrtPruneError:
-            raise
-        except Exception as exc:  # the check's own machinery: still one line, still nothing written
-            raise PrecisionError(f"the parity check failed ({one_line(exc)}); nothing was written. Pass "
-                                 "check_parity=False to convert without it") from exc
-        parity, shapes = checked.outputs, checked.input_shapes
-    written = save_onnx(converted, dst_path)
+    written, checked = onnx_io.check_and_save(original, converted, dst_path, _CHECK, parity=check_parity, atol=atol,
+                                              rtol=rtol, seed=seed, given=given)
 
     typed = onnx.shape_inference.infer_shapes(converted)
     return Fp16Result(
@@ -244,8 +219,8 @@ def to_fp16(src, dst, *, input_shape: InputShape | None = None, keep_io_types: b
         block_list={"ops": sorted(ops), "nodes": list(block_nodes), "reduce_min_elements": reduce_min_elements,
                     "reduce_always": list(_ALWAYS_FP32_REDUCE), "head_activations": block_head_activations},
         blocked=blocked, initializers={**_initializer_stats(converted), **weights},
-        activations=_activation_stats(typed), io_types=_io_types(converted), parity=parity,
-        tolerance={"atol": atol, "rtol": rtol} if check_parity else {}, input_shapes=shapes,
+        activations=_activation_stats(typed), io_types=_io_types(converted), parity=checked.outputs,
+        tolerance={"atol": atol, "rtol": rtol} if check_parity else {}, input_shapes=checked.input_shapes,
         seconds=round(time.perf_counter() - started, 3))
 
 
@@ -416,17 +391,7 @@ def _tidy(model: onnx.ModelProto, before_names: set[str], original: onnx.ModelPr
         base = name[: -len("_cast_to_fp16")] if name.endswith("_cast_to_fp16") else None
         if base and base not in tensors:
             tensor.name = base
-    tidy = gs.export_onnx(graph)
-    tidy.ir_version = original.ir_version
-    tidy.producer_name, tidy.producer_version = original.producer_name, original.producer_version
-    tidy.doc_string = original.doc_string
-    del tidy.metadata_props[:]
-    tidy.metadata_props.extend(original.metadata_props)
-    scopes = {n.name: n.metadata_props for n in original.graph.node if n.name and n.metadata_props}
-    for node in tidy.graph.node:
-        if node.name in scopes and not node.metadata_props:
-            node.metadata_props.extend(scopes[node.name])
-    return tidy
+    return onnx_io.carry_metadata(gs.export_onnx(graph), original)
 
 
 # ops whose outputs are indices or a data-dependent choice of their inputs: a 1e-3 difference in a score can
@@ -441,14 +406,41 @@ def _stop(node: onnx.NodeProto) -> tuple[int, ...] | list[int] | None:
     return _SELECTION.get(node.op_type) if node.domain in ("", "ai.onnx") else None
 
 
-_PARITY = ParityCheck(
+_CHECK = onnx_io.RewriteCheck(
     error=PrecisionError, reference="the fp32 model", candidate="the fp16 model",
     changed="the fp16 model differs from the fp32 one",
     remedy="Keep more nodes in fp32 (block_nodes=[...]) or loosen atol/rtol",
-    disable="pass check_parity=False to convert without it", stop=_stop, cast_inputs=True)
+    disable="pass check_parity=False to convert without it",
+    invalid="Block the node it names with block_nodes=[...]", stop=_stop, cast_inputs=True)
 
 
 # --------------------------------------------------------------------------------------------------- stats
+def _constants_to_initializers(graph) -> None:
+    """Weights held in ``Constant`` nodes (files from other converters) become initializers, as TensorRT's parser
+    makes them weights: the block list, the converter and the weight statistics then see one kind of constant.
+
+    Hand-written: onnx has no helper for it, and onnx-graphsurgeon's folding would run ONNX Runtime on the
+    whole graph for what is a copy of each node's tensor. A Constant that is itself a graph output stays."""
+    outputs = {v.name for v in graph.output}
+    kept = []
+    for node in graph.node:
+        attr = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        if attr is None or node.domain not in ("", "ai.onnx") or node.output[0] in outputs \
+                or attr.name not in ("value", "value_float", "value_floats", "value_int", "value_ints"):
+            kept.append(node)
+            continue
+        if attr.name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attr.t)
+        else:
+            kind = np.float32 if attr.name.startswith("value_float") else np.int64
+            tensor = numpy_helper.from_array(np.asarray(onnx.helper.get_attribute_value(attr), kind))
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
 def _name_nodes(graph) -> None:
     """Give unnamed nodes unique names: the converter blocks nodes by name."""
     taken = {n.name for n in graph.node if n.name}

@@ -322,9 +322,9 @@ def test_no_size_fits_is_one_error_asking_for_input_shape(tmp_path):
     ([1, 3, "64", 64], r"it must be 4 positive integer sizes"),
     ({"image": [1, 3, 64, 64]}, r"input_shape names \['image'\], which are not model inputs \['input'\]$"),
     ("1x3x64x64", r"input_shape must be a shape \(a sequence of ints\) or a dict from input name to shape"),
-    ([1, 3, 36, 36], r"ONNX Runtime cannot run the (source graph|fp32 model) at input shape \{'input': \[1, 3, 36, 36\]\} "
-                     r"\(.*\), so parity cannot be checked; give an input_shape the model accepts, or pass "
-                     r"check_parity=False"),
+    ([1, 3, 36, 36], r"ONNX Runtime cannot run the (source graph|fp32 model) at input shape "
+                     r"\{'input': \[1, 3, 36, 36\]\} \(.*\), so parity cannot be checked; give an input_shape the "
+                     r"model accepts, or pass check_parity=False"),
 ])
 def test_bad_input_shape_is_one_error_and_writes_nothing(tmp_path, input_shape, message):
     src = tmp_path / "classifier.onnx"

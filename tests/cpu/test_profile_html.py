@@ -24,7 +24,6 @@ from trt_prune.cli import cli
 from trt_prune.errors import ProfileError
 from trt_prune.exporter import export_onnx
 from trt_prune.profiling import ProfileResult
-from trt_prune.stages import profile as profile_onnx
 from trt_prune.profiling.compare import (
     as_profile,
     compare_layers,
@@ -43,6 +42,7 @@ from trt_prune.profiling.html import (
     write_profile_pngs,
 )
 from trt_prune.provenance import gpu_info, parse_gpu_query
+from trt_prune.stages import profile as profile_onnx
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QUICK = {"warmup_s": 0.0, "iterations": 20, "min_duration_s": 0.0, "layer_runs": 3}

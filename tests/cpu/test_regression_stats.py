@@ -88,3 +88,16 @@ def test_accuracy_gate_and_bad_inputs():
         decide(ratio_ci([[1.0], [1.1]], [[1.0], [1.1]], n_boot=100), 0.5, min_effect=5)
     with pytest.raises(BenchError, match="unknown statistic"):
         ratio_ci([[1.0], [1.1]], [[1.0], [1.1]], statistic="mode")
+
+
+def test_no_change_band_is_what_decide_uses():
+    from trt_prune.regression.stats import RatioEstimate, no_change_band
+
+    low, high = no_change_band(0.05)
+    assert (low, high) == (pytest.approx(1 / 1.05), 1.05)
+
+    def verdict(lo, hi):
+        return decide(RatioEstimate("median", 1.0, 1.0, (lo + hi) / 2, (lo, hi), 0.95, 100), 0.5, 0.05)
+
+    assert verdict(low, high) == "no change"  # the band's own edges are inside it
+    assert verdict(low * 0.999, high) == verdict(low, high * 1.001) == "inconclusive"

@@ -201,13 +201,6 @@ def decode_plan(model, input_shape, opset: int | None = None) -> DecodePlan:
                       core_nms_defaults(model), reference)
 
 
-def check_decodable(model, input_shape, opset: int | None = None) -> tuple[int, int, int]:
-    """``(num_classes, h, w)`` when ``--nms`` can decode ``model``'s output at ``input_shape``, else
-    :class:`ExportError` (see :func:`decode_plan`)."""
-    plan = decode_plan(model, input_shape, opset)
-    return plan.num_classes, *plan.input_hw
-
-
 class DetectorDecode(nn.Module):
     """``images -> (boxes [B, N, 4] xyxy pixels clipped to the image, scores [B, N, C] sigmoid)``.
 

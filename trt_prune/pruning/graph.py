@@ -3,7 +3,7 @@
 Every channel of every activation is an *element*. Convolutions and Linear layers create fresh elements for
 their output channels; ops that keep channels in place (BatchNorm, activations, pooling, upsampling) pass
 them through; ops that add tensors (residuals) *unify* elements position by position; ``cat`` concatenates
-element lists and ``split``/``chunk`` slice them. After the trace, each union-find class of elements is one
+element lists and ``split``/``chunk`` slice them. After the trace, each connected class of elements is one
 prunable channel, and classes sharing a producer layer form one :class:`ChannelGroup` that is pruned
 together. Every parameter axis that indexes channels is recorded as a :class:`Slot` (a list of elements), so
 surgery only has to keep the slot positions whose class survives.
@@ -28,34 +28,6 @@ from torch import nn
 from ..errors import PruneError
 from ..registry import Registry
 from . import record
-
-
-class UnionFind:
-    """Union-find over integer elements with path halving."""
-
-    def __init__(self):
-        self.parent: list[int] = []
-
-    def make(self, n: int) -> list[int]:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        return list(range(start, start + n))
-
-    def find(self, x: int) -> int:
-        parent = self.parent
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            # keep the older element as root so class ids are stable across traces of the same model
-            if ra < rb:
-                self.parent[rb] = ra
-            else:
-                self.parent[ra] = rb
 
 
 @dataclass
@@ -680,7 +652,7 @@ def collapse(state: TraceState, value: Multi, node) -> Channels:
 def _distinct_rows(emap: np.ndarray) -> list[list[int]]:
     """The rows of ``emap`` along its last dim, each distinct row once, in first-seen order. A detector head's
     ``view(N, anchors, classes, H, W)`` followed by a permute repeats every row H×W times; coupling or
-    recording the repeats changes nothing and costs millions of union-find steps."""
+    recording the repeats changes nothing and costs millions of linking steps."""
     rows = emap.reshape(-1, emap.shape[-1])
     # hash each row to one number (sorting whole rows is 30× slower on a head), then confirm the rows that
     # share a hash are equal, falling back to the exact row sort on a collision
@@ -872,7 +844,7 @@ _NON_TENSOR_OPS = {"sym_size", "sym_numel", "sym_stride", "_assert_tensor_metada
 class ChannelGraph:
     """The traced channel structure of a model for one example input.
 
-    After the trace the union-find is frozen into one array, ``class of element``; slots and compute nodes keep
+    After the trace the element links are resolved into one array, ``class of element``; slots and compute nodes keep
     their class ids as arrays, so planning, counting MACs and cutting are vector operations. A *kept mask* is a
     boolean array indexed by class id (see :meth:`kept_mask`)."""
 
@@ -1052,16 +1024,10 @@ def _export_graph(model: nn.Module, example: torch.Tensor):
     return ep.graph, param_names, set(sig.user_inputs), None
 
 
-META_TRACE = True
-
-
 def _recorded_graph(model: nn.Module, example: torch.Tensor):
     try:
-        rec = record.record(model, example, meta=META_TRACE)
-    except Exception as exc:
-        if not META_TRACE:
-            raise PruneError(f"the model does not run on an input of shape {tuple(example.shape)} "
-                             f"({type(exc).__name__}: {str(exc)[:300]}); pass the input shape it expects") from exc
+        rec = record.record(model, example, meta=True)
+    except Exception:  # a forward that needs real values (a data-dependent branch): record a real run instead
         rec = record.record(model, example, meta=False)
     return rec.graph, rec.param_names, rec.user_inputs, rec.outputs
 
