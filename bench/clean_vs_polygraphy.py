@@ -1,35 +1,49 @@
-"""Graph cleaning against Polygraphy's sanitize, on every model of the pruning coverage list.
+"""Graph cleaning against Polygraphy's sanitize and onnxslim, on the pruning coverage list and on TorchScript
+exports that keep BatchNorm.
 
-For each model of ``bench/prune_coverage.py``'s registry (35 models: torchvision classifiers and detectors,
-detector cores, timm families, the demo detector), random weights (seed 0) except the demo detector's shipped
-ones: prune it with ours (``prune(model, shape, ratio=0.5, round_to=8)``), export it with ``export_onnx``
-(default exporter, parity with torch checked), then clean the same exported file twice:
+Two kinds of model:
 
-- ours: ``clean_onnx`` (its default passes, and its own parity check against the exported graph);
-- Polygraphy: ``polygraphy surgeon sanitize <exported> --fold-constants -o <out>`` (the CLI, in a subprocess).
+- every model of ``bench/prune_coverage.py``'s registry (35: torchvision classifiers and detectors, detector
+  cores, timm families, the demo detector), random weights (seed 0) except the demo detector's shipped ones:
+  pruned with ours (``prune(model, shape, ratio=0.5, round_to=8)``) and exported with ``export_onnx`` (default
+  exporter, parity with torch checked);
+- ``ts11:<name>`` and ``ts13:<name>`` for torchvision ``resnet50`` and ``mobilenet_v3_large`` (weights=None,
+  seed 0, not pruned): ``torch.onnx.export(..., dynamo=False, opset_version=11/13, do_constant_folding=False)``
+  with a dynamic batch, height and width, the way files from other tools come: BatchNorm as its own node,
+  shared weights behind Identity nodes.
 
-Recorded: node counts (exported / ours / Polygraphy's) and the op types each has more of, whether the three
-graphs give the same outputs in ONNX Runtime (seeded random inputs at batch 1, and 2 when the batch is
-dynamic; ``|x - exported| <= 1e-4 + 1e-3 * |exported|``, max abs shown), and seconds: ours with and without
-its parity check (in the worker process, libraries already imported), Polygraphy's CLI wall time (a new
-process: about 0.2 s of it is start-up). The target is ours <= Polygraphy's node count on every model, with
+The exported file is then cleaned three ways:
+
+- ours: ``clean_onnx`` (its default passes, onnxslim among them, and its own parity check against the
+  exported graph, at the input shape it chooses for dynamic axes);
+- Polygraphy: ``polygraphy surgeon sanitize <exported> --fold-constants -o <out>`` (the CLI, in a subprocess);
+- onnxslim: ``onnxslim.slim(model)`` (the Python API, in the worker process).
+
+Recorded: node counts (exported / ours / Polygraphy's / onnxslim's) and the op types ours has more of than
+each; whether the three graphs give the same outputs as the export in ONNX Runtime (seeded random inputs at
+batch 1, and 2 when the batch is dynamic, at the input size ``clean_onnx`` would choose;
+``|x - exported| <= 1e-4 + 1e-3 * |exported|``, max abs shown), and seconds: ours with and without its parity
+check (in the worker process, libraries already imported), Polygraphy's CLI wall time (a new process: about
+0.2 s of it is start-up), onnxslim's call. The target is ours <= both node counts on every model, with
 identical outputs.
 
 Every model runs in its own subprocess under a wall-clock timeout and an address-space cap, so one failure is
-recorded and the run goes on.
+recorded and the run goes on. Results go through :func:`trt_prune.provenance.write_result` (stamped with
+commit, date and machine) as ``<results-dir>/clean_vs_polygraphy.{json,md}``.
 
 Usage:
-    python bench/clean_vs_polygraphy.py [--models resnet18,timm:dla34] [--timeout 600] [--mem-gib 12]
-        [--json OUT.json] [--markdown OUT.md] [--keep DIR] [--update]
+    python bench/clean_vs_polygraphy.py [--models resnet18,ts11:resnet50] [--timeout 600] [--mem-gib 12]
+        [--results-dir DIR] [--keep DIR] [--update]
 
-``--keep DIR`` keeps each model's exported/ours/polygraphy ONNX files under ``DIR/<model>/``. ``--update``
-starts from the records in ``--json`` and replaces the models run now.
+``--keep DIR`` keeps each model's exported/ours/polygraphy/onnxslim ONNX files under ``DIR/<model>/``.
+``--update`` starts from the records already in the results folder and replaces the models run now.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -39,20 +53,19 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import prune_coverage  # the coverage list lives there (bench/ is on sys.path when this file runs)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import prune_coverage  # noqa: E402  (the coverage list lives there)
-
+NAME = "clean_vs_polygraphy"
 RATIO, ROUND_TO = 0.5, 8
 ATOL, RTOL = 1e-4, 1e-3
+TORCHSCRIPT = {f"ts{opset}:{model}": (model, opset) for model in ("resnet50", "mobilenet_v3_large")
+               for opset in (11, 13)}
+CLEANERS = ("ours", "polygraphy", "onnxslim")
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _models() -> list[str]:
+    return [*prune_coverage._registry(), *TORCHSCRIPT]
 
 
 def _ops(path: Path) -> Counter:
@@ -77,18 +90,41 @@ def _polygraphy(src: Path, dst: Path, timeout: float) -> dict:
     return {"ok": True, "seconds": seconds}
 
 
+def _onnxslim(src: Path, dst: Path) -> dict:
+    import onnx
+    import onnxslim
+
+    from trt_prune.onnx_io import one_line, save_onnx
+
+    started = time.perf_counter()
+    try:
+        slimmed = onnxslim.slim(onnx.load(str(src)))
+        if slimmed is None:
+            raise RuntimeError("onnxslim returned no model")
+    except Exception as exc:  # its failure is a result
+        return {"ok": False, "error": one_line(exc, with_type=True)}
+    seconds = round(time.perf_counter() - started, 2)
+    save_onnx(slimmed, dst)
+    return {"ok": True, "seconds": seconds}
+
+
 def _parity(paths: dict[str, Path]) -> dict:
-    """Outputs of each cleaned graph against the exported one, on the same seeded inputs."""
+    """Outputs of each cleaned graph against the exported one, on the same seeded inputs, at the input shape
+    ``clean_onnx`` chooses (batch 1), and at batch 2 when the batch is dynamic."""
     import onnx
 
-    from trt_prune.onnx_io import compare_outputs, random_feeds, run_onnxruntime
+    from trt_prune.onnx_io import candidate_input_shapes, compare_outputs, one_line, random_feeds, run_onnxruntime
 
     exported = onnx.load(str(paths["exported"]))
-    dynamic = any(v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].HasField("dim_value")
-                  for v in exported.graph.input)
+    shapes = candidate_input_shapes(exported)[0][0]
+    runs = [shapes]
+    dynamic = [v.name for v in exported.graph.input if v.type.tensor_type.shape.dim
+               and not v.type.tensor_type.shape.dim[0].HasField("dim_value")]
+    if dynamic:
+        runs.append({k: (2, *s[1:]) if k in dynamic else s for k, s in shapes.items()})
     result = {name: {"max_abs": 0.0, "mismatched": 0, "error": None} for name in paths if name != "exported"}
-    for batch in (1, 2) if dynamic else (1,):
-        feeds = random_feeds(exported, batch=batch, seed=10 + batch)
+    for index, run in enumerate(runs):
+        feeds = random_feeds(exported, shapes=run, seed=11 + index)
         reference = run_onnxruntime(paths["exported"], feeds)
         for name, entry in result.items():
             if entry["error"]:
@@ -103,25 +139,16 @@ def _parity(paths: dict[str, Path]) -> dict:
                     entry["max_abs"] = max(entry["max_abs"], err["max_abs"])
                     entry["mismatched"] += err["mismatched"]
             except Exception as exc:  # one graph failing to run is a result, not a crash
-                entry["error"] = _one_line(exc)
+                entry["error"] = one_line(exc, with_type=True)
     for entry in result.values():
         entry["identical"] = entry["error"] is None and entry["mismatched"] == 0
-    return result
+    return {"input_shapes": {k: list(v) for k, v in shapes.items()}, **result}
 
 
-def run_model(name: str, result_path: Path, mem_gib: float, keep: Path | None, pg_timeout: float) -> None:
-    """Worker: prune, export, clean both ways, compare; writes ``result_path`` after every stage."""
-    cap = int(mem_gib * 2**30)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    record: dict = {"model": name, "stage": "build"}
-
-    def save():
-        result_path.write_text(json.dumps(record, indent=1))
-
-    save()
+def _export_coverage(name: str, path: Path, record: dict, save) -> None:
+    """Prune a coverage model with ours and export it with ``export_onnx``."""
     import torch
 
-    from trt_prune.cleaner import clean_onnx
     from trt_prune.exporter import export_onnx
     from trt_prune.pruning import prune
 
@@ -136,16 +163,56 @@ def run_model(name: str, result_path: Path, mem_gib: float, keep: Path | None, p
     pruned = prune(model, entry.shape, ratio=RATIO, round_to=ROUND_TO).model.eval()
     record["stage"] = "export"
     save()
+    names = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
+    started = time.perf_counter()
+    exported = export_onnx(pruned, path, entry.shape, output_names=names)
+    record["export"] = {"exporter": exported.exporter, "seconds": round(time.perf_counter() - started, 1),
+                        "fallback_reason": exported.fallback_reason}
+
+
+def _export_torchscript(name: str, path: Path, record: dict) -> None:
+    """torchvision ``model`` through the TorchScript exporter at ``opset``, BatchNorm kept, dynamic N/H/W."""
+    import warnings
+
+    import torch
+    import torchvision
+
+    model_name, opset = TORCHSCRIPT[name]
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(model_name, weights=None).eval()
+    record.update(family=f"torchscript opset {opset}, BatchNorm kept", input_shape=[1, 3, 224, 224],
+                  stage="export")
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notice
+        torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), str(path), dynamo=False, opset_version=opset,
+                          do_constant_folding=False, input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"}, "output": {0: "batch"}})
+    record["export"] = {"exporter": f"torchscript (opset {opset})", "seconds": round(time.perf_counter() - started, 1),
+                        "fallback_reason": None}
+
+
+def run_model(name: str, result_path: Path, mem_gib: float, keep: Path | None, pg_timeout: float) -> None:
+    """Worker: export (pruned, or TorchScript), clean three ways, compare; writes ``result_path`` after every
+    stage."""
+    cap = int(mem_gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    record: dict = {"model": name, "stage": "build"}
+
+    def save():
+        result_path.write_text(json.dumps(record, indent=1))
+
+    save()
+    from trt_prune.cleaner import clean_onnx
+    from trt_prune.onnx_io import one_line
 
     with tempfile.TemporaryDirectory(prefix="clean_vs_pg_") as tmp:
         folder = Path(tmp)
-        paths = {"exported": folder / "exported.onnx", "ours": folder / "ours.onnx",
-                 "polygraphy": folder / "polygraphy.onnx"}
-        names = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
-        started = time.perf_counter()
-        exported = export_onnx(pruned, paths["exported"], entry.shape, output_names=names)
-        record["export"] = {"exporter": exported.exporter, "seconds": round(time.perf_counter() - started, 1),
-                            "fallback_reason": exported.fallback_reason}
+        paths = {"exported": folder / "exported.onnx", **{k: folder / f"{k}.onnx" for k in CLEANERS}}
+        if name in TORCHSCRIPT:
+            _export_torchscript(name, paths["exported"], record)
+        else:
+            _export_coverage(name, paths["exported"], record, save)
         record["nodes"] = {"exported": sum(_ops(paths["exported"]).values())}
         record["stage"] = "clean"
         save()
@@ -158,27 +225,28 @@ def run_model(name: str, result_path: Path, mem_gib: float, keep: Path | None, p
             ours = clean_onnx(paths["exported"], paths["ours"])
             record["ours"] = {"ok": True, "seconds": round(passes_s, 2),
                               "seconds_with_parity": round(time.perf_counter() - started, 2),
+                              "input_shapes": ours.input_shapes,
                               "passes": [{k: p[k] for k in ("name", "nodes_before", "nodes_after", "detail")}
                                          for p in ours.passes]}
-            record["nodes"]["ours"] = ours.nodes_after
         except Exception as exc:
-            record["ours"] = {"ok": False, "error": _one_line(exc)}
-            paths.pop("ours")
+            record["ours"] = {"ok": False, "error": one_line(exc, with_type=True)}
         record["stage"] = "polygraphy"
         save()
-
         record["polygraphy"] = _polygraphy(paths["exported"], paths["polygraphy"], pg_timeout)
-        if record["polygraphy"]["ok"]:
-            record["nodes"]["polygraphy"] = sum(_ops(paths["polygraphy"]).values())
-        else:
-            paths.pop("polygraphy")
+        record["stage"] = "onnxslim"
+        save()
+        record["onnxslim"] = _onnxslim(paths["exported"], paths["onnxslim"])
         record["stage"] = "parity"
         save()
 
-        if "ours" in paths and "polygraphy" in paths:
-            mine, theirs = _ops(paths["ours"]), _ops(paths["polygraphy"])
-            record["ops_only_more_in_ours"] = dict(mine - theirs)
-            record["ops_only_more_in_polygraphy"] = dict(theirs - mine)
+        for key in CLEANERS:
+            if record[key]["ok"]:
+                record["nodes"][key] = sum(_ops(paths[key]).values())
+            else:
+                paths.pop(key)
+        if "ours" in paths:
+            mine = _ops(paths["ours"])
+            record["more_in_ours"] = {k: dict(mine - _ops(paths[k])) for k in ("polygraphy", "onnxslim") if k in paths}
         record["parity"] = _parity(paths)
         if keep is not None:
             target = keep / name.replace(":", "_")
@@ -199,13 +267,14 @@ def _spawn(name: str, timeout: float, mem_gib: float, tmp: Path, keep: Path | No
 
 
 def verdict(r: dict) -> str:
-    """``ok`` (ours <= Polygraphy's nodes, both identical to the export), ``worse``, or ``failed``."""
+    """``ok`` (ours <= Polygraphy's and onnxslim's nodes, all identical to the export), ``worse``, or
+    ``failed``."""
     nodes, parity = r.get("nodes", {}), r.get("parity", {})
-    if r.get("stage") != "done" or "ours" not in nodes or "polygraphy" not in nodes:
+    if r.get("stage") != "done" or any(k not in nodes for k in CLEANERS):
         return "failed"
-    if not all(parity.get(k, {}).get("identical") for k in ("ours", "polygraphy")):
+    if not all(parity.get(k, {}).get("identical") for k in CLEANERS):
         return "failed"
-    return "ok" if nodes["ours"] <= nodes["polygraphy"] else "worse"
+    return "ok" if nodes["ours"] <= min(nodes["polygraphy"], nodes["onnxslim"]) else "worse"
 
 
 def _cell_parity(p: dict | None) -> str:
@@ -220,39 +289,48 @@ def _diff(ops: dict | None) -> str:
     return ", ".join(f"{op} {n}" for op, n in sorted((ops or {}).items())) or "—"
 
 
+def _error(r: dict) -> str:
+    for key in ("error", *CLEANERS):
+        value = r.get(key)
+        text = value.get("error") if isinstance(value, dict) else value
+        if text:
+            return (key + ": " if key != "error" else "") + text
+    return "parity"
+
+
 def markdown(results: dict, env: dict, command: str) -> str:
     v = env["versions"]
     lines = [
-        "# Graph cleaning: trt_prune clean vs Polygraphy sanitize --fold-constants",
+        "# Graph cleaning: trt_prune clean vs Polygraphy sanitize --fold-constants vs onnxslim",
         "",
-        f"Machine: {env['cpu']}, {env['cpu_count']} cores ({env['usable_cores']} usable), {env['platform']}; "
-        f"load average at start {env['load_avg'][0]:.1f}. Python {env['python']}, torch {v['torch']}, onnx "
+        f"Load average at start {env['load_avg'][0]:.1f}. torch {v['torch']}, torchvision {v['torchvision']}, onnx "
         f"{v['onnx']}, onnxruntime {v['onnxruntime']}, onnx-graphsurgeon {v['onnx_graphsurgeon']}, polygraphy "
-        f"{v['polygraphy']}. Commit {env['commit']}, {env['date']}.",
+        f"{v['polygraphy']}, onnxslim {v['onnxslim']}.",
         "",
-        f"Each model: pruned with ours (ratio {RATIO}, round_to {ROUND_TO}, random weights), exported "
-        "(`export_onnx`, default exporter), then the same file cleaned by `clean_onnx` (default passes) and by "
-        "`polygraphy surgeon sanitize --fold-constants`. Nodes: exported / ours / Polygraphy's. Outputs: each "
-        f"cleaned graph against the exported one in ONNX Runtime (seeded inputs, batch 1 and 2; atol {ATOL}, "
-        f"rtol {RTOL}; ✓ = identical within that, max abs shown). Seconds: ours = the passes (no parity "
-        "check), ours+check = with `clean_onnx`'s own ONNX Runtime parity check, Polygraphy = CLI wall time "
-        f"(a new process). Command: `{command}`",
+        f"Coverage models: pruned with ours (ratio {RATIO}, round_to {ROUND_TO}, random weights), exported "
+        "(`export_onnx`, default exporter). `ts11:`/`ts13:` models: torchvision, random weights, not pruned, "
+        "TorchScript exporter at opset 11/13 without constant folding (BatchNorm kept), dynamic batch, height and "
+        "width. Each export cleaned by `clean_onnx` (default passes), by `polygraphy surgeon sanitize "
+        "--fold-constants` and by `onnxslim.slim`. Nodes: exported / ours / Polygraphy's / onnxslim's. Outputs: "
+        "each cleaned graph against the export in ONNX Runtime (seeded inputs at the size `clean_onnx` chooses, "
+        f"batch 1 and 2; atol {ATOL}, rtol {RTOL}; ✓ = identical within that, max abs shown). Seconds: ours = the "
+        "passes (no parity check), ours+check = with `clean_onnx`'s own parity check, Polygraphy = CLI wall time "
+        f"(a new process), onnxslim = its Python call. Command: `{command}`",
         "",
-        "| model | exporter | exported | ours | polygraphy | ours ≤ pg | ours outputs | pg outputs | more in ours | "
-        "more in pg | ours s | ours+check s | pg s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | exporter | exported | ours | polygraphy | onnxslim | ours ≤ both | ours outputs | pg outputs | "
+        "slim outputs | more in ours than pg | more in ours than slim | ours s | ours+check s | pg s | slim s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        nodes, parity = r.get("nodes", {}), r.get("parity", {})
-        verdict_cell = {"ok": "yes", "worse": "**no**", "failed": "✗ " + (r.get("error") or (
-            r.get("ours", {}).get("error") or r.get("polygraphy", {}).get("error") or "parity"))[:120]}[verdict(r)]
+        nodes, parity, more = r.get("nodes", {}), r.get("parity", {}), r.get("more_in_ours", {})
+        cell = {"ok": "yes", "worse": "**no**", "failed": "✗ " + _error(r)[:120]}[verdict(r)]
         lines.append("| " + " | ".join([
             name, (r.get("export") or {}).get("exporter", "—"),
-            *(str(nodes.get(k, "—")) for k in ("exported", "ours", "polygraphy")),
-            verdict_cell.replace("|", "/"), _cell_parity(parity.get("ours")), _cell_parity(parity.get("polygraphy")),
-            _diff(r.get("ops_only_more_in_ours")), _diff(r.get("ops_only_more_in_polygraphy")),
+            *(str(nodes.get(k, "—")) for k in ("exported", *CLEANERS)), cell.replace("|", "/"),
+            *(_cell_parity(parity.get(k)) for k in CLEANERS), *(_diff(more.get(k)) for k in ("polygraphy", "onnxslim")),
             str((r.get("ours") or {}).get("seconds", "—")), str((r.get("ours") or {}).get("seconds_with_parity", "—")),
-            str((r.get("polygraphy") or {}).get("seconds", "—"))]) + " |")
+            str((r.get("polygraphy") or {}).get("seconds", "—")), str((r.get("onnxslim") or {}).get("seconds", "—"))])
+            + " |")
     lines += ["", summary(results)]
     return "\n".join(lines) + "\n"
 
@@ -260,16 +338,16 @@ def markdown(results: dict, env: dict, command: str) -> str:
 def summary(results: dict) -> str:
     verdicts = Counter(verdict(r) for r in results.values())
     compared = [r for r in results.values() if verdict(r) != "failed"]
-    fewer = sum(r["nodes"]["ours"] < r["nodes"]["polygraphy"] for r in compared)
-    equal = sum(r["nodes"]["ours"] == r["nodes"]["polygraphy"] for r in compared)
-    worse = [f"{r['model']} ({r['nodes']['ours']} vs {r['nodes']['polygraphy']})" for r in compared
-             if r["nodes"]["ours"] > r["nodes"]["polygraphy"]]
+    total = {k: sum(r["nodes"][k] for r in compared) for k in ("exported", *CLEANERS)}
+    parts = [f"{len(results)} models; ours ≤ Polygraphy and ≤ onnxslim on {verdicts['ok']} of {len(compared)} "
+             f"compared ({sum(r['nodes']['ours'] < r['nodes']['polygraphy'] for r in compared)} fewer nodes than "
+             f"Polygraphy, {sum(r['nodes']['ours'] < r['nodes']['onnxslim'] for r in compared)} fewer than "
+             "onnxslim), outputs identical for all compared",
+             f"nodes over the compared models: exported {total['exported']}, ours {total['ours']}, Polygraphy "
+             f"{total['polygraphy']}, onnxslim {total['onnxslim']}"]
+    worse = [f"{r['model']} ({r['nodes']['ours']} vs {r['nodes']['polygraphy']} / {r['nodes']['onnxslim']})"
+             for r in compared if verdict(r) == "worse"]
     failed = [r["model"] for r in results.values() if verdict(r) == "failed"]
-    total = {k: sum(r["nodes"][k] for r in compared) for k in ("exported", "ours", "polygraphy")}
-    parts = [f"{len(results)} models; ours ≤ Polygraphy on {verdicts['ok']} of {len(compared)} compared "
-             f"({fewer} fewer nodes, {equal} equal), outputs identical for all compared",
-             f"nodes over the compared models: exported {total['exported']}, ours {total['ours']}, "
-             f"Polygraphy {total['polygraphy']}"]
     if worse:
         parts.append("ours more nodes: " + ", ".join(worse))
     if failed:
@@ -277,16 +355,17 @@ def summary(results: dict) -> str:
     return "Summary: " + "; ".join(parts) + "."
 
 
-def environment() -> dict:
+def versions() -> dict:
+    """Versions of the libraries the numbers depend on, and the load average (the stamp has the machine)."""
     from importlib import metadata
 
-    env = prune_coverage.environment()
-    for dist in ("onnx_graphsurgeon", "polygraphy"):
+    found = {}
+    for dist in ("torch", "torchvision", "timm", "onnx", "onnxruntime", "onnx_graphsurgeon", "polygraphy", "onnxslim"):
         try:
-            env["versions"][dist] = metadata.version(dist)
+            found[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
-            env["versions"][dist] = None
-    return env
+            found[dist] = None
+    return {"versions": found, "load_avg": list(os.getloadavg())}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -302,45 +381,50 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", help="comma-separated subset (default: all 35); e.g. resnet50,timm:dla34")
+    p.add_argument("--models", help="comma-separated subset (default: all 39); e.g. resnet50,ts11:resnet50")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
     p.add_argument("--mem-gib", type=float, default=12.0, help="address-space cap per model, GiB")
-    p.add_argument("--json", type=Path, default=ROOT / "bench/results/clean_vs_polygraphy.json")
-    p.add_argument("--markdown", type=Path, default=ROOT / "bench/results/clean_vs_polygraphy.md")
+    p.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results",
+                   help=f"where {NAME}.json and {NAME}.md go")
     p.add_argument("--keep", type=Path, help="keep each model's ONNX files under this folder")
-    p.add_argument("--update", action="store_true", help="keep the records in --json, replace the models run now")
+    p.add_argument("--update", action="store_true", help="keep the stored records, replace the models run now")
     args = p.parse_args(argv)
-    registry = prune_coverage._registry()
-    names = list(registry) if not args.models else [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [n for n in names if n not in registry]
+    known = _models()
+    names = known if not args.models else [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        p.error(f"unknown model(s) {unknown}; valid: {', '.join(registry)}")
+        p.error(f"unknown model(s) {unknown}; valid: {', '.join(known)}")
 
-    from trt_prune.artifacts import write_json, write_text
+    from trt_prune.provenance import write_result
 
-    env = environment()
+    env = versions()
     command = "python bench/clean_vs_polygraphy.py " + " ".join(argv)
     results: dict[str, dict] = {}
+    stored = args.results_dir / f"{NAME}.json"
     if args.update:
         try:
-            results = json.loads(args.json.read_text())["results"]
+            results = json.loads(stored.read_text())["results"]
         except (OSError, json.JSONDecodeError, KeyError) as exc:
-            p.error(f"--update: cannot read results from {args.json} ({exc})")
+            p.error(f"--update: cannot read results from {stored} ({exc})")
     keep = args.keep.resolve() if args.keep else None
+
+    def data() -> dict:
+        return {**env, "command": command, "results": results,
+                "settings": {"ratio": RATIO, "round_to": ROUND_TO, "atol": ATOL, "rtol": RTOL,
+                             "timeout_s": args.timeout, "mem_gib": args.mem_gib}}
+
     with tempfile.TemporaryDirectory(prefix="clean_vs_pg_") as tmp:
         for name in names:
             record = _spawn(name, args.timeout, args.mem_gib, Path(tmp), keep)
             record["run_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
             results[name] = record
             nodes = record.get("nodes", {})
-            print(f"{name:32s} {verdict(record):6s} nodes {nodes.get('exported', '—')} / {nodes.get('ours', '—')} / "
-                  f"{nodes.get('polygraphy', '—')}  [{record['wall_s']} s] {record.get('error', '')}", flush=True)
-            write_json(args.json, {"environment": env, "command": command,
-                                   "settings": {"ratio": RATIO, "round_to": ROUND_TO, "atol": ATOL, "rtol": RTOL,
-                                                "timeout_s": args.timeout, "mem_gib": args.mem_gib},
-                                   "results": results})
+            print(f"{name:32s} {verdict(record):6s} nodes " + " / ".join(str(nodes.get(k, "—")) for k in
+                                                                         ("exported", *CLEANERS))
+                  + f"  [{record['wall_s']} s] {record.get('error', '')}", flush=True)
+            write_result(NAME, data(), results_dir=args.results_dir, folder=ROOT)  # a cut-short run keeps its rows
     text = markdown(results, env, command)
-    write_text(args.markdown, text)
+    write_result(NAME, data(), text, results_dir=args.results_dir, folder=ROOT)
     print()
     print(text)
 

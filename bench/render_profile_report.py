@@ -92,7 +92,8 @@ def main() -> None:
     import trt_prune
     from trt_prune.artifacts import write_json
     from trt_prune.models import load_model
-    from trt_prune.profiling.html import compare_totals, write_profile_html
+    from trt_prune.profiling.compare import compare_totals
+    from trt_prune.profiling.html import write_profile_html
 
     started = time.perf_counter()
     provenance = stamp()

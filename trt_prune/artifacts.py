@@ -207,7 +207,7 @@ def read_model_meta(folder: str | os.PathLike) -> ModelMeta:
     path = Path(folder) / MODEL_JSON
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ModelSpecError(f"'{path}' is not readable JSON ({exc}); re-create the folder with 'trt-prune "
                              "prune' or 'sparsify'") from exc
     return ModelMeta.from_dict(data, str(path))

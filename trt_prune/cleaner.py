@@ -104,7 +104,8 @@ def clean_onnx(src, dst, *, input_shape: InputShape | None = None, passes: Seque
     except ImportError as exc:
         raise CleanError("clean needs onnx-graphsurgeon; install it with `pip install onnx-graphsurgeon`") from exc
 
-    steps = [(name, PASSES.lookup(name)) for name in (DEFAULT_PASSES if passes is None else passes)]
+    names = DEFAULT_PASSES if passes is None else [passes] if isinstance(passes, str) else passes
+    steps = [(name, PASSES.lookup(name)) for name in names]
     src_path, dst_path, original = onnx_io.load_source(src, dst, CleanError, "clean")
     given = onnx_io.given_input_shapes(original, input_shape, CleanError)
 

@@ -590,7 +590,7 @@ def profile_cmd(source, backend, batch, input_shape, iterations, warmup, duratio
                             "--png-dir DIR")
     compare = None
     if compare_path:
-        from .profiling.html import load_profile
+        from .profiling.compare import load_profile
 
         compare = load_profile(compare_path)
     for path in (out, html_path):
@@ -607,7 +607,7 @@ def profile_cmd(source, backend, batch, input_shape, iterations, warmup, duratio
     full = result.to_dict()
     data = {k: v for k, v in full.items() if k != "samples_ms"}
     from .profiling.aggregate import AGGREGATE_KEYS, aggregate_layers
-    from .profiling.html import per_layer_share
+    from .profiling.compare import per_layer_share
 
     data["per_layer_vs_e2e"] = per_layer_share(full)
     data["aggregates"] = {by: aggregate_layers(result.per_layer, by) for by in AGGREGATE_KEYS}

@@ -352,10 +352,9 @@ def spatial_hints(model: onnx.ModelProto) -> tuple[int, int]:
     3 pixels at its level). Approximate by design: :func:`candidate_input_shapes` tries the sizes in ONNX
     Runtime.
     """
-    constants = _constant_arrays(model)
+    constants = _constant_tensors(model)
     dynamic = {i.name for i in graph_inputs(model) if any(not _fixed(d) for d in i.shape[1:])}
     factor: dict[str, float] = dict.fromkeys(dynamic, 1.0)
-    weight_dims = {name: array.shape for name, array in constants.items()}
     stride, minimum = 1, 1
     for node in model.graph.node:
         traced = [factor[t] for t in node.input if t in factor]
@@ -366,8 +365,8 @@ def spatial_hints(model: onnx.ModelProto) -> tuple[int, int]:
         out: float | None = base
         if node.op_type in _STRIDED_OPS:
             kernel = list(attrs.get("kernel_shape") or [])
-            if not kernel and len(node.input) > 1 and node.input[1] in weight_dims:
-                kernel = list(weight_dims[node.input[1]][2:])
+            if not kernel and len(node.input) > 1 and node.input[1] in constants:
+                kernel = list(_tensor_dims(constants[node.input[1]])[2:])
             rank = len(kernel)
             strides = list(attrs.get("strides") or [1] * rank)
             dilations = list(attrs.get("dilations") or [1] * rank)
@@ -386,7 +385,7 @@ def spatial_hints(model: onnx.ModelProto) -> tuple[int, int]:
             out = base / max([int(s) for s in attrs.get("strides") or [1]])
         elif node.op_type in ("Resize", "Upsample"):
             slot = 2 if node.op_type == "Resize" else 1
-            scales = constants.get(node.input[slot]) if len(node.input) > slot and node.input[slot] else None
+            scales = _small_array(constants.get(node.input[slot])) if len(node.input) > slot else None
             if scales is None or scales.size < 3 or not np.all(scales > 0):
                 out = None  # resized to a computed size: its factor is not known here
             else:
@@ -404,22 +403,36 @@ def spatial_hints(model: onnx.ModelProto) -> tuple[int, int]:
     return stride, max(minimum, 1)
 
 
-def _constant_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Initializers and ``Constant`` node values of the main graph, by name (small reads: weights included)."""
+def _constant_tensors(model: onnx.ModelProto) -> dict[str, Any]:
+    """Initializers and ``Constant`` node values of the main graph by name, as they are in the proto (a
+    ``TensorProto``, or an ``AttributeProto`` for the ``value_float(s)``/``value_int(s)`` forms): nothing is
+    decoded until :func:`_tensor_dims` or :func:`_small_array` asks."""
+    found: dict[str, Any] = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output and node.domain in ("", "ai.onnx") and node.attribute:
+            attr = node.attribute[0]
+            found[node.output[0]] = attr.t if attr.name == "value" else attr
+    return found
+
+
+def _tensor_dims(value) -> tuple[int, ...]:
+    if isinstance(value, onnx.TensorProto):
+        return tuple(int(d) for d in value.dims)
+    return np.shape(onnx.helper.get_attribute_value(value))
+
+
+def _small_array(value, limit: int = 64) -> np.ndarray | None:
+    """The values of a small constant (Resize scales), or None when it is missing, large or unreadable."""
     from onnx import numpy_helper
 
-    arrays = {}
-    for tensor in model.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.raw_data:
-            with contextlib.suppress(Exception):
-                arrays[tensor.name] = numpy_helper.to_array(tensor)
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output and node.domain in ("", "ai.onnx"):
-            for attr in node.attribute:
-                with contextlib.suppress(Exception):
-                    arrays[node.output[0]] = np.asarray(onnx.helper.get_attribute_value(attr)) \
-                        if attr.name != "value" else numpy_helper.to_array(attr.t)
-    return arrays
+    if value is None or int(np.prod(_tensor_dims(value), dtype=np.int64)) > limit:
+        return None
+    try:
+        if isinstance(value, onnx.TensorProto):
+            return numpy_helper.to_array(value)
+        return np.asarray(onnx.helper.get_attribute_value(value))
+    except Exception:  # external data, sparse tensors, strings: not a size hint
+        return None
 
 
 DEFAULT_SPATIAL_SIZES = (224, 320)

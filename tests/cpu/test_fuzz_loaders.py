@@ -408,10 +408,6 @@ KNOWN_CRASHES: dict[str, str] = {
     "inspect sparsity (CLI)": "trt_prune/sparsity/inspect.py: numpy_helper.to_array of an initializer whose dims, data "
                               "type or raw data disagree raises ValueError/TypeError/KeyError, and int() of a "
                               "non-integer Gemm transA/transB raises ValueError",
-    "apply_recipe": "trt_prune/pruning/structured.py: validate_recipe checks only format and version, so a wrong "
-                    "input_shape, groups, keep or config crashes (TypeError, KeyError, AttributeError, RuntimeError)",
-    "load_model (model.json)": "the recipe in model.json reaches apply_recipe unchecked (the apply_recipe crashes), "
-                               "and trt_prune/artifacts.py read_model_meta lets a RecursionError through",
 }
 
 

@@ -35,7 +35,6 @@ from trt_prune.profiling.compare import (
     format_ms,
     format_percent,
     layer_key,
-    load_profile,  # noqa: F401  (cli.py still imports it from here; it belongs to trt_prune.profiling.compare)
     per_layer_share,
     profile_labels,
 )

@@ -337,16 +337,44 @@ def prune(model: nn.Module, input_shape=(1, 3, 320, 320), config: PruneConfig | 
     return PruneResult(pruned, recipe, report)
 
 
+MAX_RECIPE_ELEMENTS = 1 << 28  # an example input larger than 1 GiB of float32 is not a shape a recipe needs
+
+
+def _recipe_shape(value) -> tuple[int, ...]:
+    ok = (isinstance(value, list) and 2 <= len(value) <= 8
+          and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_RECIPE_ELEMENTS for d in value))
+    if not ok or math.prod(value) > MAX_RECIPE_ELEMENTS:
+        raise PruneError(f"recipe input_shape {str(value)[:80]} is not a shape; it must be a list of 2-8 positive "
+                         f"integers (at most {MAX_RECIPE_ELEMENTS} elements), like [1, 3, 320, 320]")
+    return tuple(value)
+
+
 def validate_recipe(recipe: dict) -> None:
-    """Raise :class:`PruneError` unless ``recipe`` is a recipe this version can replay."""
+    """Raise :class:`PruneError` unless ``recipe`` is a recipe this version can replay: every field the replay
+    reads has the right type, so a damaged file is one clear error, never a crash inside the replay."""
     if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
         raise PruneError(f"not a pruning recipe (format must be '{RECIPE_FORMAT}')")
     if recipe.get("version") != RECIPE_VERSION:
-        raise PruneError(f"recipe version {recipe.get('version')} is not supported; this trt_prune reads "
+        raise PruneError(f"recipe version {str(recipe.get('version'))[:40]} is not supported; this trt_prune reads "
                          f"version {RECIPE_VERSION}")
-    for g in recipe.get("groups", []):
-        if not {"key", "channels", "keep"} <= set(g):
-            raise PruneError(f"recipe group {g} lacks key/channels/keep")
+    _recipe_shape(recipe.get("input_shape"))
+    config = recipe.get("config", {})
+    ignore = config.get("ignore") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or not (ignore is None or (isinstance(ignore, list)
+                                                               and all(isinstance(i, str) for i in ignore))):
+        raise PruneError("recipe config must be an object whose 'ignore' (if any) is a list of module paths")
+    groups = recipe.get("groups")
+    if not isinstance(groups, list):
+        raise PruneError(f"recipe groups must be a list, got {type(groups).__name__}")
+    for g in groups:
+        if not isinstance(g, dict) or not {"key", "channels", "keep"} <= set(g):
+            raise PruneError(f"recipe group {str(g)[:80]} lacks key/channels/keep")
+        channels, keep = g["channels"], g["keep"]
+        if (not isinstance(g["key"], str) or not isinstance(channels, int) or isinstance(channels, bool)
+                or channels < 1 or not isinstance(keep, list)
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep)):
+            raise PruneError(f"recipe group {str(g)[:80]} must have a text key, a positive channel count and a "
+                             "list of channel indices to keep")
 
 
 def apply_recipe(model: nn.Module, recipe: dict) -> nn.Module:
@@ -354,7 +382,15 @@ def apply_recipe(model: nn.Module, recipe: dict) -> nn.Module:
     validate_recipe(recipe)
     pruned = copy.deepcopy(model)
     example = _example(pruned, recipe["input_shape"])
-    graph = trace(pruned, example, tuple(recipe.get("config", {}).get("ignore") or ()))
+    try:
+        graph = trace(pruned, example, tuple(recipe.get("config", {}).get("ignore") or ()))
+    except PruneError:
+        raise
+    except Exception:
+        from trt_prune.models import check_runs  # names the module that rejects the recipe's input shape
+
+        check_runs(model, recipe["input_shape"], PruneError)
+        raise
     reference = _reference_outputs(graph, example)
     groups = {g.key: g for g in graph.groups}
     plan = {}

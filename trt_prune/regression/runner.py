@@ -159,7 +159,7 @@ def is_stored(store: Store, ref: str) -> bool:
 
 
 def _compare_results(base: Result, cand: Result, settings: Settings) -> dict[str, Any]:
-    from trt_prune.profiling.html import compare_layers
+    from trt_prune.profiling.compare import compare_layers
 
     speed = verdict_of(base.blocks, cand.blocks, settings)
     accuracy = accuracy_entry(base.accuracy, cand.accuracy, settings.max_drop)
