@@ -111,10 +111,11 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, data) -> Path:
-    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
-def _json_default(obj):
+def json_default(obj):
+    """``json.dumps`` fallback for the records the stages write: ``to_dict``, numpy scalars/arrays, paths."""
     if hasattr(obj, "to_dict"):
         return obj.to_dict()
     if hasattr(obj, "item"):
@@ -300,6 +301,6 @@ class OnnxArtifact:
         model.metadata_props.extend(kept)
         record = self.to_dict()
         record.pop("path")  # where the file lies is not part of what it is
-        model.metadata_props.add(key=ONNX_META_KEY, value=json.dumps(record, default=_json_default))
+        model.metadata_props.add(key=ONNX_META_KEY, value=json.dumps(record, default=json_default))
         with atomic_path(self.path) as tmp:
             onnx.save(model, str(tmp))

@@ -36,6 +36,11 @@ What stays fp32 (``blocked`` in the result names each node and why):
   their types;
 - the nodes named in ``block_nodes``.
 
+Files from other converters keep weights in ``Constant`` nodes; they become initializers first (TensorRT's
+parser makes both weights), so the block list, the converter and the weight statistics see one kind of
+constant. Parity runs at ``input_shape`` or, for dynamic axes, at a size the graph accepts, chosen as
+:func:`trt_prune.cleaner.clean_onnx` chooses it (:func:`trt_prune.onnx_io.candidate_input_shapes`).
+
 ONNX Runtime's CPU provider runs many fp16 kernels by upcasting to fp32 internally, so its fp16 numbers are
 at least as accurate as a GPU's; the check bounds the error of the fp16 *weights and storage*, and the
 block list keeps TensorRT's fp16 arithmetic away from the known-sensitive ops.

@@ -134,7 +134,7 @@ def write_result(name: str, data: dict[str, Any], markdown: str | None = None,
 
     ``results_dir`` defaults to ``bench/results`` of the checkout around ``folder``.
     """
-    from trt_prune.artifacts import write_text
+    from trt_prune.artifacts import json_default, write_text
 
     if results_dir is None:
         top = _checkout_root(folder)
@@ -143,7 +143,7 @@ def write_result(name: str, data: dict[str, Any], markdown: str | None = None,
     provenance = data.get("provenance") or stamp(folder)
     record = {"provenance": provenance, **{k: v for k, v in data.items() if k != "provenance"}}
     paths = {"json": write_text(results_dir / f"{name}.json",
-                                json.dumps(record, indent=1, default=_json_default) + "\n")}
+                                json.dumps(record, indent=1, default=json_default) + "\n")}
     if markdown is not None:
         paths["md"] = write_text(results_dir / f"{name}.md", f"{stamp_line(provenance)}\n\n{markdown.rstrip()}\n")
     return paths
@@ -156,15 +156,3 @@ def _checkout_root(folder: str | Path) -> Path | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return Path(top) if top else None
-
-
-def _json_default(obj):
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")

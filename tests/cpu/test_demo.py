@@ -70,3 +70,15 @@ def test_quick_settings_are_lighter_than_full():
     from trt_prune.demo import FULL
 
     assert QUICK.eval_images < FULL.eval_images and QUICK.finetune_steps < FULL.finetune_steps
+
+
+def test_one_line_for_unstable_timings_and_onnx_provenance(demo):
+    out, report = demo
+    unstable = [r["name"] for r in report["variants"] if r["cv_warning"]]
+    cv_notes = [n for n in report["notes"] if "coefficient of variation" in n]
+    assert len(cv_notes) == (1 if unstable else 0)  # one line for the run, naming each unstable variant
+    assert all(name in cv_notes[0] for name in unstable)
+    from trt_prune.artifacts import OnnxArtifact
+
+    artifact = OnnxArtifact.read(out / "onnx" / "structured.onnx")  # the stages stamped what made the file
+    assert [s["stage"] for s in artifact.steps] == ["export", "clean"] and artifact.input_shape == (1, 3, 320, 320)

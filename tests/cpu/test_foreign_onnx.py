@@ -361,3 +361,28 @@ def test_negative_dimension_from_a_converter_is_dynamic(tmp_path):
     onnx.save_model(model, src)
     result = clean_onnx(src, tmp_path / "clean.onnx")
     assert result.input_shapes == {"input": [1, 3, 8, 16]} and result.parity["output"]["mismatched"] == 0
+
+
+# ----------------------------------------------------------------------------------------- profiling names
+def test_unnamed_nodes_take_onnx_runtimes_names_and_map_to_themselves(tmp_path):
+    from trt_prune.profiling.layers import build_module_map, ort_node_names
+
+    model = opset11_classifier()
+    for node in model.graph.node:
+        node.name = ""  # ONNX allows it; some converters write no names at all
+    names = ort_node_names(model.graph.node)
+    # Constant nodes become initializers in ONNX Runtime and do not count: the first Conv is Conv_0
+    assert [n for n in names if not n.startswith("Constant")][:4] == ["Conv_0", "BatchNormalization_1", "Clip_2",
+                                                                       "Pad_3"]
+    mapping = build_module_map(model)
+    assert mapping["Conv_0"] == "Conv_0" and mapping["Gemm_14"] == "Gemm_14"  # no scopes: each node is its own
+    src = tmp_path / "unnamed.onnx"
+    onnx.save_model(model, src)
+    rows = profile_onnx(src, backend="onnxruntime", input_shape=[1, 3, 64, 64], iterations=3, warmup_s=0,
+                        min_duration_s=0, layer_runs=2).per_layer
+    assert all(r["module"] is not None for r in rows)
+    placed = {m for r in rows for m in r["members"]}
+    assert {"Conv_0", "Conv_5", "Conv_8", "Add_11", "Gemm_14"} <= placed
+    # the NCHWc transformer's own Reshapes around the broadcasting Add serve the layer next to them
+    reshapes = [r for r in rows if r["op"] == "Reshape" and not r["members"]]
+    assert reshapes and all(r["module"] in set(names) for r in reshapes)
