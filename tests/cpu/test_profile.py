@@ -1,4 +1,4 @@
-"""Per-layer mapping, ONNX Runtime profiles of real models, profile_onnx, aggregation and interleaving."""
+"""Per-layer mapping, ONNX Runtime profiles of real models, trt_prune.profile, aggregation and interleaving."""
 
 import json
 import warnings
@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from trt_prune import stages
 from trt_prune.backends import BuildConfig, LayerTime, Session, TensorSpec, get_backend
 from trt_prune.errors import BackendError, ProfileError
 from trt_prune.models.demo_detector import DemoDetector
 from trt_prune.profiling import aggregate_layers, interleaved_timings, make_feeds, resolve_input_shapes
-from trt_prune.stages import profile as profile_onnx
 from trt_prune.profiling.layers import (
     PASSIVE_OPS,
     Graph,
@@ -297,12 +297,12 @@ def test_build_module_map_takes_a_resolver(three_convs):
     assert mapping["/c1/Conv"] == "m:/c1/Conv" and len(mapping) == len(model.graph.node)
 
 
-# ---------------------------------------------------------------- profile_onnx
+# ---------------------------------------------------------------- trt_prune.profile
 
 
 def test_profile_onnx_end_to_end(three_convs):
     path = three_convs[1]
-    r = profile_onnx(path, batch=2, warmup_s=0.05, iterations=15, min_duration_s=0.0, threads=1, layer_runs=3)
+    r = stages.profile(path, batch=2, warmup_s=0.05, iterations=15, min_duration_s=0.0, threads=1, layer_runs=3)
     assert r.backend == "onnxruntime" and r.batch == 2 and r.input_shapes == {"x": [2, 3, 48, 48]}
     assert r.latency_ms["n"] == 15 == len(r.samples_ms)
     assert r.throughput_ips == pytest.approx(1000.0 / r.latency_ms["mean"])
@@ -319,29 +319,29 @@ def test_profile_onnx_end_to_end(three_convs):
 
 def test_profile_onnx_without_layers_and_with_a_module_map(three_convs):
     path = three_convs[1]
-    r = profile_onnx(path, warmup_s=0.0, iterations=3, min_duration_s=0.0, threads=1, per_layer=False)
+    r = stages.profile(path, warmup_s=0.0, iterations=3, min_duration_s=0.0, threads=1, per_layer=False)
     assert r.per_layer == [] and r.per_layer_sum_ms is None
-    r = profile_onnx(path, warmup_s=0.0, iterations=3, min_duration_s=0.0, threads=1, layer_runs=2,
+    r = stages.profile(path, warmup_s=0.0, iterations=3, min_duration_s=0.0, threads=1, layer_runs=2,
                      module_map=lambda node: "everything")
     assert {row["module"] for row in r.per_layer if row["members"]} == {"everything"}
 
 
 def test_profile_onnx_input_errors(tmp_path, three_convs):
     with pytest.raises(ProfileError, match="does not exist"):
-        profile_onnx(tmp_path / "nope.onnx")
+        stages.profile(tmp_path / "nope.onnx")
     fixed = export(ThreeConvs(), torch.randn(1, 3, 16, 16), tmp_path / "fixed.onnx", dynamic_batch=False)
     with pytest.raises(ProfileError, match="fixed batch of 1"):
-        profile_onnx(fixed, batch=2)
+        stages.profile(fixed, batch=2)
     with pytest.raises(BackendError, match="valid names: onnxruntime, tensorrt"):
-        profile_onnx(three_convs[1], backend="nope")
+        stages.profile(three_convs[1], backend="nope")
 
 
 def test_profile_onnx_needs_input_shape_for_other_dynamic_axes(tmp_path):
     path = export(ThreeConvs(), torch.randn(1, 3, 16, 16), tmp_path / "dyn.onnx", dynamic_batch=False,
                   dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}, "y": {0: "b", 2: "h", 3: "w"}})
     with pytest.raises(ProfileError, match=r"dynamic axes \[2, 3\].*input_shape"):
-        profile_onnx(path)
-    r = profile_onnx(path, input_shape=(1, 3, 24, 20), warmup_s=0.0, iterations=2, min_duration_s=0.0,
+        stages.profile(path)
+    r = stages.profile(path, input_shape=(1, 3, 24, 20), warmup_s=0.0, iterations=2, min_duration_s=0.0,
                      threads=1, per_layer=False)
     assert r.input_shapes == {"x": [1, 3, 24, 20]}
 

@@ -12,8 +12,8 @@ from trt_prune.backends.torch_backend import sparse24_plan, sparse24_reason
 from trt_prune.errors import BackendError, BackendUnavailableError
 from trt_prune.models import load_model
 from trt_prune.profiling import aggregate_layers
-from trt_prune.stages import profile
 from trt_prune.sparsity.pattern import mask_2of4
+from trt_prune.stages import profile
 
 
 class Block(nn.Module):
