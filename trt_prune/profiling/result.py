@@ -31,7 +31,7 @@ class ProfileResult:
     ``per_layer`` rows are ``{name, op, module, ms, members}`` sorted by ``ms`` descending;
     ``per_layer_run_ms`` is the backend's own mean run time during the per-layer run (instrumented, so
     larger than ``latency_ms``); ``env`` says where it ran. ``breakdown`` is trtexec's per-phase summary
-    (latency, enqueue, H2D, GPU compute, D2H from CUDA events; :func:`~trt_prune.backends.tensorrt.timing_breakdown`)
+    (latency, enqueue, H2D, GPU compute, D2H from CUDA events; :func:`~trt_prune.profiling.stats.timing_breakdown`)
     for backends that can time the phases apart (TensorRT), from its own run after the end-to-end one."""
 
     backend: str
