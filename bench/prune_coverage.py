@@ -158,9 +158,9 @@ def classifier_ignore(model, num_classes: int = 1000) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    from trt_prune.onnx_io import one_line
+
+    return one_line(exc, limit, with_type=True)
 
 
 def _flat_shapes(out) -> list[list[int]]:

@@ -31,6 +31,7 @@ from trt_prune.onnx_io import (
     PROTOBUF_LIMIT,
     compare_outputs,
     load_onnx,
+    one_line,
     random_feeds,
     run_onnxruntime,
     save_onnx,
@@ -39,7 +40,6 @@ from trt_prune.onnx_io import (
 
 DEFAULT_OPSET = 18
 EXPORTERS = ("dynamo", "torchscript")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass
@@ -219,7 +219,7 @@ def _export(model, example, staged: Path, exporter: str, opset: int, axes: dict[
     trace_warnings = []
     for w in caught:
         if issubclass(w.category, torch.jit.TracerWarning):
-            text = f"{Path(w.filename).name}:{w.lineno}: {_one_line(w.message, 200)}"
+            text = f"{Path(w.filename).name}:{w.lineno}: {one_line(w.message, 200, with_type=True)}"
             if text not in trace_warnings:
                 trace_warnings.append(text)
     return "torchscript", fallback_reason, trace_warnings
@@ -299,14 +299,7 @@ def _reason(model, exc: BaseException, example) -> str:
     generic wrappers such as "Failed to export the model with torch.export") and :func:`locate_failure`."""
     root = _chain(exc)[-1]
     where = locate_failure(model, exc, example)
-    return f"{where}: {_one_line(root, 300)}" if where else _one_line(root)
-
-
-def _one_line(exc: BaseException, limit: int = 400) -> str:
-    # torch.export colours its messages; escape codes do not belong in a JSON report
-    text = " ".join(_ANSI.sub("", str(exc)).split())
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{where}: {one_line(root, 300, with_type=True)}" if where else one_line(root, 400, with_type=True)
 
 
 def _check(path: Path) -> None:
@@ -315,8 +308,9 @@ def _check(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))  # by path: works past protobuf's 2 GiB too
     except onnx.checker.ValidationError as exc:
-        raise ExportError(f"the exported model fails onnx.checker ({_one_line(exc)}); try the other exporter "
-                          "or another opset") from exc
+        reason = one_line(exc, 400, with_type=True)
+        raise ExportError(f"the exported model fails onnx.checker ({reason}); try the other exporter or another "
+                          "opset") from exc
 
 
 def _parity(model, onnx_model, staged: Path, axes: dict[int, str], input_names: list[str], atol: float,
@@ -334,8 +328,9 @@ def _parity(model, onnx_model, staged: Path, axes: dict[int, str], input_names: 
         try:
             got = run_onnxruntime(staged, feeds)  # from the file: a proto past 2 GiB cannot be serialised
         except Exception as exc:
-            raise ExportError(f"ONNX Runtime cannot run the exported model at input {label} ({_one_line(exc)}); "
-                              "check the export with check_parity=False and inspect the file") from exc
+            reason = one_line(exc, 400, with_type=True)
+            raise ExportError(f"ONNX Runtime cannot run the exported model at input {label} ({reason}); check the "
+                              "export with check_parity=False and inspect the file") from exc
         with torch.no_grad():
             reference = model(*(torch.from_numpy(feeds[name]).to(device) for name in input_names))
         expected = _flatten(reference)

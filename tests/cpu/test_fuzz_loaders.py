@@ -405,9 +405,6 @@ EXAMPLES = {"load_onnx": 60, "inspect sparsity (CLI)": 40, "apply_recipe": 60, "
 # Loaders that still crash on some input, in files these tests do not own (see the fixes listed in the reason);
 # strict, so the mark has to go once the crash is fixed.
 KNOWN_CRASHES: dict[str, str] = {
-    "inspect sparsity (CLI)": "trt_prune/sparsity/inspect.py: numpy_helper.to_array of an initializer whose dims, data "
-                              "type or raw data disagree raises ValueError/TypeError/KeyError, and int() of a "
-                              "non-integer Gemm transA/transB raises ValueError",
 }
 
 

@@ -32,32 +32,15 @@ def resolve_input_shapes(specs: Sequence[TensorSpec], batch: int,
     ``input_shape`` gives full shapes (batch axis included) for inputs with other dynamic axes: one shape
     when the model has one input, else a dict by input name. Its axis 0 must equal ``batch``.
     """
+    from trt_prune.onnx_io import given_input_shapes  # one set of checks for clean, fp16 and profile
+
     if not isinstance(batch, int) or batch < 1:
         raise ProfileError(f"batch must be a positive integer, got {batch!r}")
-    if input_shape is None:
-        given: dict[str, tuple[int, ...]] = {}
-    elif isinstance(input_shape, Mapping):
-        given = {k: tuple(int(d) for d in v) for k, v in input_shape.items()}
-    else:
-        if len(specs) != 1:
-            raise ProfileError(f"the model has {len(specs)} inputs {[s.name for s in specs]}; give input_shape "
-                               f"as a dict from input name to shape")
-        given = {specs[0].name: tuple(int(d) for d in input_shape)}
-    unknown = sorted(set(given) - {s.name for s in specs})
-    if unknown:
-        raise ProfileError(f"input_shape names {unknown}, which are not model inputs "
-                           f"{[s.name for s in specs]}")
+    given = given_input_shapes(specs, input_shape, ProfileError)
     shapes: dict[str, tuple[int, ...]] = {}
     for spec in specs:
         if spec.name in given:
             shape = given[spec.name]
-            if len(shape) != len(spec.shape) or any(d < 1 for d in shape):
-                raise ProfileError(f"input_shape for {spec.name!r} is {shape}; it must be {len(spec.shape)} "
-                                   f"positive sizes matching the ONNX shape {spec.shape}")
-            for axis, want in enumerate(spec.shape):
-                if isinstance(want, int) and want >= 0 and axis > 0 and shape[axis] != want:
-                    raise ProfileError(f"input_shape for {spec.name!r} is {shape}, but axis {axis} is fixed "
-                                       f"at {want} in the ONNX shape {spec.shape}")
             if len(shape) and shape[0] != batch:
                 raise ProfileError(f"input_shape for {spec.name!r} starts with {shape[0]} but batch={batch}; "
                                    f"make them agree")

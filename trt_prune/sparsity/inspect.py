@@ -91,9 +91,24 @@ def inspect_model(model: onnx.ModelProto) -> list[SparsityRecord]:
                 continue
             name, axis = traced
             if name not in arrays:
-                arrays[name] = numpy_helper.to_array(initializers[name])
+                arrays[name] = _weight(name, initializers[name])
+            if not 0 <= axis < arrays[name].ndim:
+                raise SparsifyError(f"weight {name!r} of {node.op_type} node {node.name!r} has shape "
+                                    f"{list(arrays[name].shape)}, which has no reduction axis {axis}; the file is "
+                                    "damaged or not a valid model: re-export it")
             records.append(_record(name, node, arrays[name], axis))
     return records
+
+
+def _weight(name: str, tensor: onnx.TensorProto) -> np.ndarray:
+    """The values of a weight tensor; one :class:`SparsifyError` when its dims, type and data disagree (a damaged
+    file passes the protobuf parser but not numpy)."""
+    try:
+        return numpy_helper.to_array(tensor)
+    except Exception as exc:  # onnx raises ValueError/TypeError/KeyError/ValidationError for such tensors
+        text = " ".join(str(exc).split())[:200]
+        raise SparsifyError(f"weight {name!r} cannot be read ({type(exc).__name__}: {text}); its shape, data type "
+                            "and data disagree, so the file is damaged: re-export it") from exc
 
 
 def _reduction_inputs(node: onnx.NodeProto):
@@ -102,7 +117,10 @@ def _reduction_inputs(node: onnx.NodeProto):
     if node.op_type == "Conv":
         return [(1, lambda rank: 1)]
     if node.op_type == "Gemm":
-        trans_a, trans_b = int(attrs.get("transA", 0)), int(attrs.get("transB", 0))
+        trans_a, trans_b = attrs.get("transA", 0), attrs.get("transB", 0)
+        if not all(isinstance(t, int) and t in (0, 1) for t in (trans_a, trans_b)):
+            raise SparsifyError(f"Gemm node {node.name!r} has transA={trans_a!r}, transB={trans_b!r}; ONNX "
+                                "allows 0 or 1: the file is damaged, re-export it")
         return [(0, lambda rank: 0 if trans_a else 1), (1, lambda rank: 1 if trans_b else 0)]
     if node.op_type == "MatMul":
         return [(0, lambda rank: rank - 1), (1, lambda rank: max(rank - 2, 0))]
