@@ -328,6 +328,7 @@ def feed_inspect_cli(fx: Fixtures, data: bytes) -> None:
         raise AssertionError(f"inspect sparsity exited {result.exit_code}: {result.output[-300:]}")
     if result.exit_code == 2:
         assert result.stderr.count("\n") == 1, result.stderr  # one line, no traceback
+        raise TrtPruneError(result.stderr.strip())  # counted as refused, the contract the CLI keeps
 
 
 def feed_recipe(fx: Fixtures, recipe: Any) -> None:
