@@ -21,7 +21,7 @@ demo-quick: setup
 
 test: setup
 	$(BIN)/ruff check trt_prune tests bench
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 lint: setup
 	$(BIN)/ruff check trt_prune tests bench

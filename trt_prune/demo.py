@@ -37,6 +37,7 @@ class DemoSettings:
     target_macs: float = 0.5  # fraction of dense MACs the structured variant keeps
     round_to: int | None = None  # None: what this machine's kernels like (trt_prune.pruning.alignment)
     min_channels_24: int = 64  # below NVIDIA's ~256 on purpose: the demo shows 2:4's accuracy cost broadly
+    bn_batches: int = 16  # batches of 16 training images that re-estimate BatchNorm statistics before fine-tuning
 
 
 QUICK = DemoSettings(eval_images=100, finetune_steps=40, finetune_batch=8, finetune_img=320, finetune_lr=4e-4,
@@ -157,7 +158,7 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
         log(f"{name}: mAP@[.5:.95] {v['map_before']['map50_95']:.3f} before fine-tune; fine-tuning "
             f"{settings.finetune_steps} steps")
         tuned = copy.deepcopy(v["model"])
-        recalibrate_batchnorm(tuned, img_size=shape[-1])
+        recalibrate_batchnorm(tuned, batches=settings.bn_batches, img_size=shape[-1])
         with _progress(console, f"fine-tuning {name}", settings.finetune_steps) as on_step:
             ft_info[name] = finetune_detector(tuned, settings.finetune_steps, settings.finetune_batch,
                                               settings.finetune_lr, settings.finetune_img, masks=v["masks"],
@@ -259,7 +260,7 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
             f"structured: {pruned.report['groups_pruned']} of {pruned.report['groups_total']} channel groups "
             f"pruned (L1, channel ratio {pruned.report['effective_ratio']:.3f}, counts rounded to "
             f"{round_to}: the channel block of this CPU's ONNX Runtime kernels); outputs kept whole",
-            "fine-tune: BatchNorm statistics re-estimated on 256 training images, then "
+            f"fine-tune: BatchNorm statistics re-estimated on {16 * settings.bn_batches} training images, then "
             f"{settings.finetune_steps} AdamW steps of {settings.finetune_batch} images at lr "
             f"{settings.finetune_lr}, 2:4 masks re-applied after every step; the dense row gets the same "
             "schedule as a control",

@@ -9,7 +9,7 @@ import pytest
 from trt_prune.demo import QUICK, DemoSettings, run_demo
 
 TINY = DemoSettings(eval_images=24, finetune_steps=2, finetune_batch=2, finetune_img=320, finetune_lr=1e-4,
-                    rounds=2, iterations_per_round=3, layer_runs=2)
+                    rounds=2, iterations_per_round=3, layer_runs=2, bn_batches=2)
 
 
 @pytest.fixture(scope="module")
