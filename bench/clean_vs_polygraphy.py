@@ -248,6 +248,10 @@ def run_model(name: str, result_path: Path, mem_gib: float, keep: Path | None, p
             mine = _ops(paths["ours"])
             record["more_in_ours"] = {k: dict(mine - _ops(paths[k])) for k in ("polygraphy", "onnxslim") if k in paths}
         record["parity"] = _parity(paths)
+        if name in TORCHSCRIPT:  # a file another exporter wrote: profile it as a user would, before and after
+            record["stage"] = "profile"
+            save()
+            record["profile"] = {key: _profile(paths[key]) for key in ("exported", "ours") if key in paths}
         if keep is not None:
             target = keep / name.replace(":", "_")
             target.mkdir(parents=True, exist_ok=True)
@@ -255,6 +259,22 @@ def run_model(name: str, result_path: Path, mem_gib: float, keep: Path | None, p
                 shutil.copy2(path, target / f"{key}.onnx")
     record["stage"] = "done"
     save()
+
+
+def _profile(path: Path) -> dict:
+    """``trt_prune.profile`` of ``path`` on ONNX Runtime (1 thread, 1x3x224x224, a short run): latency and how
+    many profiled layers map to a module path (the top-level module, for an op its forward runs itself)."""
+    from trt_prune.onnx_io import one_line
+    from trt_prune.stages import profile
+
+    try:
+        result = profile(path, "onnxruntime", input_shape=(1, 3, 224, 224), warmup_s=0.5, iterations=20,
+                         min_duration_s=0.0, threads=1, layer_runs=5)
+    except Exception as exc:
+        return {"ok": False, "error": one_line(exc, with_type=True)}
+    rows = result.per_layer
+    return {"ok": True, "p50_ms": round(result.latency_ms["p50"], 3), "layers": len(rows),
+            "mapped": sum(1 for r in rows if r.get("module") is not None)}
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -331,6 +351,20 @@ def markdown(results: dict, env: dict, command: str) -> str:
             str((r.get("ours") or {}).get("seconds", "—")), str((r.get("ours") or {}).get("seconds_with_parity", "—")),
             str((r.get("polygraphy") or {}).get("seconds", "—")), str((r.get("onnxslim") or {}).get("seconds", "—"))])
             + " |")
+    profiled = {name: r["profile"] for name, r in results.items() if r.get("profile")}
+    if profiled:
+        lines += ["", "`trt-prune profile` on the TorchScript files as exported and as cleaned (ONNX Runtime, "
+                  "1 thread, 1×3×224×224, 20 timed runs): p50 ms, and profiled layers mapped to a module path (the "
+                  "top-level module counts, for an op its own forward runs).", "",
+                  "| model | exported p50 ms | exported layers mapped | cleaned p50 ms | cleaned layers mapped |",
+                  "|---|---|---|---|---|"]
+        for name, prof in profiled.items():
+            cells = []
+            for key in ("exported", "ours"):
+                p = prof.get(key) or {}
+                cells += ([f"{p['p50_ms']:.2f}", f"{p['mapped']}/{p['layers']}"] if p.get("ok")
+                          else ["✗ " + str(p.get("error", "not run"))[:80], "—"])
+            lines.append("| " + " | ".join([name, *cells]) + " |")
     lines += ["", summary(results)]
     return "\n".join(lines) + "\n"
 

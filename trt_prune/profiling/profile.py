@@ -48,7 +48,8 @@ def resolve_input_shapes(specs: Sequence[TensorSpec], batch: int,
             others = [a for a in spec.dynamic_axes if a != 0]
             if others:
                 raise ProfileError(f"input {spec.name!r} has dynamic axes {others} besides the batch axis "
-                                   f"(ONNX shape {spec.shape}); pass input_shape with its full shape")
+                                   f"(ONNX shape {spec.shape}); pass its full shape as input_shape (CLI: "
+                                   "--input-shape NxCxHxW)")
             shape = tuple(int(d) if isinstance(d, int) and d >= 0 else batch for d in spec.shape)
             if shape and shape[0] != batch:
                 raise ProfileError(f"input {spec.name!r} has a fixed batch of {shape[0]} (ONNX shape "
