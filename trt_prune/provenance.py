@@ -24,12 +24,18 @@ RESULTS_DIR = Path("bench") / "results"
 
 
 def git_commit(folder: str | Path = ".") -> str | None:
-    """HEAD of the git checkout around ``folder`` (``+dirty`` with uncommitted changes), None outside git."""
+    """HEAD of the git checkout around ``folder`` (``+dirty`` with uncommitted changes), None outside git.
+
+    Changes under ``bench/results/`` do not count: they are the outputs being written, not the code that
+    computed them (a script refreshing its own result file would otherwise mark itself uncommitted)."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=folder, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                f":(exclude){RESULTS_DIR.as_posix()}"], cwd=top, capture_output=True, text=True,
+                               check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return sha + ("+dirty" if dirty else "")
