@@ -95,3 +95,29 @@ def browser() -> str:
     if found is None:
         pytest.skip(f"no browser on PATH (looked for {', '.join(BROWSERS)}); `apt-get install chromium` adds one")
     return found
+
+
+@pytest.fixture
+def screenshot(browser, tmp_path):
+    """``shoot(page, width, height) -> pixels``: the page rendered headless, offline, as an RGB(A) array; the
+    test fails when the browser does, or when the picture is one flat colour (a page that rendered nothing)."""
+    import subprocess
+
+    import matplotlib.image
+    import numpy as np
+
+    def shoot(page, width: int = 1200, height: int = 1600):
+        shot = tmp_path / "screenshot.png"
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                        "--disable-component-update", "--disable-sync", "--no-first-run",
+                        f"--user-data-dir={tmp_path / 'browser-profile'}", f"--screenshot={shot}",
+                        f"--window-size={width},{height}", page.resolve().as_uri()],
+                       capture_output=True, timeout=120, check=True)
+        assert shot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+        pixels = np.asarray(matplotlib.image.imread(shot))
+        flat = pixels.reshape(-1, pixels.shape[-1])
+        assert not (flat == flat[0]).all(), "the page rendered as one flat colour"
+        shutil.rmtree(tmp_path / "browser-profile", ignore_errors=True)
+        return pixels
+
+    return shoot
