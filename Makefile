@@ -21,7 +21,8 @@ demo-quick: setup
 
 test: setup
 	$(BIN)/ruff check trt_prune tests bench
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not timing" tests
+	$(BIN)/python -m pytest -q -m timing tests
 
 lint: setup
 	$(BIN)/ruff check trt_prune tests bench

@@ -23,6 +23,10 @@ from trt_prune.regression.runner import exit_code, parse_ref
 from trt_prune.regression.store import Store
 from trt_prune.regression.suite import load_suite
 
+# These tests decide verdicts from measured latency: they run alone (make test runs them after the parallel
+# part), so another test's load on the same 2 cores cannot move them.
+pytestmark = pytest.mark.timing
+
 SUITE = """
 name: test
 backends: [onnxruntime]
