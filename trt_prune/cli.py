@@ -495,8 +495,7 @@ def build_cmd(source, backend, fp16, sparse, batch, threads, trust_code, out, as
     """Build a backend session (checks it builds and runs once)."""
     import time
 
-    from .backends import backend_class, get_backend
-    from .errors import BackendUnavailableError
+    from .backends import backend_class
     from .profiling.profile import make_feeds, resolve_input_shapes
     from .stages import build
 
@@ -512,13 +511,7 @@ def build_cmd(source, backend, fp16, sparse, batch, threads, trust_code, out, as
         else:
             raise TrtPruneError(f"--backend {backend} keeps no built artifact; drop -o")
     config = _backend_config(backend, flags, threads=threads, batch=(batch, batch, batch))
-    ok, reason = get_backend(backend).available()
-    if not ok:  # before any output is created
-        raise BackendUnavailableError(f"backend {backend!r} is unavailable: {reason}")
-    if config.cache_dir:
-        from .artifacts import ensure_output_dir
-
-        ensure_output_dir(config.cache_dir)
+    # the backend makes its cache folder when it has an engine to keep; an unavailable backend fails first
     start = time.perf_counter()
     with build(source, backend, config, batch=batch, trust_code=trust_code) as session:
         seconds = time.perf_counter() - start
@@ -573,7 +566,7 @@ def profile_cmd(source, backend, batch, input_shape, iterations, warmup, duratio
                 html_path, compare_path, png_dir, device, fp16, channels_last, cuda_graph, sparse24, sparse, cache_dir,
                 trust_code, as_json):
     """Latency percentiles, throughput and per-layer times mapped back to PyTorch modules."""
-    from .artifacts import check_output_dir, check_output_file, ensure_output_dir, write_json
+    from .artifacts import check_output_dir, check_output_file, write_json
     from .backends import source_kind
     from .stages import profile
 
@@ -599,8 +592,6 @@ def profile_cmd(source, backend, batch, input_shape, iterations, warmup, duratio
     for folder in (png_dir, cache_dir):
         if folder:
             check_output_dir(folder, "--png-dir" if folder == png_dir else "--cache-dir")
-    if cache_dir:
-        ensure_output_dir(cache_dir)
     result = profile(source, backend, batch=batch, input_shape=shape, warmup_s=warmup, iterations=iterations,
                      min_duration_s=duration, threads=threads, layer_runs=layer_runs, config=config,
                      trust_code=trust_code)

@@ -205,3 +205,15 @@ def test_shape_helper_runs_a_model_only_once_per_check():
     with pytest.raises(PruneError, match=r"does not run on input shape 1x5x4x4 \(in the top-level module"):
         check_runs(model, (1, 5, 4, 4), PruneError)
     assert torch.is_grad_enabled()
+
+
+def test_an_unavailable_backend_creates_no_cache_folder(workspace, tmp_path):
+    from trt_prune.backends import get_backend
+
+    if get_backend("tensorrt").available()[0]:
+        pytest.skip("TensorRT is installed here: the command would build an engine into the folder")
+    for command in (["build", workspace / "small.onnx", "--backend", "tensorrt", "-o", tmp_path / "engines"],
+                    ["profile", workspace / "small.onnx", "--backend", "tensorrt", "--cache-dir", tmp_path / "c"]):
+        result = run(*command)
+        assert result.exit_code == 2 and "backend 'tensorrt' is unavailable" in result.stderr
+        assert list(tmp_path.iterdir()) == []
