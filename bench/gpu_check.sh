@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (H100/H200; torch there, nothing downloadable). From the repo root:
 #   bash bench/gpu_check.sh            # results under $OUT (the device tool's folder) or bench/results/gpu
-# 1. installs wheels carried in .whl/ if any (none needed today: the image has onnx, onnxruntime, safetensors,
-#    click, rich, matplotlib); 2. runs the GPU tests (tests/gpu, and the real-CUDA variants of the TensorRT
+#   (a tree copied without .git names its commit: TRT_PRUNE_COMMIT=abc1234 bash bench/gpu_check.sh)
+# 1. installs the wheels carried in .whl/ (the image lacks onnx-graphsurgeon, polygraphy, pycocotools and onnxslim;
+#    fetch them here with the `pip download` line of the device tool's README and carry .whl); 2. runs the GPU tests (tests/gpu, and the real-CUDA variants of the TensorRT
 #    backend's tests); 3. times 2:4 against dense per eligible GEMM layer (bench/gpu_sparse24_layers.py, issue
 #    4's eligibility floor); 4. times dense / structured / 2:4 / structured+2:4 of the demo detector and resnet50
 #    at 640x640, batch 1 and 8, on the torch backend (bench/gpu_torch_variants.py). Each step has its own time limit so one slow step cannot eat the rest;

@@ -37,7 +37,8 @@ def git_commit(folder: str | Path = ".") -> str | None:
                                 f":(exclude){RESULTS_DIR.as_posix()}"], cwd=top, capture_output=True, text=True,
                                check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        # A copy of the tree without .git (the lent GPU machine gets one) names its commit in the environment.
+        return os.environ.get("TRT_PRUNE_COMMIT") or None
     return sha + ("+dirty" if dirty else "")
 
 
