@@ -58,7 +58,8 @@ def gemm_layers(model: nn.Module, input_shape) -> list[dict]:
             handles.append(module.register_forward_hook(hook(path)))
     try:
         with torch.no_grad():
-            model(torch.zeros(input_shape, device=next(model.parameters()).device))
+            first = next(model.parameters())  # the probe input follows the model's device and dtype (fp16 on GPU)
+            model(torch.zeros(input_shape, device=first.device, dtype=first.dtype))
     finally:
         for h in handles:
             h.remove()
