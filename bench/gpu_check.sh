@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (H100/H200; torch there, nothing downloadable). From the repo root:
 #   bash bench/gpu_check.sh            # results under $OUT (the device tool's folder) or bench/results/gpu
-#   (a tree copied without .git names its commit: TRT_PRUNE_COMMIT=abc1234 bash bench/gpu_check.sh)
+#   (the copy on the GPU machine may carry an older .git: name the commit sent, TRT_PRUNE_COMMIT=abc1234)
 # 1. installs the wheels carried in .whl/ (the image lacks onnx-graphsurgeon, polygraphy, pycocotools and onnxslim;
 #    fetch them here with the `pip download` line of the device tool's README and carry .whl); 2. runs the GPU tests (tests/gpu, and the real-CUDA variants of the TensorRT
 #    backend's tests); 3. times 2:4 against dense per eligible GEMM layer (bench/gpu_sparse24_layers.py, issue

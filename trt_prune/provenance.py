@@ -27,7 +27,12 @@ def git_commit(folder: str | Path = ".") -> str | None:
     """HEAD of the git checkout around ``folder`` (``+dirty`` with uncommitted changes), None outside git.
 
     Changes under ``bench/results/`` do not count: they are the outputs being written, not the code that
-    computed them (a script refreshing its own result file would otherwise mark itself uncommitted)."""
+    computed them (a script refreshing its own result file would otherwise mark itself uncommitted).
+    ``TRT_PRUNE_COMMIT`` in the environment wins: the lent GPU machine gets a copy of the tree whose ``.git``
+    can be older than the files beside it, so the caller names the commit it sent."""
+    named = os.environ.get("TRT_PRUNE_COMMIT")
+    if named:
+        return named
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
@@ -37,8 +42,7 @@ def git_commit(folder: str | Path = ".") -> str | None:
                                 f":(exclude){RESULTS_DIR.as_posix()}"], cwd=top, capture_output=True, text=True,
                                check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        # A copy of the tree without .git (the lent GPU machine gets one) names its commit in the environment.
-        return os.environ.get("TRT_PRUNE_COMMIT") or None
+        return None
     return sha + ("+dirty" if dirty else "")
 
 

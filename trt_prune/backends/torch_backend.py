@@ -18,7 +18,10 @@ a process-wide setting, reported in ``notes``), ``batch`` / ``shapes``, and ``ex
 - ``cuda_graph``: time and run by CUDA-graph replay (CUDA only; default ``False``);
 - ``sparse24``: replace every layer that :func:`sparse24_reason` accepts by a cuSPARSELt 2:4 layer (CUDA and
   fp16 only; default ``False``). Only weights that already hold 2:4 are converted (``trt-prune sparsify``
-  first): converting others would change the model's output.
+  first): converting others would change the model's output. Measured on an NVIDIA H200 (torch 2.11,
+  ``bench/results/gpu_sparse24_layers.json``): this path was slower than dense on every one of 102 GEMMs of the
+  demo detector and resnet50 (0.17–0.50×, up to 2048 channels), and the whole models ran 0.47–1.05× dense
+  (``gpu_torch_variants.json``). It checks 2:4 outputs on real sparse kernels; it is not a way to speed a model up.
 
 Timing: on CUDA each inference is bracketed by CUDA events (device time, synchronised per call); on the CPU
 by ``perf_counter_ns``. Per-layer times come from forward hooks on every module, in a run separate from the
@@ -207,7 +210,8 @@ def _build_session(model, default_shape, label: str, config: BuildConfig) -> Tor
     if sparse:
         plan = sparse24_plan(model)
         converted = _convert_sparse(model, plan)
-        notes.append(f"2:4 (cuSPARSELt) on {converted} of {len(plan)} Linear/Conv2d layers")
+        notes.append(f"2:4 (cuSPARSELt) on {converted} of {len(plan)} Linear/Conv2d layers; on an H200 this "
+                     "path ran slower than dense for every layer measured (bench/results/gpu_sparse24_layers.json)")
     return TorchSession(model, label, shape, device, fp16, channels_last, graph, config, notes, plan)
 
 
