@@ -21,6 +21,8 @@ _PUBLIC = {
     "prune": ("trt_prune.stages", "prune"),
     "apply_recipe": ("trt_prune.pruning", "apply_recipe"),
     "PruneConfig": ("trt_prune.pruning", "PruneConfig"),
+    "ChannelPruner": ("trt_prune.pruning.gradual", "ChannelPruner"),
+    "Schedule": ("trt_prune.pruning.gradual", "Schedule"),
     "sparsify": ("trt_prune.stages", "sparsify"),
     "Sparsifier": ("trt_prune.sparsity", "Sparsifier"),
     "prune_then_sparsify": ("trt_prune.sparsity.combined", "prune_then_sparsify"),

@@ -174,11 +174,23 @@ def demo(out, quick, threads, exporter, as_json):
 @click.option("--max-ratio", type=float, default=None,
               help="No group loses more than this fraction of its channels, in (0, 1).")
 @click.option("--round-to", type=int, default=8, show_default=True, help="Kept channel counts are multiples of this.")
-@click.option("--importance", default="l1", show_default=True,
-              help="l1, l2, bn_scale, taylor (built-in detector: gradients of its loss on road scenes) or random.")
+@click.option("--importance", default=None,
+              help="l1 (default), l2, bn_scale, taylor (built-in detector: gradients of its loss on road scenes) or "
+                   "random; with --train the default is taylor, accumulated over training.")
 @click.option("--taylor-batches", type=click.IntRange(min=1), default=4, show_default=True,
               help="Batches of 8 training images for --importance taylor.")
 @click.option("--ignore", multiple=True, help="Module path to leave unpruned (repeatable).")
+@click.option("--train", "train_steps", type=click.IntRange(min=2), default=None,
+              help="Prune gradually while training for this many steps (built-in detector: its road scenes and "
+                   "loss; your own model: the Python API ChannelPruner). Needs --target-macs.")
+@click.option("--distill", is_flag=True, help="With --train: the dense model teaches the pruned one.")
+@click.option("--sparse-train", type=click.Choice(["bn_l1", "group_lasso"]), default=None,
+              help="With --train: a sparsity penalty on the channel groups before and while pruning.")
+@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="With --train: images per step.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="With --train: peak AdamW learning rate.")
+@click.option("--device", default=None, help="With --train: torch device to train on (default: cuda if present).")
 @shape_opt
 @weights_opt
 @pickle_opt
@@ -186,12 +198,21 @@ def demo(out, quick, threads, exporter, as_json):
 @click.option("-o", "--out", required=True, help="Output model folder (model.json + model.safetensors).")
 @json_opt
 def prune_cmd(model, ratio, target_macs, target_params, global_pruning, max_ratio, round_to, importance,
-              taylor_batches, ignore, input_shape, weights, allow_pickle, trust_code, out, as_json):
+              taylor_batches, ignore, train_steps, distill, sparse_train, batch_size, lr, device, input_shape,
+              weights, allow_pickle, trust_code, out, as_json):
     """Structured (channel) pruning; writes a model folder and its replayable recipe."""
     from .artifacts import check_output_dir
     from .pruning import PruneConfig
     from .stages import prune
 
+    if train_steps is None and (distill or sparse_train):
+        raise TrtPruneError(f"{'--distill' if distill else '--sparse-train'} works while training: add --train "
+                            "STEPS (and --target-macs)")
+    if train_steps is not None:
+        return _prune_while_training(model, target_macs, target_params, global_pruning, max_ratio, round_to,
+                                     importance or "taylor", ignore, train_steps, distill, sparse_train, batch_size,
+                                     lr, device, input_shape, weights, allow_pickle, trust_code, out, as_json)
+    importance = importance or "l1"
     config = PruneConfig(ratio=ratio, round_to=round_to, importance=importance, ignore=tuple(ignore),
                          target_macs=target_macs, target_params=target_params, global_pruning=global_pruning,
                          max_ratio=max_ratio)
@@ -223,6 +244,60 @@ def prune_cmd(model, ratio, target_macs, target_params, global_pruning, max_rati
         table.add_column(col, justify="right")
     for key in ("params", "macs"):
         b, a = result.report[f"{key}_before"], result.report[f"{key}_after"]
+        table.add_row(key, f"{b:,}", f"{a:,}", f"{a / b:.3f}")
+    _emit(summary, as_json, table)
+
+
+def _prune_while_training(model, target_macs, target_params, global_pruning, max_ratio, round_to, importance,
+                          ignore, steps, distill, sparse_train, batch_size, lr, device, input_shape, weights,
+                          allow_pickle, trust_code, out, as_json):
+    """``prune --train``: the built-in gradual recipe (:func:`trt_prune.finetune.gradual_prune_detector`)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .artifacts import check_output_dir
+    from .finetune import gradual_prune_detector
+    from .pruning.importance import get_importance
+
+    if target_macs is None or target_params is not None:
+        raise TrtPruneError("--train prunes to a MACs budget: give --target-macs (e.g. 0.5), not "
+                            f"{'--target-params' if target_params is not None else '--ratio'}")
+    get_importance(importance)
+    check_output_dir(out)
+    loaded = _load(model, weights, allow_pickle, trust_code)
+    if loaded.task != "detection" or not hasattr(loaded.model, "num_classes") or not loaded.source:
+        raise TrtPruneError(f"--train uses the built-in detector's road scenes and loss; '{model}' is not such a "
+                            "detector. For your own model and data use the Python API: "
+                            "trt_prune.pruning.gradual.ChannelPruner (docs/pruning.md, 'Pruning while training')")
+    shape = parse_shape(input_shape) or loaded.input_shape
+    if shape[-1] != shape[-2]:
+        raise TrtPruneError(f"--train trains on square road scenes; got input shape {list(shape)}")
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    console = _console(stderr=True)
+    bar = Progress(TextColumn("pruning while training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("MACs {task.fields[macs]:.3f}"),
+                   TimeRemainingColumn(), console=console, transient=True, disable=as_json)
+    with bar:
+        task = bar.add_task("train", total=steps, loss=float("nan"), macs=1.0)
+        result, stats = gradual_prune_detector(
+            loaded.model, target_macs, steps, batch_size=batch_size, lr=lr, img_size=int(shape[-1]),
+            importance=importance, distill=distill, sparsity=sparse_train, round_to=round_to,
+            global_pruning=global_pruning, max_ratio=max_ratio, ignore=tuple(ignore), device=device,
+            on_step=lambda step, loss, macs: bar.update(task, completed=step, loss=loss, macs=macs),
+            out=out, source=loaded.source)
+    report = result.report
+    summary = {k: report[k] for k in ("params_before", "params_after", "macs_before", "macs_after", "groups_total",
+                                      "groups_pruned", "steps")}
+    summary.update(out=str(result.folder), loss_first=stats["loss_first"], loss_last=stats["loss_last"],
+                   seconds=stats["seconds"], history=stats["history"], skipped_groups=report["skipped_groups"])
+    from rich.table import Table
+
+    table = Table(title=f"pruned {model} while training {steps} steps → {result.folder}")
+    for col in ("", "before", "after", "×"):
+        table.add_column(col, justify="right")
+    for key in ("params", "macs"):
+        b, a = report[f"{key}_before"], report[f"{key}_after"]
         table.add_row(key, f"{b:,}", f"{a:,}", f"{a / b:.3f}")
     _emit(summary, as_json, table)
 

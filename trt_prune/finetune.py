@@ -44,11 +44,15 @@ def recalibrate_batchnorm(model: nn.Module, batches: int = 16, batch_size: int =
 
 def finetune_detector(model: nn.Module, steps: int, batch_size: int = 8, lr: float = 1e-3, img_size: int = 320,
                       masks: SparseMasks | None = None, seed: int = 1, workers: int = 0,
-                      on_step: Callable[[int, float], None] | None = None) -> dict:
+                      on_step: Callable[[int, float], None] | None = None, pruner=None,
+                      teacher: nn.Module | None = None, distill_weight: float = 1.0, device: str | None = None) -> dict:
     """Fine-tune ``model`` in place for ``steps`` optimizer steps; returns ``{steps, seconds, loss_first, loss_last}``.
 
     AdamW with a short warm-up and cosine decay. ``masks`` (2:4) are re-applied after every step so zeros stay
-    zeros. ``on_step(step, loss)`` reports progress.
+    zeros. ``pruner`` (a prepared :class:`~trt_prune.pruning.gradual.ChannelPruner`): its penalty joins the
+    loss and its ``step()`` follows every optimizer step. ``teacher`` (the dense model, frozen): adds
+    ``distill_weight`` × :class:`~trt_prune.pruning.distill.DetectorDistillLoss` to the loss. ``device``: where
+    to train (default: where the model is). ``on_step(step, loss)`` reports progress.
     """
     from .data import RoadScenes, collate_detection
     from .detection.loss import DetectionLoss
@@ -63,6 +67,19 @@ def finetune_detector(model: nn.Module, steps: int, batch_size: int = 8, lr: flo
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          collate_fn=collate_detection, drop_last=True)
     criterion = DetectionLoss(getattr(model, "num_classes", 4))
+    if device is not None:
+        model.to(device)
+        if teacher is not None:
+            teacher.to(device)
+    where = next(model.parameters()).device
+    distill = None
+    if teacher is not None:
+        from .pruning.distill import DetectorDistillLoss
+
+        distill = DetectorDistillLoss()
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
@@ -82,14 +99,23 @@ def finetune_detector(model: nn.Module, steps: int, batch_size: int = 8, lr: flo
         for step, (images, targets) in enumerate(loader):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
+            images = images.to(where, non_blocking=True)
             raw = model(images)
             loss, _ = criterion(raw, targets, images.shape[-2:])
+            if distill is not None:
+                with torch.no_grad():
+                    reference = teacher(images)
+                loss = loss + distill_weight * distill(raw, reference)
+            if pruner is not None:
+                loss = loss + pruner.penalty()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
             opt.step()
             if masks is not None:
                 masks.apply(model)
+            if pruner is not None:
+                pruner.step()
             value = float(loss.detach())
             first = value if first is None else first
             last = value
@@ -117,3 +143,50 @@ def detector_taylor_inputs(model: nn.Module, batches: int = 4, batch_size: int =
         return criterion(m(images), targets, images.shape[-2:])[0]
 
     return data, loss_fn
+
+
+def gradual_prune_detector(model: nn.Module, target_macs: float, steps: int, *, batch_size: int = 8,
+                           lr: float = 1e-3, img_size: int = 320, importance: str = "taylor",
+                           distill: bool = False, distill_weight: float = 1.0, sparsity: str | None = None,
+                           sparsity_weight: float = 1e-4, sparse_share: float = 0.1, prune_share: float = 0.6,
+                           round_to: int = 8, global_pruning: bool = False, max_ratio: float | None = None,
+                           ignore: tuple[str, ...] = (), seed: int = 1, workers: int = 0, device: str | None = None,
+                           on_step: Callable[[int, float, float], None] | None = None, out=None,
+                           source: str | None = None):
+    """The built-in recipe: prune a detector with the demo detector's output layout (and its road scenes and
+    loss) to ``target_macs`` *while* training it for ``steps`` steps, then cut it.
+
+    The schedule: with ``sparsity`` the first ``sparse_share`` of the steps only add the sparse-training
+    penalty; channels are then masked along the cubic schedule until ``prune_share`` of the steps, and the rest
+    fine-tunes the final masks. ``distill`` adds the dense model (a frozen copy) as teacher. ``on_step(step,
+    loss, macs_fraction)`` reports progress. ``out`` / ``source``: write the model folder as
+    :meth:`~trt_prune.pruning.gradual.ChannelPruner.squash` does. Returns ``(PruneResult, training stats)``;
+    the model is cut in place.
+    """
+    import copy
+
+    from .pruning.gradual import ChannelPruner, Schedule
+
+    if steps < 2:
+        raise TrtPruneError(f"gradual pruning needs at least 2 training steps, got {steps}")
+    if not 0 <= sparse_share < prune_share <= 1:
+        raise TrtPruneError(f"need 0 <= sparse_share < prune_share <= 1, got {sparse_share} and {prune_share}")
+    start = int(steps * sparse_share) if sparsity else 0
+    end = max(start + 1, int(steps * prune_share))
+    teacher = copy.deepcopy(model).eval() if distill else None
+    device_of = next(model.parameters()).device
+    pruner = ChannelPruner(model, (1, 3, img_size, img_size), target_macs=target_macs,
+                           schedule=Schedule(steps=end, start=start), importance=importance, round_to=round_to,
+                           global_pruning=global_pruning, max_ratio=max_ratio, ignore=ignore, sparsity=sparsity,
+                           sparsity_weight=sparsity_weight if sparsity else 0.0)
+    if device is not None:
+        model.to(device)
+    pruner.prepare()
+    progress = None if on_step is None else (lambda step, loss: on_step(step, loss, pruner.current_macs()))
+    stats = finetune_detector(model, steps, batch_size=batch_size, lr=lr, img_size=img_size, seed=seed,
+                              workers=workers, on_step=progress, pruner=pruner, teacher=teacher,
+                              distill_weight=distill_weight, device=device)
+    model.to(device_of)
+    result = pruner.squash(out=out, source=source)
+    stats["history"] = pruner.history
+    return result, stats
