@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (H100/H200; torch there, nothing downloadable). From the repo root:
-#   bash bench/gpu_check.sh            # results under $OUT (the device tool's folder) or bench/results/gpu
+#   bash bench/gpu_check.sh [all|check|accuracy]   # results under $OUT (the device tool's folder) or bench/results/gpu
 #   (the copy on the GPU machine may carry an older .git: name the commit sent, TRT_PRUNE_COMMIT=abc1234)
 # 1. installs the wheels carried in .whl/ (the image lacks onnx-graphsurgeon, polygraphy, pycocotools and onnxslim;
 #    fetch them here with the `pip download` line of the device tool's README and carry .whl); 2. runs the GPU tests (tests/gpu, and the real-CUDA variants of the TensorRT
@@ -8,6 +8,12 @@
 #    4's eligibility floor); 4. times dense / structured / 2:4 / structured+2:4 of the demo detector and resnet50
 #    at 640x640, batch 1 and 8, on the torch backend (bench/gpu_torch_variants.py). Each step has its own time limit so one slow step cannot eat the rest;
 #    the last lines printed are the summary tables.
+# Parts: `check` is steps 2-4 above; `accuracy` (issue 14) trains the rows of bench/accuracy_recovery.py (50 % of
+# the MACs, and one-shot vs gradual+distill at 30 % and 70 %) and bench/classifier_track.py (Fashion-MNIST: carry
+# the four IDX files in .data/fashion-mnist) all at once on the one GPU, each row its own process, and packs the row
+# files into accuracy_rows.tgz; `merge` them on the CPU machine (p50 belongs there). ACC_STEPS, ACC_TIMEOUT and
+# ACC_DEVICE override the step count (1000), the time allowed (450 s) and the device (cuda).
+
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${OUT:-bench/results/gpu}
@@ -17,8 +23,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
+PARTS=${1:-all}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv | tee "$RESULTS/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$RESULTS/gpu.txt"
+if [[ $PARTS == all || $PARTS == check ]]; then
 # tests/gpu, plus the TensorRT-backend tests whose CUDA side switches to the real cuda.bindings runtime where a
 # GPU is visible (adapter, page-locked staging, events, graph capture; TensorRT itself stays emulated)
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/cpu/test_tensorrt_logic.py \
@@ -28,7 +36,38 @@ timeout 180 python3 bench/gpu_sparse24_layers.py --model builtin:demo-detector,t
   | tee "$RESULTS/sparse24_layers.txt"
 timeout 240 python3 bench/gpu_torch_variants.py --seconds 1.5 --json "$RESULTS/gpu_torch_variants.json" 2>&1 \
   | tee "$RESULTS/torch_variants.txt"
+fi
+if [[ $PARTS == all || $PARTS == accuracy ]]; then
+  ACC=$(mktemp -d)/accuracy
+  mkdir -p "$ACC"
+  launch() {  # rows target tag
+    python3 bench/accuracy_recovery.py train --rows "$1" --target-macs "$2" --steps "${ACC_STEPS:-1000}" --batch 8 \
+      --workers 2 --threads 1 --device "${ACC_DEVICE:-cuda}" --eval-images "${ACC_EVAL:-500}" --out "$ACC" \
+      >"$ACC/log_$3.txt" 2>&1 &
+  }
+  launch dense 0.5 dense; launch oneshot 0.5 oneshot; launch torch-pruning 0.5 tp; launch gradual 0.5 gradual
+  launch gradual+distill 0.5 distill; launch sparse+gradual 0.5 sparse
+  launch oneshot 0.3 oneshot30; launch gradual+distill 0.3 distill30
+  launch oneshot 0.7 oneshot70; launch gradual+distill 0.7 distill70
+  FASHION_MNIST_DIR=.data/fashion-mnist python3 bench/classifier_track.py --device "${ACC_DEVICE:-cuda}" \
+    --threads 1 ${ACC_FASHION_ARGS:-} --results "$ACC" >"$ACC/log_fashion.txt" 2>&1 &
+  end=$((SECONDS + ${ACC_TIMEOUT:-450}))
+  while [[ -n $(jobs -rp) ]] && ((SECONDS < end)); do sleep 5; done
+  for pid in $(jobs -rp); do kill "$pid" 2>/dev/null; done
+  tar czf "$RESULTS/accuracy_rows.tgz" -C "$(dirname "$ACC")" accuracy
+fi
 echo "== summary"
-tail -n 3 "$RESULTS/tests.txt"
-tail -n 6 "$RESULTS/sparse24_layers.txt"
-tail -n 18 "$RESULTS/torch_variants.txt"
+if [[ $PARTS == all || $PARTS == check ]]; then
+  tail -n 3 "$RESULTS/tests.txt"
+  tail -n 6 "$RESULTS/sparse24_layers.txt"
+  tail -n 18 "$RESULTS/torch_variants.txt"
+fi
+if [[ $PARTS == all || $PARTS == accuracy ]]; then
+  python3 - "$ACC" <<'PY'
+import json, pathlib, sys
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*@*.json")):
+    r = json.loads(f.read_text())
+    print(f"{f.stem:24} macs {r.get('macs') or 0:.3f} mAP {r.get('map') or 0:.3f} {r.get('seconds')} s {r.get('error', '')}")
+PY
+  tail -n 7 "$ACC/classifier_track.md" 2>/dev/null || tail -n 5 "$ACC/log_fashion.txt"
+fi

@@ -264,7 +264,11 @@ class ChannelPruner:
         self.saved.clear()
         if plan:
             _apply(self.graph, plan)
-        _check_runs(self.model, self._example_tensor, self._expected)
+        try:  # the model may have moved since prepare(): check it where it is now
+            where = next(self.model.parameters()).device
+        except StopIteration:
+            where = self._example_tensor.device
+        _check_runs(self.model, self._example_tensor.to(where), self._expected)
         self.squashed = True
         sizes = {g.key: g.size for g in self.graph.groups}
         recipe = {
@@ -527,8 +531,8 @@ class ChannelPruner:
         return record
 
     def _set_masks(self, plan: dict[str, list[int]]) -> None:
-        new = mask_for_plan(self.graph, plan) if plan else {}
         tensors = _named_tensors(self.model)
+        new = {k: v.to(tensors[k].device) for k, v in mask_for_plan(self.graph, plan).items()} if plan else {}
         with torch.no_grad():
             for name in set(self.masks) | set(new):
                 t = tensors[name]
