@@ -36,7 +36,10 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("dense", "oneshot", "torch-pruning", "gradual", "gradual+distill", "sparse+gradual")
+METHODS = ("dense", "oneshot", "torch-pruning", "gradual", "gradual+distill", "sparse+gradual", "oneshot+distill",
+           "oneshot-global", "gradual-fixed+distill", "gradual-global+distill")
+# the variants after the first six came from the first run's lessons: one-shot with the teacher; global ranking
+# (no group loses more than 80 %); masks that never come back, settled by 40 % of the steps
 SPEC = "builtin:demo-detector"
 IMG = 320
 
@@ -100,18 +103,22 @@ def run_row(method: str, target_macs: float, steps: int, batch: int, lr: float, 
     if method == "dense":
         stats = finetune_detector(model, steps, batch_size=batch, lr=lr, img_size=IMG, seed=seed, workers=workers,
                                   device=device)
-    elif method in ("oneshot", "torch-pruning"):
-        if method == "oneshot":
-            result = prune(loaded, shape, importance="l1", target_macs=target_macs, round_to=8)
+    elif method.startswith(("oneshot", "torch-pruning")):
+        teacher = copy.deepcopy(model).eval() if method.endswith("distill") else None
+        if method.startswith("oneshot"):
+            options = {"global_pruning": True, "max_ratio": 0.8} if "global" in method else {}
+            result = prune(loaded, shape, importance="l1", target_macs=target_macs, round_to=8, **options)
             model, recipe = result.model, result.recipe
         else:
             row["torch_pruning"] = _tp_prune(model, target_macs, 8)
         recalibrate_batchnorm(model, img_size=IMG)
         stats = finetune_detector(model, steps, batch_size=batch, lr=lr, img_size=IMG, seed=seed, workers=workers,
-                                  device=device)
+                                  device=device, teacher=teacher)
     else:
         options = {"gradual": {}, "gradual+distill": {"distill": True},
-                   "sparse+gradual": {"sparsity": "bn_l1", "sparsity_weight": 1e-4}}[method]
+                   "sparse+gradual": {"sparsity": "bn_l1", "sparsity_weight": 1e-4},
+                   "gradual-fixed+distill": {"distill": True, "regrow": False, "prune_share": 0.4},
+                   "gradual-global+distill": {"distill": True, "global_pruning": True, "max_ratio": 0.8}}[method]
         result, stats = gradual_prune_detector(model, target_macs, steps, batch_size=batch, lr=lr, img_size=IMG,
                                                seed=seed, workers=workers, device=device, **options)
         recipe, history = result.recipe, stats.pop("history")
@@ -137,7 +144,7 @@ def cmd_train(args) -> int:
     for method in rows:
         if method == "dense" and args.target_macs != 0.5 and not args.dense_everywhere:
             continue  # one dense control serves every target
-        name = f"{method}@{args.target_macs:g}.json"
+        name = f"{method}@{args.target_macs:g}" + ("" if args.steps == 1000 else f"_{args.steps}") + ".json"
         print(f"== {method} at {args.target_macs:g} of the MACs, {args.steps} steps", flush=True)
         try:
             row = run_row(method, args.target_macs, args.steps, args.batch, args.lr, args.device, args.workers,
@@ -151,6 +158,11 @@ def cmd_train(args) -> int:
         tmp.replace(out / name)
         print(json.dumps({k: row.get(k) for k in ("method", "macs", "map", "seconds", "error")}), flush=True)
     return 0
+
+
+def _key(row: dict) -> str:
+    """A row's name: METHOD@TARGET, with _STEPS for a budget other than the standard 1,000 steps."""
+    return f"{row['method']}@{row['target_macs']:g}" + ("" if row.get("steps", 1000) == 1000 else f"_{row['steps']}")
 
 
 def _p50s(rows: list[dict], rounds: int, iterations: int) -> dict[str, float]:
@@ -171,7 +183,7 @@ def _p50s(rows: list[dict], rounds: int, iterations: int) -> dict[str, float]:
     sessions, feeds = {}, {}
     with tempfile.TemporaryDirectory(prefix="accuracy_recovery_") as tmp:
         for row in rows:
-            key = row["method"] + "@" + format(row["target_macs"], "g")
+            key = _key(row)
             model = dense if row["method"] == "dense" else apply_recipe(dense, row["recipe"]).eval()
             path = Path(tmp) / (key.replace("+", "_").replace("@", "_") + ".onnx")
             to_onnx(model, path, workdir=tmp, input_shape=shape, name=key)
@@ -193,13 +205,13 @@ def cmd_merge(args) -> int:
         return 2
     timed = [r for r in rows if "error" not in r and (r["method"] == "dense" or r.get("recipe"))]
     p50 = _p50s(timed, args.rounds, args.iterations)
-    dense = next((r for r in rows if r["method"] == "dense" and "error" not in r), None)
+    controls = {r.get("steps"): r for r in rows if r["method"] == "dense" and "error" not in r}
     for r in rows:
-        key = r["method"] + "@" + format(r["target_macs"], "g")
-        r["p50_ms"] = p50.get(key)
+        r["p50_ms"] = p50.get(_key(r))
+        dense = controls.get(r.get("steps")) or controls.get(1000)
         if dense is not None and r.get("p50_ms"):
-            r["speedup"] = p50[dense["method"] + "@" + format(dense["target_macs"], "g")] / r["p50_ms"]
-            r["map_vs_dense"] = r["map"] - dense["map"] if "map" in r else None
+            r["speedup"] = p50[_key(dense)] / r["p50_ms"]
+            r["map_vs_dense"] = r["map"] - dense["map"]  # against the control with the same budget
 
     def table(selected: list[dict]) -> str:
         lines = ["| method | MACs | params | p50 ms (ORT CPU) | speed-up | mAP50-95 | vs dense | trained on |",
@@ -216,6 +228,9 @@ def cmd_merge(args) -> int:
 
     order = {m: i for i, m in enumerate(METHODS)}
     half = sorted([r for r in rows if r["target_macs"] == 0.5], key=lambda r: order.get(r["method"], 99))
+    for r in rows:  # a longer (or shorter) budget is an extra row, named so
+        if r.get("steps", 1000) != 1000:
+            r["method"] = f"{r['method']} ({r['steps']} steps)"
     compact = [{k: r.get(k) for k in ("method", "target_macs", "macs", "p50_ms", "speedup", "map", "map50",
                                       "map_vs_dense", "params", "steps", "batch", "lr", "device", "seconds",
                                       "error", "history")} for r in rows]

@@ -11,8 +11,9 @@
 # Parts: `check` is steps 2-4 above; `accuracy` (issue 14) trains the rows of bench/accuracy_recovery.py (50 % of
 # the MACs, and one-shot vs gradual+distill at 30 % and 70 %) and bench/classifier_track.py (Fashion-MNIST: carry
 # the four IDX files in .data/fashion-mnist) all at once on the one GPU, each row its own process, and packs the row
-# files into accuracy_rows.tgz; `merge` them on the CPU machine (p50 belongs there). ACC_STEPS, ACC_TIMEOUT and
-# ACC_DEVICE override the step count (1000), the time allowed (450 s) and the device (cuda).
+# files into accuracy_rows.tgz; `merge` them on the CPU machine (p50 belongs there). ACC_ROWS (METHOD:TARGET[:STEPS]
+# ...), ACC_STEPS, ACC_TIMEOUT, ACC_DEVICE and ACC_FASHION=0 override the rows, the step count (1000), the time
+# allowed (450 s), the device (cuda) and skip the classifier track.
 
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,17 +41,21 @@ fi
 if [[ $PARTS == all || $PARTS == accuracy ]]; then
   ACC=$(mktemp -d)/accuracy
   mkdir -p "$ACC"
-  launch() {  # rows target tag
-    python3 bench/accuracy_recovery.py train --rows "$1" --target-macs "$2" --steps "${ACC_STEPS:-1000}" --batch 8 \
+  launch() {  # rows target steps
+    python3 bench/accuracy_recovery.py train --rows "$1" --target-macs "$2" --steps "$3" --batch 8 \
       --workers 2 --threads 1 --device "${ACC_DEVICE:-cuda}" --eval-images "${ACC_EVAL:-500}" --out "$ACC" \
-      >"$ACC/log_$3.txt" 2>&1 &
+      >"$ACC/log_$1_$2_$3.txt" 2>&1 &
   }
-  launch dense 0.5 dense; launch oneshot 0.5 oneshot; launch torch-pruning 0.5 tp; launch gradual 0.5 gradual
-  launch gradual+distill 0.5 distill; launch sparse+gradual 0.5 sparse
-  launch oneshot 0.3 oneshot30; launch gradual+distill 0.3 distill30
-  launch oneshot 0.7 oneshot70; launch gradual+distill 0.7 distill70
-  FASHION_MNIST_DIR=.data/fashion-mnist python3 bench/classifier_track.py --device "${ACC_DEVICE:-cuda}" \
-    --threads 1 ${ACC_FASHION_ARGS:-} --results "$ACC" >"$ACC/log_fashion.txt" 2>&1 &
+  # one process per row (METHOD:TARGET[:STEPS]); ACC_ROWS replaces the list
+  for spec in ${ACC_ROWS:-dense:0.5 oneshot:0.5 torch-pruning:0.5 gradual:0.5 gradual+distill:0.5 \
+      sparse+gradual:0.5 oneshot:0.3 gradual+distill:0.3 oneshot:0.7 gradual+distill:0.7}; do
+    IFS=: read -r rows target steps <<<"$spec"
+    launch "$rows" "$target" "${steps:-${ACC_STEPS:-1000}}"
+  done
+  if [[ ${ACC_FASHION:-1} == 1 ]]; then
+    FASHION_MNIST_DIR=.data/fashion-mnist python3 bench/classifier_track.py --device "${ACC_DEVICE:-cuda}" \
+      --threads 1 ${ACC_FASHION_ARGS:-} --results "$ACC" >"$ACC/log_fashion.txt" 2>&1 &
+  fi
   end=$((SECONDS + ${ACC_TIMEOUT:-450}))
   while [[ -n $(jobs -rp) ]] && ((SECONDS < end)); do sleep 5; done
   for pid in $(jobs -rp); do kill "$pid" 2>/dev/null; done

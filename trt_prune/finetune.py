@@ -152,7 +152,7 @@ def gradual_prune_detector(model: nn.Module, target_macs: float, steps: int, *, 
                            round_to: int = 8, global_pruning: bool = False, max_ratio: float | None = None,
                            ignore: tuple[str, ...] = (), seed: int = 1, workers: int = 0, device: str | None = None,
                            on_step: Callable[[int, float, float], None] | None = None, out=None,
-                           source: str | None = None):
+                           source: str | None = None, regrow: bool = True):
     """The built-in recipe: prune a detector with the demo detector's output layout (and its road scenes and
     loss) to ``target_macs`` *while* training it for ``steps`` steps, then cut it.
 
@@ -178,7 +178,7 @@ def gradual_prune_detector(model: nn.Module, target_macs: float, steps: int, *, 
     pruner = ChannelPruner(model, (1, 3, img_size, img_size), target_macs=target_macs,
                            schedule=Schedule(steps=end, start=start), importance=importance, round_to=round_to,
                            global_pruning=global_pruning, max_ratio=max_ratio, ignore=ignore, sparsity=sparsity,
-                           sparsity_weight=sparsity_weight if sparsity else 0.0)
+                           sparsity_weight=sparsity_weight if sparsity else 0.0, regrow=regrow)
     if device is not None:
         model.to(device)
     pruner.prepare()

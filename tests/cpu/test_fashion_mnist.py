@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import io
+import shutil
 import sys
 import tarfile
 from pathlib import Path
@@ -177,8 +178,6 @@ def make_deb(path: Path, files: dict[str, bytes]) -> Path:
 
 @pytest.mark.parametrize("use_dpkg", [False, True], ids=["python-ar", "dpkg-deb"])
 def test_find_data_extracts_the_deb_into_the_cache(nowhere, monkeypatch, use_dpkg):
-    import shutil
-
     if use_dpkg and shutil.which("dpkg-deb") is None:
         pytest.skip("dpkg-deb is not installed")
     if not use_dpkg:
@@ -262,7 +261,7 @@ def separable(n: int = 64, seed: int = 0, classes: int = 4) -> TensorDataset:
 
 def test_train_reduces_loss_calls_hooks_and_evaluate_reaches_one():
     torch.manual_seed(0)
-    model = fm.SmallResNet(widths=(8, 16, 16))
+    model = fm.SmallResNet(widths=(8, 8, 8))
     data = separable()
     loader = DataLoader(data, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
     seen, after, extra_calls = [], [], []
@@ -271,12 +270,12 @@ def test_train_reduces_loss_calls_hooks_and_evaluate_reaches_one():
         extra_calls.append(logits.shape)
         return None if len(extra_calls) % 2 else 0.0 * logits.sum()
 
-    result = fm.train(model, loader, steps=30, lr=0.1, on_step=lambda s, loss: seen.append((s, loss)),
+    result = fm.train(model, loader, steps=50, lr=0.1, on_step=lambda s, loss: seen.append((s, loss)),
                       extra_loss=extra_loss, after_step=after.append)
-    assert set(result) == {"steps", "seconds", "loss_first", "loss_last"} and result["steps"] == 30
+    assert set(result) == {"steps", "seconds", "loss_first", "loss_last"} and result["steps"] == 50
     assert result["loss_last"] < 0.5 * result["loss_first"]
-    assert [s for s, _ in seen] == after == list(range(30))  # the loader (2 batches) was cycled
-    assert len(extra_calls) == 30 and extra_calls[0] == (32, 10)
+    assert [s for s, _ in seen] == after == list(range(50))  # the loader (2 batches) was cycled
+    assert len(extra_calls) == 50 and extra_calls[0] == (32, 10)
     model.train()
     assert fm.evaluate(model, DataLoader(data, batch_size=64)) == 1.0
     assert model.training  # the mode is restored

@@ -170,13 +170,14 @@ class ChannelPruner:
     ``example_inputs``: an input tensor or its shape (batch 1 is enough), used to trace the channel graph and
     count MACs. ``importance``: ``taylor`` or any registered criterion. ``round_to``, ``ignore``, ``max_ratio``,
     ``global_pruning``: as :class:`~trt_prune.pruning.PruneConfig`. ``sparsity`` / ``sparsity_weight``: the
-    optional sparse-training penalty.
+    optional sparse-training penalty. ``regrow=False``: a masked channel never comes back (each plan keeps a
+    subset of the previous one), as in HALP.
     """
 
     def __init__(self, model: nn.Module, example_inputs, *, target_macs: float, schedule: Schedule | int,
                  importance: str = "taylor", round_to: int = 8, ignore: tuple[str, ...] | list[str] = (),
                  max_ratio: float | None = None, global_pruning: bool = False, sparsity: str | None = None,
-                 sparsity_weight: float = 1e-4):
+                 sparsity_weight: float = 1e-4, regrow: bool = True):
         if not isinstance(target_macs, (int, float)) or isinstance(target_macs, bool) \
                 or not 0.0 < target_macs < 1.0:
             raise PruneError(f"target_macs is the fraction of the dense MACs to keep, in (0, 1); got {target_macs!r} "
@@ -192,6 +193,7 @@ class ChannelPruner:
         self.target_macs = float(target_macs)
         self.importance = importance
         self.sparsity, self.sparsity_weight = sparsity, float(sparsity_weight)
+        self.regrow = bool(regrow)
         self.model = _unwrap(model)
         self._example_inputs = example_inputs
         self.graph: ChannelGraph | None = None
@@ -499,7 +501,9 @@ class ChannelPruner:
             mean = new[live].mean() if live.any() else 0.0
             new = new / mean if mean > 0 else np.ones_like(new)
             previous = self.scores.get(g.key)
-            if self.importance == "taylor" and previous is not None:
+            if not self.regrow:
+                new = np.where(live, new, 0.0)  # masked channels rank last
+            elif self.importance == "taylor" and previous is not None:
                 new = np.where(live, new, previous)  # a masked channel competes with the score it had
             scores[g.key] = new
         return scores
@@ -516,6 +520,10 @@ class ChannelPruner:
             plan, _, _ = _plan(self.graph, config, lambda graph, group: scores[group.key])
             sizes = {g.key: g.size for g in self.groups}
             plan = {k: v for k, v in plan.items() if len(v) < sizes[k]}
+            if not self.regrow:  # a group the new plan lets grow keeps its previous channels instead
+                for key, keep in previous.items():
+                    if key not in plan or not set(plan[key]) <= set(keep):
+                        plan[key] = list(keep)
         revived = 0
         for g in self.groups:
             before = set(previous.get(g.key, range(g.size)))
