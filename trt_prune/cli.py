@@ -277,7 +277,8 @@ def _prune_while_training(model, target_macs, target_params, global_pruning, max
     console = _console(stderr=True)
     bar = Progress(TextColumn("pruning while training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("MACs {task.fields[macs]:.3f}"),
-                   TimeRemainingColumn(), console=console, transient=True, disable=as_json)
+                   TimeRemainingColumn(), console=console, transient=True,
+                   disable=as_json or os.environ.get("RANK", "0") != "0")  # under torchrun: rank 0 reports
     with bar:
         task = bar.add_task("train", total=steps, loss=float("nan"), macs=1.0)
         result, stats = gradual_prune_detector(
@@ -286,11 +287,19 @@ def _prune_while_training(model, target_macs, target_params, global_pruning, max
             global_pruning=global_pruning, max_ratio=max_ratio, ignore=tuple(ignore), device=device,
             on_step=lambda step, loss, macs: bar.update(task, completed=step, loss=loss, macs=macs),
             out=out, source=loaded.source)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # rank 0 has written the folder
+        dist.destroy_process_group()
+    if stats["rank"] != 0:
+        return
     report = result.report
     summary = {k: report[k] for k in ("params_before", "params_after", "macs_before", "macs_after", "groups_total",
                                       "groups_pruned", "steps")}
     summary.update(out=str(result.folder), loss_first=stats["loss_first"], loss_last=stats["loss_last"],
-                   seconds=stats["seconds"], history=stats["history"], skipped_groups=report["skipped_groups"])
+                   seconds=stats["seconds"], history=stats["history"], skipped_groups=report["skipped_groups"],
+                   world_size=stats["world_size"])
     from rich.table import Table
 
     table = Table(title=f"pruned {model} while training {steps} steps → {result.folder}")

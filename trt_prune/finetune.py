@@ -66,7 +66,7 @@ def finetune_detector(model: nn.Module, steps: int, batch_size: int = 8, lr: flo
     data = RoadScenes("train", length=steps * batch_size, size=img_size, seed=10_000 + seed)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          collate_fn=collate_detection, drop_last=True)
-    criterion = DetectionLoss(getattr(model, "num_classes", 4))
+    criterion = DetectionLoss(getattr(getattr(model, "module", model), "num_classes", 4))  # through a DDP wrapper
     if device is not None:
         model.to(device)
         if teacher is not None:
@@ -167,6 +167,8 @@ def gradual_prune_detector(model: nn.Module, target_macs: float, steps: int, *, 
 
     from .pruning.gradual import ChannelPruner, Schedule
 
+    rank, world, device = _distributed(device)
+
     if steps < 2:
         raise TrtPruneError(f"gradual pruning needs at least 2 training steps, got {steps}")
     if not 0 <= sparse_share < prune_share <= 1:
@@ -183,10 +185,34 @@ def gradual_prune_detector(model: nn.Module, target_macs: float, steps: int, *, 
         model.to(device)
     pruner.prepare()
     progress = None if on_step is None else (lambda step, loss: on_step(step, loss, pruner.current_macs()))
-    stats = finetune_detector(model, steps, batch_size=batch_size, lr=lr, img_size=img_size, seed=seed,
+    trained = model
+    if world > 1:  # under torchrun: every rank trains on its own scenes, gradients averaged, masks all-reduced
+        ids = [torch.device(device).index] if torch.device(device).type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    stats = finetune_detector(trained, steps, batch_size=batch_size, lr=lr, img_size=img_size, seed=seed + 1000 * rank,
                               workers=workers, on_step=progress, pruner=pruner, teacher=teacher,
                               distill_weight=distill_weight, device=device)
     model.to(device_of)
-    result = pruner.squash(out=out, source=source)
+    result = pruner.squash(out=out if rank == 0 else None, source=source)  # one folder, written by rank 0
+    stats.update(rank=rank, world_size=world)
     stats["history"] = pruner.history
     return result, stats
+
+
+def _distributed(device: str | None) -> tuple[int, int, str | None]:
+    """``(rank, world size, device)``; under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is started
+    (NCCL with CUDA, else gloo) and each rank takes the GPU of its ``LOCAL_RANK``."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device or "cpu"

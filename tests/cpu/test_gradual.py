@@ -267,3 +267,57 @@ def test_ddp_two_cpu_processes_prune_identically(tmp_path):
     for r in ranks:
         torch.testing.assert_close(r["squashed"], ranks[0]["masked"], rtol=1e-5, atol=1e-5)
     assert s0["0.weight"].shape[0] < 32
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from trt_prune.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["builtin:demo-detector", "--train", "4"], "give --target-macs"),
+    (["builtin:demo-detector", "--train", "4", "--target-params", "0.5"], "not --target-params"),
+    (["builtin:demo-detector", "--distill", "--target-macs", "0.5"], "--distill works while training"),
+    (["torchvision:resnet18", "--train", "4", "--target-macs", "0.5"], "is not such a detector"),
+    (["builtin:demo-detector", "--train", "4", "--target-macs", "0.5", "--importance", "nope"], "unknown importance"),
+])
+def test_prune_train_bad_inputs_are_one_line(tmp_path, args, message):
+    result = _cli("prune", *args, "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_prune_train_writes_a_folder_that_loads(tmp_path):
+    import json
+
+    from trt_prune.models import load_model
+
+    result = _cli("prune", "builtin:demo-detector", "--target-macs", "0.5", "--train", "3", "--batch", "2",
+                  "--input-shape", "1x3x64x64", "--device", "cpu", "--distill", "-o", tmp_path / "g", "--json")
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads(result.output)
+    assert report["steps"] == 3 and report["world_size"] == 1
+    assert 0.45 < report["macs_after"] / report["macs_before"] < 0.56
+    assert [h["step"] for h in report["history"]] == [1]  # 60 % of 3 steps: one pruning step, the final one
+    loaded = load_model(str(tmp_path / "g"))
+    assert loaded.meta.recipe["config"]["gradual"]["steps"] == 1
+    with torch.no_grad():
+        assert loaded.model.eval()(torch.rand(1, 3, 64, 64)).shape[1] == 8
+
+
+def test_prune_train_under_torchrun_two_cpu_processes(tmp_path):
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", _free_port(),
+           "-m", "trt_prune.cli", "prune", "builtin:demo-detector", "--target-macs", "0.5", "--train", "3",
+           "--batch", "2", "--input-shape", "1x3x64x64", "--device", "cpu", "-o", str(tmp_path / "g"), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])  # rank 0 alone prints the report
+    assert report["world_size"] == 2 and proc.stdout.count('"world_size"') == 1
+    assert (tmp_path / "g" / "recipe.json").exists()
