@@ -45,8 +45,9 @@ def markdown(rec: dict) -> str:
         intact = v.get("masks_intact")
         kept = "—" if intact is None else (f"{'yes' if intact else 'NO'} / {v.get('onnx_24_weights', '?')} of "
                                            f"{v['sparse_layers']}")
+        before = "—" if v["map50_95"] is None else f"{v['map50_95']:.3f}"  # pruned while training: no 'before'
         lines.append(f"| {v['name']} | {v['params'] / 1e6:.2f} M | {v['macs'] / 1e9:.3f} | {v['sparse_layers']} | "
-                     f"{kept} | {v['map50_95']:.3f} | {v['map50_95_finetuned']:.3f} | {v['map50_95_onnx']:.3f} | "
+                     f"{kept} | {before} | {v['map50_95_finetuned']:.3f} | {v['map50_95_onnx']:.3f} | "
                      f"{lat['p50']:.2f} | {lat['p99']:.2f} | {v['throughput_ips']:.0f} | {v['speedup_p50']:.2f}× | "
                      f"{v['parity']['max_abs']:.1e} |")
     return "\n".join(lines) + "\n"

@@ -24,7 +24,7 @@ def test_report_contract(demo):
     assert on_disk["model"] == "builtin:demo-detector" and on_disk["backend"] == "onnxruntime"
     assert on_disk["env"]["backend_version"] and on_disk["env"]["threads"] >= 1
     names = [v["name"] for v in on_disk["variants"]]
-    assert names == ["dense", "structured", "sparse24", "structured+sparse24"]
+    assert names == ["dense", "structured", "sparse24", "structured+sparse24", "structured-gradual"]
     keys = {"name", "params", "macs", "map50_95", "map50", "map50_95_finetuned", "latency_ms", "throughput_ips",
             "onnx", "per_layer"}
     for v in on_disk["variants"]:
@@ -46,6 +46,10 @@ def test_variants_are_what_they_claim(demo):
     assert v["structured"]["params"] < 0.6 * v["dense"]["params"]
     assert v["sparse24"]["sparse_layers"] > 30 and v["dense"]["sparse_layers"] == 0
     assert v["structured+sparse24"]["macs"] == v["structured"]["macs"]
+    # pruned while training to the same MACs target: no score before training, one after
+    assert abs(v["structured-gradual"]["macs"] - v["structured"]["macs"]) < 0.08 * v["dense"]["macs"]
+    assert v["structured-gradual"]["map50_95"] is None and v["structured-gradual"]["map50_95_finetuned"] >= 0
+    assert v["structured-gradual"]["finetune"]["steps"] == TINY.finetune_steps
     # the masked fine-tune kept every 2:4 zero, and each sparse layer's weight holds 2:4 in the cleaned ONNX
     for name in ("sparse24", "structured+sparse24"):
         assert v[name]["masks_intact"] is True
