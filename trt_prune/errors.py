@@ -57,3 +57,7 @@ class OutputError(TrtPruneError):
 
 class BenchError(TrtPruneError):
     """Bad input to the regression benchmarks: statistics, suite files, the result store, a comparison."""
+
+
+class LatencyError(TrtPruneError):
+    """A latency table is missing, corrupt or from another environment, or a latency budget cannot be met."""

@@ -68,12 +68,13 @@ def _folder_meta(loaded, shape: Shape, source: str | None, step: str, **changes)
 
 def prune(model: Any, input_shape: Sequence[int] | None = None, config=None, *, out: str | Path | None = None,
           source: str | None = None, data=None, loss_fn=None, inplace: bool = False, check: bool = True,
-          **overrides):
+          latency_table=None, on_estimate=None, on_progress=None, **overrides):
     """Structured pruning (:func:`trt_prune.pruning.prune`) of ``model`` — a module, loaded model, spec or
     folder. With ``out``, also write the model folder the CLI writes (``model.json``, ``model.safetensors``,
     ``recipe.json``); nothing is created when pruning fails. ``source`` names the spec that rebuilds a bare
     ``nn.Module``. A model that fails on ``input_shape`` is one clear error naming the module that rejected
-    it. Returns the :class:`~trt_prune.pruning.PruneResult` (its
+    it. ``latency_table``, ``on_estimate`` and ``on_progress`` serve ``target_latency`` (see
+    :func:`trt_prune.pruning.prune`). Returns the :class:`~trt_prune.pruning.PruneResult` (its
     ``folder`` set when written)."""
     from .models import check_runs
     from .pruning import PruneConfig
@@ -93,7 +94,8 @@ def prune(model: Any, input_shape: Sequence[int] | None = None, config=None, *, 
     shape = _shape_of(loaded, input_shape)
     meta = _folder_meta(loaded, shape, source, "prune") if out is not None else None  # errors before any work
     try:
-        result = prune_model(loaded.model, shape, config, inplace=inplace, check=check, data=data, loss_fn=loss_fn)
+        result = prune_model(loaded.model, shape, config, inplace=inplace, check=check, data=data, loss_fn=loss_fn,
+                             latency_table=latency_table, on_estimate=on_estimate, on_progress=on_progress)
     except TrtPruneError:
         raise
     except Exception:

@@ -92,6 +92,7 @@ class ComputeNode:
     out_elements: list[int] | None  # None: output channels follow the input (depthwise)
     in_classes: np.ndarray | None = None  # filled when the graph is built
     out_classes: np.ndarray | None = None
+    in_shape: tuple[int, ...] = ()  # the input activation's shape (latency tables key layers by it)
 
 
 @dataclass
@@ -245,26 +246,28 @@ def _conv(state: TraceState, node, args):
         if inp is not None:
             state.record_slot(module, "in", inp.elements)
         state.record_slot(module, "out", out)
-        state.compute.append(ComputeNode(module, macs, inp.elements if inp else None, out))
+        state.compute.append(ComputeNode(module, macs, inp.elements if inp else None, out,
+                                         in_shape=_shape(node.args[0])))
         return Channels(1, out)
     if c_in == k_out and inp is not None:
-        return _grouped_in_place(state, module, inp, groups, macs)
+        return _grouped_in_place(state, module, inp, groups, macs, _shape(node.args[0]))
     raise PruneError(f"grouped convolution '{module}' (groups={groups}, in={c_in}, out={k_out}) has no pruning "
                      f"rule yet; pass ignore=['{module}'] (CLI: --ignore {module})")
 
 
-def _grouped_in_place(state: TraceState, module: str, inp: Channels, groups: int, macs: int) -> Channels:
+def _grouped_in_place(state: TraceState, module: str, inp: Channels, groups: int, macs: int,
+                      in_shape: tuple[int, ...] = ()) -> Channels:
     """A grouped conv (plain or transposed) with as many outputs as inputs: output channel i is input channel i.
     Depthwise (one channel per group) prunes freely; otherwise (ResNeXt, RegNet) every group keeps the same
     count, so the layer stays a grouped conv with ``groups`` groups of a smaller width."""
     if groups == len(inp.elements):
         state.record_slot(module, "depthwise", inp.elements)
-        state.compute.append(ComputeNode(module, macs, inp.elements, None))
+        state.compute.append(ComputeNode(module, macs, inp.elements, None, in_shape=in_shape))
         return Channels(1, list(inp.elements))
     width = len(inp.elements) // groups
     state.record_slot(module, "grouped", inp.elements)
     state.splits.append(SplitRecord(module, [inp.elements[j * width:(j + 1) * width] for j in range(groups)]))
-    state.compute.append(ComputeNode(module, macs, inp.elements, inp.elements))
+    state.compute.append(ComputeNode(module, macs, inp.elements, inp.elements, in_shape=in_shape))
     return Channels(1, list(inp.elements))
 
 
@@ -290,10 +293,11 @@ def _conv_transpose(state: TraceState, node, inp: Channels | None, module: str, 
         state.record_slot(module, f"param:{weight}:1", out, producer=True)
         if isinstance(bias, _NODE_TYPES) and bias.name in state.param_names:
             state.record_slot(module, f"param:{state.param_names[bias.name].rpartition('.')[2]}:0", out)
-        state.compute.append(ComputeNode(module, macs, inp.elements if inp else None, out))
+        state.compute.append(ComputeNode(module, macs, inp.elements if inp else None, out,
+                                         in_shape=_shape(node.args[0])))
         return Channels(1, out)
     if inp is not None and c_in == k_out and isinstance(conv, _CONV_TRANSPOSE) and weight == "weight":
-        return _grouped_in_place(state, module, inp, groups, macs)
+        return _grouped_in_place(state, module, inp, groups, macs, _shape(node.args[0]))
     raise PruneError(f"grouped transposed convolution '{module}' (groups={groups}, in={c_in}, out={k_out}) has no "
                      f"pruning rule yet; pass ignore=['{module}'] (CLI: --ignore {module})")
 
@@ -356,7 +360,7 @@ def _linear(state: TraceState, node, args):
         state.record_slot(module, in_kind, inp.elements)
     state.record_slot(module, out_kind, out)
     state.compute.append(ComputeNode(module, math.prod(out_shape) // out_shape[0] * n_in,
-                                     inp.elements if inp else None, out))
+                                     inp.elements if inp else None, out, in_shape=_shape(node.args[0])))
     return Channels(len(out_shape) - 1, out)
 
 

@@ -43,6 +43,9 @@ class PruneConfig:
     target_params: float | None = None
     global_pruning: bool = False
     max_ratio: float | None = None
+    target_latency: float | str | None = None
+    latency_table: str | None = None
+    backend: str = "onnxruntime"
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -53,8 +56,16 @@ class PruneConfig:
             value = getattr(self, name)
             if value is not None and not 0.0 < value < 1.0:
                 raise PruneError(f"{name} is the fraction to keep, in (0, 1); got {value}")
-        if self.target_macs is not None and self.target_params is not None:
-            raise PruneError("give target_macs or target_params, not both")
+        targets = [n for n in ("target_macs", "target_params", "target_latency") if getattr(self, n) is not None]
+        if len(targets) > 1:
+            raise PruneError(f"give one of target_macs, target_params and target_latency, not {' and '.join(targets)}")
+        if self.target_latency is not None:
+            from ..latency import parse_budget
+
+            parse_budget(self.target_latency)
+            if self.global_pruning:
+                raise PruneError("target_latency ranks channels across groups by itself (a knapsack on measured "
+                                 "latency); drop global_pruning")
         if self.max_ratio is not None and not 0.0 < self.max_ratio < 1.0:
             raise PruneError(f"max_ratio must be in (0, 1), got {self.max_ratio}; e.g. 0.8 keeps at least a "
                              "fifth of every group")
@@ -134,14 +145,27 @@ def _prunable(graph: ChannelGraph, config: PruneConfig) -> tuple[list[ChannelGro
     return groups, skipped
 
 
-def _plan(graph: ChannelGraph, config: PruneConfig, importance=None) -> tuple[dict[str, list[int]], dict[str, str],
-                                                                             float]:
+def _plan(graph: ChannelGraph, config: PruneConfig, importance=None, latency=None
+          ) -> tuple[dict[str, list[int]], dict[str, str], float]:
+    """The plan for ``config``; with ``latency`` (a :class:`~trt_prune.latency.LatencyModel`) and
+    ``config.target_latency``, the latency planner's plan (its summary is then in ``latency.last_plan``)."""
     groups, skipped = _prunable(graph, config)
     if not groups:
         raise PruneError("nothing to prune: every channel group is pinned or ignored "
                          f"({'; '.join(sorted(set(skipped.values())))})")
     importance = importance or get_importance(config.importance)
     scores = {g.key: importance(graph, g) for g in groups}
+    if config.target_latency is not None:
+        from ..latency import LatencyPlanner, budget_ms
+
+        if latency is None:
+            raise PruneError("target_latency needs a latency model (trt_prune.latency.LatencyModel)")
+        planner = LatencyPlanner(latency, groups, config.round_to, config.max_ratio)
+        plan, info = planner.plan(scores, budget_ms(config.target_latency, planner.dense_ms))
+        latency.last_plan = info
+        total = sum(g.size for g in groups)
+        kept = sum(len(plan[g.key]) if g.key in plan else g.size for g in groups)
+        return plan, skipped, 1.0 - kept / total
 
     def plan_for(ratio: float) -> dict[str, list[int]]:
         per_group = _global_ratios(scores, ratio) if config.global_pruning else dict.fromkeys(scores, ratio)
@@ -284,8 +308,22 @@ def _example(model: nn.Module, input_shape) -> torch.Tensor:
     return torch.rand(tuple(input_shape), generator=gen).to(device)
 
 
+def _latency_model(model: nn.Module, graph: ChannelGraph, input_shape, config: PruneConfig, table=None,
+                   on_estimate=None, on_progress=None):
+    """The latency model for ``config.target_latency``: from ``table`` (a LatencyTable) when given, else the
+    table in ``config.latency_table`` measured (what it lacks) and calibrated here."""
+    from ..latency import LatencyModel, ensure_table
+
+    if table is None:
+        table, _ = ensure_table(model, graph, input_shape, backend=config.backend, location=config.latency_table,
+                                round_to=config.round_to, ignore=config.ignore, on_estimate=on_estimate,
+                                on_progress=on_progress)
+    return LatencyModel(graph, table)
+
+
 def prune(model: nn.Module, input_shape=(1, 3, 320, 320), config: PruneConfig | None = None, *,
-          inplace: bool = False, check: bool = True, data=None, loss_fn=None, **overrides) -> PruneResult:
+          inplace: bool = False, check: bool = True, data=None, loss_fn=None, latency_table=None,
+          on_estimate=None, on_progress=None, **overrides) -> PruneResult:
     """Structured pruning of ``model``: returns the pruned model, its recipe and a report.
 
     ``overrides`` set :class:`PruneConfig` fields (``ratio=0.3, round_to=16, target_macs=0.5`` …).
@@ -294,6 +332,9 @@ def prune(model: nn.Module, input_shape=(1, 3, 320, 320), config: PruneConfig | 
     tensors where the model allows); turning it off only saves that run.
     ``data`` and ``loss_fn(model, batch) -> loss``: the batches and loss gradient-based importance
     (``taylor``) needs.
+    ``latency_table``: a :class:`~trt_prune.latency.LatencyTable` for ``target_latency`` (default: the one in
+    ``config.latency_table``, measured where it lacks this model); ``on_estimate(points, seconds)`` and
+    ``on_progress(n)`` report that measurement.
     """
     config = config or PruneConfig()
     for k, v in overrides.items():
@@ -308,7 +349,10 @@ def prune(model: nn.Module, input_shape=(1, 3, 320, 320), config: PruneConfig | 
     example = _example(pruned, input_shape)
     graph = trace(pruned, example, config.ignore)
     expected = output_shapes(_reference_outputs(graph, example)) if check else None
-    plan, skipped, ratio = _plan(graph, config, importance)
+    latency = None
+    if config.target_latency is not None:
+        latency = _latency_model(pruned, graph, input_shape, config, latency_table, on_estimate, on_progress)
+    plan, skipped, ratio = _plan(graph, config, importance, latency)
     macs_before, macs_after = graph.macs(), graph.macs(graph.kept_mask(plan))
     params_before = count_params(pruned)
     layers = _layer_report(graph, plan, skipped, config.ignore)
@@ -323,7 +367,8 @@ def prune(model: nn.Module, input_shape=(1, 3, 320, 320), config: PruneConfig | 
         "config": {"ratio": config.ratio, "effective_ratio": ratio, "round_to": config.round_to,
                    "importance": config.importance, "ignore": list(config.ignore),
                    "target_macs": config.target_macs, "target_params": config.target_params,
-                   "global_pruning": config.global_pruning, "max_ratio": config.max_ratio},
+                   "global_pruning": config.global_pruning, "max_ratio": config.max_ratio,
+                   "target_latency": config.target_latency, "backend": config.backend},
         "groups": [{"key": k, "channels": group_sizes[k], "keep": v} for k, v in sorted(plan.items())],
     }
     report = {
@@ -334,6 +379,9 @@ def prune(model: nn.Module, input_shape=(1, 3, 320, 320), config: PruneConfig | 
         "skipped_groups": [{"key": k, "reason": v} for k, v in sorted(skipped.items())],
         "layers": layers,
     }
+    if latency is not None:
+        report["latency"] = {**latency.last_plan, "table": latency.table.key.describe(),
+                             "uncovered_layers": latency.uncovered}
     return PruneResult(pruned, recipe, report)
 
 
