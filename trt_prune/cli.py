@@ -6,6 +6,7 @@ done, 2 on bad input (one line on stderr saying what was wrong and what to do).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -191,6 +192,14 @@ def demo(out, quick, threads, exporter, as_json):
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="With --train: peak AdamW learning rate.")
 @click.option("--device", default=None, help="With --train: torch device to train on (default: cuda if present).")
+@click.option("--target-latency", default=None, metavar="FRACTION|MSms",
+              help="Instead of --ratio: a latency budget on --backend, as a fraction of the dense latency (0.6) or "
+                   "milliseconds (4.5ms); met by a knapsack over measured per-layer latencies.")
+@click.option("--backend", default="onnxruntime", show_default=True,
+              help="With --target-latency: the backend whose latency is measured (onnxruntime, torch, tensorrt).")
+@click.option("--latency-table", default=None, metavar="DIR",
+              help="With --target-latency: a latency table folder (trt-prune latency-table); what this model lacks "
+                   "is measured and written back. Default: measured for this run only.")
 @shape_opt
 @weights_opt
 @pickle_opt
@@ -198,8 +207,8 @@ def demo(out, quick, threads, exporter, as_json):
 @click.option("-o", "--out", required=True, help="Output model folder (model.json + model.safetensors).")
 @json_opt
 def prune_cmd(model, ratio, target_macs, target_params, global_pruning, max_ratio, round_to, importance,
-              taylor_batches, ignore, train_steps, distill, sparse_train, batch_size, lr, device, input_shape,
-              weights, allow_pickle, trust_code, out, as_json):
+              taylor_batches, ignore, train_steps, distill, sparse_train, batch_size, lr, device, target_latency,
+              backend, latency_table, input_shape, weights, allow_pickle, trust_code, out, as_json):
     """Structured (channel) pruning; writes a model folder and its replayable recipe."""
     from .artifacts import check_output_dir
     from .pruning import PruneConfig
@@ -208,17 +217,26 @@ def prune_cmd(model, ratio, target_macs, target_params, global_pruning, max_rati
     if train_steps is None and (distill or sparse_train):
         raise TrtPruneError(f"{'--distill' if distill else '--sparse-train'} works while training: add --train "
                             "STEPS (and --target-macs)")
+    if latency_table is not None and target_latency is None:
+        raise TrtPruneError("--latency-table is read for --target-latency; add --target-latency (e.g. 0.6)")
     if train_steps is not None:
+        if target_latency is not None:
+            raise TrtPruneError("--train prunes to --target-macs; for a latency budget while training use the "
+                                "Python API ChannelPruner(target_latency=..., latency_table=...)")
         return _prune_while_training(model, target_macs, target_params, global_pruning, max_ratio, round_to,
                                      importance or "taylor", ignore, train_steps, distill, sparse_train, batch_size,
                                      lr, device, input_shape, weights, allow_pickle, trust_code, out, as_json)
     importance = importance or "l1"
     config = PruneConfig(ratio=ratio, round_to=round_to, importance=importance, ignore=tuple(ignore),
                          target_macs=target_macs, target_params=target_params, global_pruning=global_pruning,
-                         max_ratio=max_ratio)
+                         max_ratio=max_ratio, target_latency=target_latency, latency_table=latency_table,
+                         backend=backend)
     config.validate()
     shape = parse_shape(input_shape)
     check_output_dir(out)  # refused before any work; created only when there is a model to write
+    table = None
+    if target_latency is not None:
+        table = _latency_table_for_prune(backend, latency_table)
     loaded = _load(model, weights, allow_pickle, trust_code)
     if importance == "taylor" and (loaded.task != "detection" or not hasattr(loaded.model, "num_classes")):
         raise TrtPruneError(f"--importance taylor needs a loss and data; the CLI has them for the built-in "
@@ -232,11 +250,15 @@ def prune_cmd(model, ratio, target_macs, target_params, global_pruning, max_rati
 
         check_runs(loaded.model, shape, TrtPruneError)
         data, loss_fn = detector_taylor_inputs(loaded.model, batches=taylor_batches, img_size=shape[-1])
-    result = prune(loaded, shape, config, out=out, data=data, loss_fn=loss_fn)
+    with _measuring_bar(as_json) as (on_estimate, on_progress):
+        result = prune(loaded, shape, config, out=out, data=data, loss_fn=loss_fn, latency_table=table,
+                       on_estimate=on_estimate, on_progress=on_progress)
     out_dir = result.folder
     summary = {k: result.report[k] for k in ("params_before", "params_after", "macs_before", "macs_after",
                                              "effective_ratio", "groups_total", "groups_pruned")}
     summary.update(out=str(out_dir), skipped_groups=result.report["skipped_groups"], layers=result.report["layers"])
+    if "latency" in result.report:
+        summary["latency"] = result.report["latency"]
     from rich.table import Table
 
     table = Table(title=f"pruned {model} → {out_dir}")
@@ -245,7 +267,52 @@ def prune_cmd(model, ratio, target_macs, target_params, global_pruning, max_rati
     for key in ("params", "macs"):
         b, a = result.report[f"{key}_before"], result.report[f"{key}_after"]
         table.add_row(key, f"{b:,}", f"{a:,}", f"{a / b:.3f}")
+    if "latency" in result.report:
+        lat = result.report["latency"]
+        table.add_row(f"predicted ms ({backend})", f"{lat['dense_ms']:.2f}", f"{lat['predicted_ms']:.2f}",
+                      f"{lat['predicted_ms'] / lat['dense_ms']:.3f}")
     _emit(summary, as_json, table)
+
+
+def _latency_table_for_prune(backend: str, location: str | None):
+    """The table ``prune --target-latency`` reads: ``location``'s when it exists (refused if measured in another
+    environment), else None (measured by the prune itself, into ``location`` when given)."""
+    from .latency import table_path
+    from .latency.measure import environment_key, open_table
+
+    key = environment_key(backend)
+    if location is not None and table_path(location).exists():
+        return open_table(location, key)
+    if location is not None:
+        from .artifacts import check_output_dir
+
+        check_output_dir(location, "--latency-table")
+    return None
+
+
+@contextlib.contextmanager
+def _measuring_bar(quiet: bool):
+    """Callbacks for a latency-table measurement: the estimate is printed first, then a progress bar."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = _console(stderr=True)
+    bar = Progress(TextColumn("measuring latency table"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeRemainingColumn(), console=console, transient=True, disable=quiet)
+    state = {}
+
+    def on_estimate(points: int, seconds: float) -> None:
+        if not quiet:
+            console.print(f"measuring {points} grid points on this machine: about {seconds:.0f} s")
+        bar.start()
+        state["task"] = bar.add_task("measure", total=points)
+
+    def on_progress(n: int) -> None:
+        bar.advance(state["task"], n)
+
+    try:
+        yield on_estimate, on_progress
+    finally:
+        bar.stop()
 
 
 def _prune_while_training(model, target_macs, target_params, global_pruning, max_ratio, round_to, importance,
@@ -309,6 +376,68 @@ def _prune_while_training(model, target_macs, target_params, global_pruning, max
         b, a = report[f"{key}_before"], report[f"{key}_after"]
         table.add_row(key, f"{b:,}", f"{a:,}", f"{a / b:.3f}")
     _emit(summary, as_json, table)
+
+
+@cli.command("latency-table")
+@model_arg
+@click.option("--backend", default="onnxruntime", show_default=True,
+              help="Backend to measure on (onnxruntime; torch and tensorrt where they exist).")
+@click.option("--round-to", type=int, default=8, show_default=True,
+              help="Grid counts are multiples of this (match the --round-to you will prune with).")
+@click.option("--points", type=click.IntRange(min=2, max=64), default=6, show_default=True,
+              help="Grid points per channel axis of each layer shape (interpolated between).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Backend threads (default: all usable cores); tables are keyed by it.")
+@click.option("--ignore", multiple=True, help="Module path that will not be pruned (its counts are not gridded).")
+@click.option("--recalibrate", is_flag=True, help="Time the whole model again even if the table knows it.")
+@shape_opt
+@weights_opt
+@pickle_opt
+@trust_opt
+@click.option("-o", "--out", required=True, metavar="DIR",
+              help="Table folder: latency_table.json is created, or extended where it lacks this model.")
+@json_opt
+def latency_table_cmd(model, backend, round_to, points, threads, ignore, recalibrate, input_shape, weights,
+                      allow_pickle, trust_code, out, as_json):
+    """Measure the per-layer latency table of MODEL on a backend (what --target-latency plans with)."""
+    from .artifacts import check_output_dir
+    from .latency import LatencyModel, ensure_table, table_path
+    from .latency.measure import environment_key, open_table
+    from .pruning.graph import trace
+    from .pruning.structured import ALLOWED_ROUND_TO, _example
+
+    if round_to not in ALLOWED_ROUND_TO:
+        raise TrtPruneError(f"--round-to must be one of {ALLOWED_ROUND_TO}, got {round_to}")
+    check_output_dir(out)
+    key = environment_key(backend, threads)
+    if table_path(out).exists():
+        open_table(out, key)  # a table from elsewhere is refused before any work
+    loaded = _load(model, weights, allow_pickle, trust_code)
+    shape = parse_shape(input_shape) or loaded.input_shape
+    from .models import check_runs
+
+    check_runs(loaded.model, shape, TrtPruneError)
+    net = loaded.model.eval()
+    graph = trace(net, _example(net, shape), tuple(ignore))
+    with _measuring_bar(as_json) as (on_estimate, on_progress):
+        table, info = ensure_table(net, graph, shape, backend=backend, location=out, round_to=round_to,
+                                   ignore=tuple(ignore), points=points, threads=threads, on_estimate=on_estimate,
+                                   on_progress=on_progress, recalibrate=recalibrate)
+    lm = LatencyModel(graph, table)
+    cal = table.calibrations[lm.key]
+    summary = {**info, "table": str(table_path(out)), "dense_predicted_ms": round(lm.predict(), 4),
+               "calibration": cal}
+    from rich.table import Table
+
+    view = Table(title=f"latency table for {model} → {table_path(out)} ({info['key']})")
+    view.add_column("")
+    view.add_column("value", justify="right")
+    view.add_row("layer shapes in the table", str(info["entries"]))
+    view.add_row("grid points measured now", f"{info['points_measured']} in {info['seconds']:.1f} s")
+    view.add_row("dense, measured end to end", f"{cal['dense_measured_ms']:.3f} ms")
+    view.add_row("dense, sum of table layers", f"{cal['dense_layer_sum_ms']:.3f} ms")
+    view.add_row("rest: constant + per activation", f"{cal['constant_ms']:.3f} + {cal['per_activation_ms']:.3f} ms")
+    _emit(summary, as_json, view)
 
 
 @cli.command("sparsify")
@@ -745,6 +874,34 @@ def inspect_sparsity_cmd(onnx_file, as_json):
         table.add_row(r.name, r.op, "x".join(map(str, r.shape)), "yes" if r.holds_24 else "no",
                       "yes" if r.eligible else "no", r.reason)
     _emit(data, as_json, table)
+
+
+@inspect_group.command("latency-table")
+@click.argument("table_dir", metavar="DIR")
+@click.option("--plot", default=None, metavar="FILE.png", help="Write latency vs channels, one panel per layer.")
+@json_opt
+def inspect_latency_cmd(table_dir, plot, as_json):
+    """Show a latency table: per layer shape its grid, and with --plot latency vs channels per layer."""
+    from .latency import load_table
+    from .latency.plot import plot_table, table_rows
+
+    table = load_table(table_dir)
+    rows = table_rows(table)
+    data = {"key": table.key.describe(), "entries": rows, "calibrations": table.calibrations}
+    if plot is not None:
+        data["plot"] = str(plot_table(table, plot))
+    from rich.table import Table
+
+    view = Table(title=f"latency table {table_dir}: {table.key.describe()}")
+    for col in ("layer", "dense in×out", "grid", "fewest channels ms", "dense ms", "missing"):
+        view.add_column(col)
+    for r in rows:
+        view.add_row(r["layer"], "×".join(map(str, r["dense"])), "×".join(map(str, r["grid"])),
+                     "-" if r["min_ms"] is None else f"{r['min_ms']:.3f}",
+                     "-" if r["dense_ms"] is None else f"{r['dense_ms']:.3f}", str(r["missing"]))
+    _emit(data, as_json, view)
+    if plot is not None and not as_json:
+        _console().print(f"plot written to {plot}")
 
 
 @cli.group("bench", cls=_Group)
