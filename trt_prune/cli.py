@@ -312,7 +312,8 @@ def _measuring_bar(quiet: bool):
     try:
         yield on_estimate, on_progress
     finally:
-        bar.stop()
+        if state:  # a bar never started must not be stopped: rich would print an empty line
+            bar.stop()
 
 
 def _prune_while_training(model, target_macs, target_params, global_pruning, max_ratio, round_to, importance,

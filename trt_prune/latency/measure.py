@@ -42,11 +42,8 @@ def environment_key(backend: str = "onnxruntime", threads: int | None = None, dt
     if not ok:
         raise LatencyError(f"backend {backend!r} is unavailable: {reason}")
     info = machine_info()
-    if device is None:
-        if backend == "onnxruntime":
-            device = info.get("cpu") or "cpu"
-        else:
-            device = info.get("gpu") or info.get("gpu_name") or info.get("cpu") or "unknown"
+    if device is None:  # the CPU, and the GPU where there is one: a table is only good on the same pair
+        device = " + ".join(d for d in (info.get("cpu") or "cpu", info.get("gpu")) if d)
     return TableKey(backend=backend, backend_version=str(chosen.version() or "unknown"), device=str(device),
                     threads=int(threads or usable_cores()), dtype=dtype)
 
@@ -215,11 +212,13 @@ def _session(backend: str, sig: LayerSig, c_in: int, c_out: int, key: TableKey, 
 
 
 def _build_config(backend: str, key: TableKey, cache_dir: str | None):
-    from ..backends import BuildConfig
+    from ..backends import BuildConfig, backend_class
 
-    extra = {"device": "cuda"} if backend == "torch" and key.device != "cpu" and key.dtype == "float16" else {}
-    return BuildConfig(threads=key.threads if backend in ("onnxruntime", "torch") else None,
-                       precision="fp16" if key.dtype == "float16" else "fp32", cache_dir=cache_dir, extra=extra)
+    fp16 = key.dtype == "float16"
+    # fp16 tables are GPU tables: a backend that takes a device option is pointed at the GPU
+    extra = {"device": "cuda"} if fp16 and "device" in backend_class(backend).options else {}
+    return BuildConfig(threads=key.threads, precision="fp16" if fp16 else "fp32",
+                       cache_dir=cache_dir if "cache_dir" in backend_class(backend).options else None, extra=extra)
 
 
 def probe_speed(backend: str, key: TableKey, todo: list[Todo]) -> float:

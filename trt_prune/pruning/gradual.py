@@ -25,7 +25,9 @@ scheduler, AMP scaler and DDP wrapper keep working.
 ``1 - target_macs`` along a cubic (AGP: Zhu & Gupta 2017, fast early, gentle late) or linear curve, one
 pruning step every ``every`` training steps. Each pruning step re-plans from scratch with the engine's planner
 (``round_to``, ``max_ratio``, ignored and pinned groups as in one-shot pruning), so a channel masked earlier
-comes back if it now ranks higher; the plan at ``steps`` is final.
+comes back if it now ranks higher; the plan at ``steps`` is final. With ``target_latency`` (a fraction of the
+dense latency or "4.5ms") and ``latency_table`` instead of ``target_macs``, the latency budget shrinks along the
+same curve and every pruning step is planned by the latency knapsack (:mod:`trt_prune.latency.planner`).
 
 **Importance.** ``taylor`` (default) accumulates first-order Taylor importance from the gradients of the
 user's own loss between pruning steps: on BatchNorm γ/β where a group has them, |γ·∂L/∂γ + β·∂L/∂β| (HALP,
@@ -174,14 +176,27 @@ class ChannelPruner:
     subset of the previous one), as in HALP.
     """
 
-    def __init__(self, model: nn.Module, example_inputs, *, target_macs: float, schedule: Schedule | int,
-                 importance: str = "taylor", round_to: int = 8, ignore: tuple[str, ...] | list[str] = (),
-                 max_ratio: float | None = None, global_pruning: bool = False, sparsity: str | None = None,
-                 sparsity_weight: float = 1e-4, regrow: bool = True):
-        if not isinstance(target_macs, (int, float)) or isinstance(target_macs, bool) \
+    def __init__(self, model: nn.Module, example_inputs, *, target_macs: float | None = None,
+                 schedule: Schedule | int, importance: str = "taylor", round_to: int = 8,
+                 ignore: tuple[str, ...] | list[str] = (), max_ratio: float | None = None,
+                 global_pruning: bool = False, sparsity: str | None = None, sparsity_weight: float = 1e-4,
+                 regrow: bool = True, target_latency: float | str | None = None, latency_table=None):
+        self.target_latency, self.latency_table = target_latency, latency_table
+        if target_latency is not None:
+            from ..latency import parse_budget
+
+            if target_macs is not None:
+                raise PruneError("give target_macs or target_latency, not both")
+            parse_budget(target_latency)
+            if latency_table is None:
+                raise PruneError("target_latency needs latency_table= (a LatencyTable or the folder "
+                                 "`trt-prune latency-table MODEL -o DIR` wrote)")
+            if global_pruning:
+                raise PruneError("target_latency ranks channels across groups by itself; drop global_pruning")
+        elif not isinstance(target_macs, (int, float)) or isinstance(target_macs, bool) \
                 or not 0.0 < target_macs < 1.0:
             raise PruneError(f"target_macs is the fraction of the dense MACs to keep, in (0, 1); got {target_macs!r} "
-                             "(0.5 keeps half)")
+                             "(0.5 keeps half), or give target_latency")
         if sparsity not in SPARSITY_KINDS:
             raise PruneError(f"sparsity must be one of {SPARSITY_KINDS}, got {sparsity!r}")
         if not sparsity_weight >= 0:
@@ -190,7 +205,8 @@ class ChannelPruner:
         self.config = PruneConfig(ratio=0.5, round_to=round_to, importance=importance, ignore=tuple(ignore),
                                   target_macs=target_macs, global_pruning=global_pruning, max_ratio=max_ratio)
         self.config.validate()
-        self.target_macs = float(target_macs)
+        self.target_macs = None if target_macs is None else float(target_macs)
+        self.latency = self.planner = None
         self.importance = importance
         self.sparsity, self.sparsity_weight = sparsity, float(sparsity_weight)
         self.regrow = bool(regrow)
@@ -224,7 +240,10 @@ class ChannelPruner:
             raise PruneError("nothing to prune: every channel group is pinned or ignored "
                              f"({'; '.join(sorted(set(self.skipped.values())))})")
         self.dense_macs = self.graph.macs()
-        self._check_reachable()
+        if self.target_latency is not None:
+            self._prepare_latency()
+        else:
+            self._check_reachable()
         self._group_index = self._penalty_index() if self.sparsity == "group_lasso" else None
         return self
 
@@ -275,7 +294,8 @@ class ChannelPruner:
         sizes = {g.key: g.size for g in self.graph.groups}
         recipe = {
             "format": RECIPE_FORMAT, "version": RECIPE_VERSION, "input_shape": list(self.graph.input_shape),
-            "config": {"target_macs": self.target_macs, "round_to": self.config.round_to,
+            "config": {"target_macs": self.target_macs, "target_latency": self.target_latency,
+                       "round_to": self.config.round_to,
                        "importance": self.importance, "ignore": list(self.config.ignore),
                        "max_ratio": self.config.max_ratio, "global_pruning": self.config.global_pruning,
                        "gradual": {"steps": self.schedule.steps, "start": self.schedule.start,
@@ -391,6 +411,23 @@ class ChannelPruner:
             raise PruneError(f"{what} before prepare(): call pruner.prepare() once, before training starts")
         if self.squashed and what != "squash()":
             raise PruneError(f"{what} after squash(): the model is already cut")
+
+    def _prepare_latency(self) -> None:
+        """The latency model and planner for ``target_latency``; an unreachable budget fails here, naming the
+        smallest latency the options allow."""
+        from ..latency import LatencyModel, LatencyPlanner, budget_ms, load_table
+        from ..latency.table import LatencyTable
+
+        table = self.latency_table if isinstance(self.latency_table, LatencyTable) else load_table(self.latency_table)
+        self.latency = LatencyModel(self.graph, table)
+        self.planner = LatencyPlanner(self.latency, self.groups, self.config.round_to, self.config.max_ratio)
+        self.dense_ms = self.planner.dense_ms
+        self.budget_ms = budget_ms(self.target_latency, self.dense_ms)
+        floor = self.latency.predict(self.graph.kept_mask({g.key: self._min_keep(g) for g in self.groups}))
+        if self.budget_ms < floor - 1e-9:
+            raise PruneError(f"target_latency={self.target_latency} ({self.budget_ms:.3f} ms) cannot be reached: "
+                             f"the smallest model these options allow is predicted at {floor:.3f} ms (dense "
+                             f"{self.dense_ms:.3f} ms); raise the budget or lower round_to/max_ratio")
 
     def _check_reachable(self) -> None:
         """The smallest model the options allow must meet the target, else one error naming why not."""
@@ -511,10 +548,17 @@ class ChannelPruner:
     def _reprune(self) -> dict[str, Any]:
         scores = self._group_scores()
         self.scores = scores
-        removed = (1.0 - self.target_macs) * self.schedule.progress(self.step_count)
+        final = self.target_macs if self.latency is None else self.budget_ms / self.dense_ms
+        removed = (1.0 - final) * self.schedule.progress(self.step_count)
         previous = self.plan
         if removed <= 0:
             plan = {}
+        elif self.latency is not None:  # the budget shrinks along the schedule, like the MACs target
+            plan, _ = self.planner.plan(scores, self.dense_ms * max(final, 1.0 - removed))
+            if not self.regrow:
+                for key, keep in previous.items():
+                    if key not in plan or not set(plan[key]) <= set(keep):
+                        plan[key] = list(keep)
         else:
             config = dataclasses.replace(self.config, target_macs=max(self.target_macs, 1.0 - removed))
             plan, _, _ = _plan(self.graph, config, lambda graph, group: scores[group.key])
@@ -535,6 +579,10 @@ class ChannelPruner:
         self.accumulated = 0
         record = {"step": self.step_count, "target_macs": round(1.0 - removed, 6),
                   "macs": round(self.current_macs(), 6), "revived_channels": revived}
+        if self.latency is not None:
+            record["target_latency_ms"] = round(self.dense_ms * (1.0 - removed), 5)
+            record["predicted_ms"] = round(self.latency.predict(self.graph.kept_mask(plan)), 5)
+            del record["target_macs"]
         self.history.append(record)
         return record
 

@@ -58,7 +58,8 @@ class PruneConfig:
                 raise PruneError(f"{name} is the fraction to keep, in (0, 1); got {value}")
         targets = [n for n in ("target_macs", "target_params", "target_latency") if getattr(self, n) is not None]
         if len(targets) > 1:
-            raise PruneError(f"give one of target_macs, target_params and target_latency, not {' and '.join(targets)}")
+            raise PruneError("give one of target_macs, target_params and target_latency, not both "
+                             f"{' and '.join(targets)}")
         if self.target_latency is not None:
             from ..latency import parse_budget
 
