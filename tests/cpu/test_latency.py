@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from trt_prune.cli import cli
-from trt_prune.errors import LatencyError, PruneError
+from trt_prune.errors import LatencyError, PruneError, SparsifyError
 from trt_prune.latency import LatencyModel, LatencyPlanner, ensure_table, load_table, parse_budget
 from trt_prune.latency.measure import environment_key, layer_module, layer_onnx
 from trt_prune.latency.model import layer_uses, model_key
@@ -188,7 +188,7 @@ def measured(tmp_path_factory):
 def test_a_real_table_is_measured_reported_and_then_reused(measured):
     folder, net, graph, table, info, seen = measured
     assert info["points_measured"] == seen["points"] == seen["done"] > 0 and seen["estimate"] > 0
-    assert all(not np.isnan(e.ms).any() and (e.ms > 0).all() for e in table.entries.values())
+    assert all(not np.isnan(e.ms).any() and (e.ms >= 0).all() and e.overhead_ms > 0 for e in table.entries.values())
     cal = table.calibrations[LatencyModel(graph, table).key]
     assert cal["dense_measured_ms"] > 0 and cal["half_activation_fraction"] < 0.8
     # the fc's 10 outputs are the model's output: never on a grid
@@ -267,7 +267,7 @@ def test_prune_to_a_latency_budget_end_to_end(measured):
     with pytest.raises(PruneError, match="one of target_macs, target_params and target_latency"):
         prune(net, SHAPE, target_latency=0.7, target_macs=0.5, latency_table=table)
     with pytest.raises(LatencyError, match="cannot be met"):
-        prune(net, SHAPE, target_latency="0.001ms", latency_table=table)
+        prune(net, SHAPE, target_latency="0.001ms", latency_table=synthetic_table(graph))
 
 
 def test_gradual_pruning_to_a_latency_budget_shrinks_along_the_schedule():
@@ -350,3 +350,64 @@ def test_cli_refuses_bad_latency_options(tmp_path):
     r = runner.invoke(cli, ["inspect", "latency-table", str(tmp_path / "t")])
     assert r.exit_code == 2 and "not readable JSON" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "p").exists()
+
+
+# ---------------------------------------------------------------------------------------- 2:4 where it pays
+def test_sparse_grids_round_trip_and_decide_where_24_pays(tmp_path):
+    from trt_prune.latency import sparse_choice
+    from trt_prune.latency.measure import wants_sparse
+
+    graph = _graph(_net())
+    table = synthetic_table(graph)
+    assert sparse_choice(LatencyModel(graph, table)) is None  # a CPU table: the channel floor decides
+    slow = {"c1.0", "fc"}  # here the sparse kernel is slower; elsewhere 30 % faster
+    uses = {u.sig.key(): u for u in layer_uses(graph)[0]}
+    for key, e in table.entries.items():
+        e.sparse_ms = e.ms * (1.2 if uses[key].module in slow else 0.7)
+    table.save(tmp_path)
+    back = load_table(tmp_path)
+    assert all(np.allclose(back.entries[k].sparse_ms, e.sparse_ms, atol=1e-6) for k, e in table.entries.items())
+    rows = {r["module"]: r for r in sparse_choice(LatencyModel(graph, back))}
+    assert {m for m, r in rows.items() if r["pays"]} == {"c2.0", "dw.0", "c3.0"}
+    assert rows["c2.0"]["sparse_ms"] == pytest.approx(0.7 * rows["c2.0"]["dense_ms"], rel=1e-3)
+    assert not wants_sparse(TableKey("onnxruntime", "1", "cpu", 2, "float16"))
+    assert wants_sparse(TableKey("torch", "2", "gpu", 1, "float16"))
+    assert not wants_sparse(TableKey("torch", "2", "cpu", 1, "float32"))
+
+
+def test_the_sparse_grid_is_measured_through_the_same_code_path():
+    """On a GPU backend the second grid runs sparse kernels; here ONNX Runtime runs the 2:4 weights densely, so
+    the code path is exercised and both grids are real measurements of the same layer."""
+    from trt_prune.latency.measure import measure, plan_measurements
+
+    graph = _graph(_net())
+    uses = [u for u in layer_uses(graph)[0] if u.module == "c3.0"]
+    table = LatencyTable(environment_key("onnxruntime", 1))
+    todo = plan_measurements(table, uses, np.ones(len(graph.root), bool), 8, points=2, sparse=True)
+    measure(table, todo, rounds=2, iterations=2)
+    entry = table.entry(uses[0].sig)
+    assert entry.ins == [8, 64] and entry.outs == [8, 32]
+    assert not np.isnan(entry.sparse_ms).any() and entry.sparse_ms.shape == entry.ms.shape
+    assert entry.missing() == []
+
+
+def test_prune_then_sparsify_puts_24_only_where_the_table_says_it_pays():
+    from trt_prune.sparsity.combined import prune_then_sparsify
+    from trt_prune.sparsity.pattern import holds_2of4
+
+    net = _net()
+    graph = _graph(net)
+    table = synthetic_table(graph)
+    uses = {u.sig.key(): u for u in layer_uses(graph)[0]}
+    for key, e in table.entries.items():  # 2:4 faster only on the 1x1 conv
+        e.sparse_ms = e.ms * (0.6 if uses[key].module == "c3.0" else 1.3)
+    result = prune_then_sparsify(net, SHAPE, target_latency=0.7, latency_table=table, round_to=8)
+    assert result.sparsify.sparse_layers == ["c3.0"]
+    rows = {r["module"]: r for r in result.layers}
+    assert "pays" in rows["c3.0"]["reason"] and "does not pay" in rows["c2.0"]["reason"]
+    w = dict(result.model.named_modules())["c3.0"].weight.detach().numpy()
+    assert holds_2of4(w.reshape(w.shape[0], -1), axis=1)
+    for e in table.entries.values():
+        e.sparse_ms = e.ms * 1.3
+    with pytest.raises(SparsifyError, match="pays on no layer"):
+        prune_then_sparsify(net, SHAPE, target_latency=0.7, latency_table=table, round_to=8)

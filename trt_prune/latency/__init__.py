@@ -57,11 +57,12 @@ def ensure_table(model, graph, input_shape, *, backend: str = "onnxruntime", loc
                  threads: int | None = None, dtype: str = "float32", lowest: float | None = None,
                  on_estimate: Callable[[int, float], Any] | None = None,
                  on_progress: Callable[[int], Any] | None = None, cache_dir: str | None = None,
-                 recalibrate: bool = False) -> tuple[LatencyTable, dict[str, Any]]:
+                 recalibrate: bool = False, sparse: bool | None = None) -> tuple[LatencyTable, dict[str, Any]]:
     """The latency table for ``model`` on ``backend`` (read from ``location`` and extended there, or new):
     missing grid points are measured (``on_estimate(points, seconds)`` is told the work first, then
-    ``on_progress(n)`` after each layer shape) and the model is calibrated once. Returns the table and what
-    this call did (points measured, seconds)."""
+    ``on_progress(n)`` after each layer shape) and the model is calibrated once. ``sparse`` (default: fp16
+    tables on backends with 2:4 kernels) also measures every point with 2:4 weights. Returns the table and
+    what this call did (points measured, seconds)."""
     from .measure import (
         calibrate,
         environment_key,
@@ -70,6 +71,7 @@ def ensure_table(model, graph, input_shape, *, backend: str = "onnxruntime", loc
         open_table,
         plan_measurements,
         probe_speed,
+        wants_sparse,
     )
 
     t0 = time.perf_counter()
@@ -78,7 +80,9 @@ def ensure_table(model, graph, input_shape, *, backend: str = "onnxruntime", loc
     uses, _ = layer_uses(graph)
     if not uses:
         raise LatencyError("the model has no conv or linear layer a latency table can cover")
-    todo = plan_measurements(table, uses, prunable_classes(graph, round_to, ignore), round_to, points, lowest)
+    sparse = wants_sparse(key) if sparse is None else sparse
+    todo = plan_measurements(table, uses, prunable_classes(graph, round_to, ignore), round_to, points, lowest,
+                             sparse=sparse)
     n_points = sum(len(t.points) for t in todo)
     estimate = 0.0
     if todo:
@@ -98,5 +102,25 @@ def ensure_table(model, graph, input_shape, *, backend: str = "onnxruntime", loc
                    "key": table.key.describe()}
 
 
+def sparse_choice(model: LatencyModel, kept: np.ndarray | None = None, margin: float = 0.05) -> list[dict] | None:
+    """Per table-covered layer at the kept counts: its dense and 2:4 times and whether 2:4 pays (the sparse
+    kernel at least ``margin`` faster). None when the table holds no 2:4 times (measured without sparse kernels:
+    ONNX Runtime on the CPU), in which case the channel floor (``DEFAULT_MIN_CHANNELS``) decides instead."""
+    if not any(e.sparse_ms is not None for e in model.table.entries.values()):
+        return None
+    rows = []
+    for u in model.layers:
+        entry = model.table.entry(u.sig)
+        c_in, c_out = u.counts(kept)
+        dense = model.layer_ms(u, c_in, c_out)
+        if entry is None or entry.sparse_ms is None:
+            rows.append({"module": u.module, "dense_ms": dense, "sparse_ms": None, "pays": False})
+            continue
+        sparse = entry.time(c_in, c_out if not u.sig.one_axis else 0, sparse=True)
+        rows.append({"module": u.module, "dense_ms": round(dense, 5), "sparse_ms": round(sparse, 5),
+                     "pays": sparse <= dense * (1.0 - margin)})
+    return rows
+
+
 __all__ = ["LatencyModel", "LatencyPlanner", "LatencyTable", "LayerSig", "LayerUse", "TableKey", "budget_ms",
-           "ensure_table", "load_table", "parse_budget", "prunable_classes", "table_path"]
+           "ensure_table", "load_table", "parse_budget", "prunable_classes", "sparse_choice", "table_path"]

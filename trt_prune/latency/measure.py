@@ -76,9 +76,27 @@ def grid_for(use: LayerUse, variable_in: bool, variable_out: bool, round_to: int
     return ins, outs
 
 
+def sparse_option(backend: str) -> dict[str, Any] | None:
+    """The build settings that let ``backend`` run 2:4 sparse kernels (from its declared options), or None."""
+    from ..backends import backend_class
+
+    options = backend_class(backend).options
+    if "sparse24" in options:
+        return {"extra": {"sparse24": True}}
+    if "sparse_weights" in options:
+        return {"sparse_weights": True}
+    return None
+
+
+def wants_sparse(key: TableKey) -> bool:
+    """2:4 grids are measured for fp16 tables on backends with sparse kernels (the GPU paths)."""
+    return key.dtype == "float16" and sparse_option(key.backend) is not None
+
+
 def plan_measurements(table: LatencyTable, uses: list[LayerUse], prunable_classes: np.ndarray, round_to: int,
-                      points: int = 6, lowest: float | None = None) -> list[Todo]:
-    """Extend ``table``'s grids to cover ``uses`` and list the points still to measure, per layer shape."""
+                      points: int = 6, lowest: float | None = None, sparse: bool = False) -> list[Todo]:
+    """Extend ``table``'s grids to cover ``uses`` and list the points still to measure, per layer shape
+    (``sparse``: with a 2:4 grid beside each dense one)."""
     todo: dict[str, Todo] = {}
     for u in uses:
         vin = u.in_classes is not None and bool(prunable_classes[u.in_classes].any())
@@ -90,6 +108,8 @@ def plan_measurements(table: LatencyTable, uses: list[LayerUse], prunable_classe
             table.entries[u.sig.key()] = entry
         else:
             entry.extend(ins, outs)
+        if sparse and entry.sparse_ms is None:
+            entry.sparse_ms = np.full(entry.ms.shape, np.nan)
         missing = entry.missing()
         if missing and u.sig.key() not in todo:
             todo[u.sig.key()] = Todo(u.sig, missing)
@@ -142,8 +162,19 @@ def _weight_shape(sig: LayerSig, c_in: int, c_out: int) -> tuple[tuple[int, ...]
     return (c_out, c_in, *sig.kernel), 1, c_out
 
 
-def layer_onnx(sig: LayerSig, c_in: int, c_out: int, path: Path, dtype: str = "float32") -> Path:
-    """A one-layer ONNX model at these counts (random weights), written to ``path``."""
+def _sparse24(weight: np.ndarray, axis: int) -> np.ndarray:
+    """``weight`` with a 2:4 magnitude mask along ``axis`` where the axis allows it (else unchanged)."""
+    from ..sparsity.pattern import mask_2of4, pattern_possible
+
+    if not pattern_possible(weight.shape, axis):
+        return weight
+    return weight * mask_2of4(weight, axis=axis)
+
+
+def layer_onnx(sig: LayerSig, c_in: int, c_out: int, path: Path, dtype: str = "float32",
+               sparse24: bool = False) -> Path:
+    """A one-layer ONNX model at these counts (random weights; ``sparse24``: 2:4 along the input channels,
+    TensorRT's axis), written to ``path``."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -152,7 +183,9 @@ def layer_onnx(sig: LayerSig, c_in: int, c_out: int, path: Path, dtype: str = "f
     elem = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT
     x_shape = _input_shape(sig, c_in)
     if sig.op == "linear":
-        w = numpy_helper.from_array((rng.standard_normal((c_in, c_out)) * 0.05).astype(np_dtype), "W")
+        weight = rng.standard_normal((c_in, c_out)) * 0.05
+        weight = _sparse24(weight, 0) if sparse24 else weight
+        w = numpy_helper.from_array(weight.astype(np_dtype), "W")
         inits, nodes = [w], [helper.make_node("MatMul", ["x", "W"], ["mm" if sig.bias else "y"])]
         if sig.bias:
             inits.append(numpy_helper.from_array(np.zeros(c_out, np_dtype), "B"))
@@ -160,7 +193,9 @@ def layer_onnx(sig: LayerSig, c_in: int, c_out: int, path: Path, dtype: str = "f
         y_shape = (*x_shape[:-1], c_out)
     else:
         w_shape, groups, n_out = _weight_shape(sig, c_in, c_out)
-        inits = [numpy_helper.from_array((rng.standard_normal(w_shape) * 0.05).astype(np_dtype), "W")]
+        weight = rng.standard_normal(w_shape) * 0.05
+        weight = _sparse24(weight, 0 if sig.op == "conv_transpose" else 1) if sparse24 else weight
+        inits = [numpy_helper.from_array(weight.astype(np_dtype), "W")]
         ins = ["x", "W"]
         if sig.bias:
             inits.append(numpy_helper.from_array(np.zeros(n_out, np_dtype), "B"))
@@ -177,38 +212,80 @@ def layer_onnx(sig: LayerSig, c_in: int, c_out: int, path: Path, dtype: str = "f
     return path
 
 
-def layer_module(sig: LayerSig, c_in: int, c_out: int):
-    """The same single layer as a torch module (for the torch backend)."""
+def layer_module(sig: LayerSig, c_in: int, c_out: int, sparse24: bool = False):
+    """The same single layer as a torch module (for the torch backend); ``sparse24``: 2:4 weights."""
+    import torch
     from torch import nn
 
     if sig.op == "linear":
-        return nn.Linear(c_in, c_out, bias=sig.bias)
-    _, groups, n_out = _weight_shape(sig, c_in, c_out)
-    dims = len(sig.kernel)
-    if sig.op == "conv_transpose":
-        cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+        module = nn.Linear(c_in, c_out, bias=sig.bias)
     else:
-        cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
-    return cls(c_in, n_out, sig.kernel, stride=sig.stride, padding=sig.padding, dilation=sig.dilation,
-               groups=groups, bias=sig.bias).eval()
+        _, groups, n_out = _weight_shape(sig, c_in, c_out)
+        dims = len(sig.kernel)
+        if sig.op == "conv_transpose":
+            cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+        else:
+            cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        module = cls(c_in, n_out, sig.kernel, stride=sig.stride, padding=sig.padding, dilation=sig.dilation,
+                     groups=groups, bias=sig.bias)
+    if sparse24:
+        with torch.no_grad():
+            w = module.weight.detach().numpy()
+            axis = 0 if sig.op == "conv_transpose" else 1
+            module.weight.copy_(torch.from_numpy(_sparse24(w, axis).astype(w.dtype)))
+    return module.eval()
 
 
-def _session(backend: str, sig: LayerSig, c_in: int, c_out: int, key: TableKey, workdir: Path, config):
+def _session(backend: str, sig: LayerSig, c_in: int, c_out: int, key: TableKey, workdir: Path, config,
+             sparse24: bool = False):
     from ..backends import backend_class, get_backend
 
     chosen = get_backend(backend)
     shape = _input_shape(sig, c_in)
+    if sparse24:
+        option = sparse_option(backend) or {}
+        config = dataclasses.replace(config, **{k: v for k, v in option.items() if k != "extra"},
+                                     extra={**config.extra, **option.get("extra", {})})
     if "onnx" in backend_class(backend).builds_from:
-        path = layer_onnx(sig, c_in, c_out, workdir / f"l_{c_in}_{c_out}.onnx", key.dtype)
+        name = f"l_{c_in}_{c_out}{'_s' if sparse24 else ''}.onnx"
+        path = layer_onnx(sig, c_in, c_out, workdir / name, key.dtype, sparse24=sparse24)
         session = chosen.build(path, config)
         feeds = {"x": np.random.default_rng(1).standard_normal(shape).astype(
             np.float16 if key.dtype == "float16" else np.float32)}
     else:
         cfg = dataclasses.replace(config, shapes={"images": (shape, shape, shape)})
-        session = chosen.build(layer_module(sig, c_in, c_out), cfg)
+        session = chosen.build(layer_module(sig, c_in, c_out, sparse24=sparse24), cfg)
         spec = session.inputs[0]
         feeds = {spec.name: np.random.default_rng(1).standard_normal(shape).astype(spec.dtype)}
     return session, feeds
+
+
+def _overhead_session(backend: str, sig: LayerSig, c_in: int, key: TableKey, workdir: Path, config):
+    """A session that only copies its input through (ONNX Identity / ``nn.Identity``): the backend's per-call
+    cost, which every single-layer timing includes but a whole network pays once."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ..backends import backend_class, get_backend
+
+    chosen = get_backend(backend)
+    shape = _input_shape(sig, c_in)
+    dtype = np.float16 if key.dtype == "float16" else np.float32
+    if "onnx" in backend_class(backend).builds_from:
+        elem = TensorProto.FLOAT16 if key.dtype == "float16" else TensorProto.FLOAT
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "call",
+                                  [helper.make_tensor_value_info("x", elem, list(shape))],
+                                  [helper.make_tensor_value_info("y", elem, list(shape))])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        path = workdir / "identity.onnx"
+        onnx.save(model, str(path))
+        session = chosen.build(path, config)
+        return session, {"x": np.zeros(shape, dtype)}
+    from torch import nn
+
+    session = chosen.build(nn.Identity(), dataclasses.replace(config, shapes={"images": (shape, shape, shape)}))
+    return session, {session.inputs[0].name: np.zeros(shape, session.inputs[0].dtype)}
 
 
 def _build_config(backend: str, key: TableKey, cache_dir: str | None):
@@ -242,9 +319,11 @@ def measure(table: LatencyTable, todo: list[Todo], *, rounds: int = ROUNDS, iter
             save_to: str | Path | None = None) -> LatencyTable:
     """Time every point of ``todo`` on the table's backend and store the medians (ms) in ``table``.
 
-    Points of one layer shape are timed interleaved. ``on_point(n)`` is called after each shape with the
-    number of points done (for a progress bar); ``save_to`` writes the table after every shape, so an
-    interrupted measurement keeps what it measured.
+    Points of one layer shape are timed interleaved, together with a session that only passes its (smallest)
+    input through: its median, the backend's per-call cost, is subtracted from every point (a network pays it
+    once, not once per layer) and kept in the entry as ``overhead_ms``. ``on_point(n)`` is called after each
+    shape with the number of points done (for a progress bar); ``save_to`` writes the table after every shape,
+    so an interrupted measurement keeps what it measured.
     """
     from ..profiling.profile import interleaved_blocks
 
@@ -255,21 +334,29 @@ def measure(table: LatencyTable, todo: list[Todo], *, rounds: int = ROUNDS, iter
     with tempfile.TemporaryDirectory(prefix="trt_prune_latency_") as tmp:
         for t in todo:
             sessions, feeds = {}, {}
+            entry = table.entries[t.sig.key()]
+            kinds = (False, True) if entry.sparse_ms is not None else (False,)
             try:
                 for c_in, c_out in t.points:
-                    name = f"{c_in}x{c_out}"
-                    workdir = Path(tmp) / name
-                    workdir.mkdir(exist_ok=True)
-                    sessions[name], feeds[name] = _session(backend, t.sig, c_in, c_out, key, workdir, config)
+                    for sparse in kinds:
+                        name = f"{c_in}x{c_out}{'s' if sparse else ''}"
+                        workdir = Path(tmp) / name
+                        workdir.mkdir(exist_ok=True)
+                        sessions[name], feeds[name] = _session(backend, t.sig, c_in, c_out, key, workdir, config,
+                                                               sparse24=sparse)
+                smallest = min(c for c, _ in t.points)
+                sessions["call"], feeds["call"] = _overhead_session(backend, t.sig, smallest, key, Path(tmp), config)
                 blocks = interleaved_blocks(sessions, feeds, rounds=rounds, iterations_per_round=iterations,
                                             warmup_s=0.02)
             finally:
                 for s in sessions.values():
                     s.close()
-            entry = table.entries[t.sig.key()]
+            overhead = float(np.median([s for block in blocks["call"] for s in block]))
+            entry.overhead_ms = overhead
             for (c_in, c_out) in t.points:
-                samples = [s for block in blocks[f"{c_in}x{c_out}"] for s in block]
-                entry.set(c_in, c_out, float(np.median(samples)))
+                for sparse in kinds:
+                    samples = [s for block in blocks[f"{c_in}x{c_out}{'s' if sparse else ''}"] for s in block]
+                    entry.set(c_in, c_out, max(0.0, float(np.median(samples)) - overhead), sparse=sparse)
             table.measure_seconds += time.perf_counter() - start
             start = time.perf_counter()
             if save_to is not None:
@@ -327,10 +414,18 @@ def calibrate(table: LatencyTable, model, graph, input_shape, *, round_to: int =
     sum_dense, sum_half = lm.layer_sum(), lm.layer_sum(kept_half)
     f_half = lm.activation_fraction(kept_half)
     rest_dense, rest_half = measured["dense"] - sum_dense, measured["half"] - sum_half
-    per_act = (rest_dense - rest_half) / (1.0 - f_half) if f_half < 0.95 else 0.0
-    per_act = max(0.0, per_act)  # the rest never grows as channels go: a negative slope is noise
-    constant = rest_dense - per_act
-    cal = {"constant_ms": round(constant, 5), "per_activation_ms": round(per_act, 5),
+    scale = 1.0
+    if rest_dense >= 0 and rest_half >= 0:  # the usual case: the network does more than its layers
+        per_act = (rest_dense - rest_half) / (1.0 - f_half) if f_half < 0.95 else 0.0
+        per_act = min(max(0.0, per_act), rest_dense)  # the rest never grows as channels go, nor goes below 0
+        constant = rest_dense - per_act
+    else:  # the layers run faster inside the network than alone (fusions, warm caches): scale them instead
+        per_act = 0.0
+        scale = (measured["dense"] - measured["half"]) / max(1e-9, sum_dense - sum_half)
+        constant = measured["dense"] - scale * sum_dense
+        if constant < 0 or scale <= 0:
+            scale, constant = measured["dense"] / sum_dense, 0.0
+    cal = {"constant_ms": round(constant, 5), "per_activation_ms": round(per_act, 5), "layer_scale": round(scale, 5),
            "dense_measured_ms": round(measured["dense"], 5), "half_measured_ms": round(measured["half"], 5),
            "dense_layer_sum_ms": round(sum_dense, 5), "half_layer_sum_ms": round(sum_half, 5),
            "half_activation_fraction": round(f_half, 5), "input_shape": list(input_shape),
@@ -340,4 +435,4 @@ def calibrate(table: LatencyTable, model, graph, input_shape, *, round_to: int =
 
 
 __all__ = ["calibrate", "environment_key", "estimate_seconds", "layer_macs", "layer_module", "layer_onnx",
-           "layer_uses", "measure", "open_table", "plan_measurements", "probe_speed"]
+           "layer_uses", "measure", "open_table", "plan_measurements", "probe_speed", "sparse_option", "wants_sparse"]

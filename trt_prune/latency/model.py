@@ -5,9 +5,10 @@ does not cover (element-wise activations, adds, resizes, concats, pooling, the f
 rest is measured, not guessed: ``rest = constant + per_activation × f``, with ``f`` the fraction of the dense
 model's layer-output elements a plan keeps. Both numbers come from timing the real model end to end, dense
 (f = 1) and with every prunable group cut to half (f ≈ 0.5), minus the table's sum for each
-(:func:`trt_prune.latency.measure.calibrate`); with one measurement only, the rest is the constant alone.
-The split matters because activations shrink with the channels: on the demo detector on ONNX Runtime the
-SiLU after every conv is a visible share of the time (bench/results/latency_model.md).
+(:func:`trt_prune.latency.measure.calibrate`). The split matters because activations shrink with the
+channels: on the demo detector on ONNX Runtime the SiLU after every conv is a visible share of the time
+(bench/results/latency_model.md). Where the network runs its layers faster than the table timed them alone
+(the rest comes out negative), the two measurements fit a scale on the layer sum plus a constant instead.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ class LatencyModel:
                                f"{list(graph.input_shape)}); `trt-prune latency-table MODEL -o DIR` measures it")
         self.constant_ms = float(cal["constant_ms"]) if cal else 0.0
         self.per_activation_ms = float(cal.get("per_activation_ms", 0.0)) if cal else 0.0
+        self.scale = float(cal.get("layer_scale", 1.0)) if cal else 1.0
         self.dense_activation = float(sum(u.out_elements * self._dense_out(u) for u in self.layers))
 
     @staticmethod
@@ -126,7 +128,7 @@ class LatencyModel:
         return u.dense_in if u.sig.one_axis else u.dense_out
 
     def layer_ms(self, use: LayerUse, c_in: float, c_out: float) -> float:
-        return self.table.time(use.sig, c_in, c_out)
+        return self.scale * self.table.time(use.sig, c_in, c_out)
 
     def layer_sum(self, kept: np.ndarray | None = None) -> float:
         return sum(self.layer_ms(u, *u.counts(kept)) for u in self.layers)

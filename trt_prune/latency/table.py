@@ -117,55 +117,81 @@ class Entry:
     ins: list[int]
     outs: list[int]
     ms: np.ndarray  # shape (len(ins), len(outs)); NaN where not measured yet
+    sparse_ms: np.ndarray | None = None  # the same grid with 2:4 weights on a backend with sparse kernels
+    overhead_ms: float = 0.0  # the backend's per-call cost, measured beside the grid and subtracted from it
 
     def missing(self) -> list[tuple[int, int]]:
-        return [(self.ins[i], self.outs[j]) for i, j in zip(*np.nonzero(np.isnan(self.ms)), strict=False)]
+        gap = np.isnan(self.ms) if self.sparse_ms is None else np.isnan(self.ms) | np.isnan(self.sparse_ms)
+        return [(self.ins[i], self.outs[j]) for i, j in zip(*np.nonzero(gap), strict=False)]
 
     def extend(self, ins: list[int], outs: list[int]) -> None:
         """Make the grid the union of the current axes and these; new points are NaN until measured."""
         new_ins, new_outs = sorted(set(self.ins) | set(ins)), sorted(set(self.outs) | set(outs))
         if new_ins == self.ins and new_outs == self.outs:
             return
-        ms = np.full((len(new_ins), len(new_outs)), np.nan)
         ii = [new_ins.index(v) for v in self.ins]
         jj = [new_outs.index(v) for v in self.outs]
-        ms[np.ix_(ii, jj)] = self.ms
-        self.ins, self.outs, self.ms = new_ins, new_outs, ms
 
-    def set(self, c_in: int, c_out: int, ms: float) -> None:
-        self.ms[self.ins.index(c_in), self.outs.index(c_out)] = ms
+        def grown(old):
+            new = np.full((len(new_ins), len(new_outs)), np.nan)
+            new[np.ix_(ii, jj)] = old
+            return new
+        self.ms = grown(self.ms)
+        self.sparse_ms = None if self.sparse_ms is None else grown(self.sparse_ms)
+        self.ins, self.outs = new_ins, new_outs
 
-    def time(self, c_in: float, c_out: float = 0) -> float:
+    def set(self, c_in: int, c_out: int, ms: float, sparse: bool = False) -> None:
+        (self.sparse_ms if sparse else self.ms)[self.ins.index(c_in), self.outs.index(c_out)] = ms
+
+    def time(self, c_in: float, c_out: float = 0, sparse: bool = False) -> float:
         """Interpolated time (ms) at these counts: linear on each axis between neighbouring grid points,
-        clamped at the grid's edges."""
-        if np.isnan(self.ms).any():
+        clamped at the grid's edges. ``sparse``: the 2:4 grid's time."""
+        m = self.sparse_ms if sparse else self.ms
+        if m is None:
+            raise LatencyError(f"latency table entry {self.sig.key()} has no 2:4 times (measured on a backend "
+                               "without sparse kernels)")
+        if np.isnan(m).any():
             raise LatencyError(f"latency table entry {self.sig.key()} is incomplete; measure it first")
         i0, i1, fi = _bracket(self.ins, c_in)
         j0, j1, fj = _bracket(self.outs, c_out)
-        m = self.ms
         return float((1 - fi) * ((1 - fj) * m[i0, j0] + fj * m[i0, j1]) + fi * ((1 - fj) * m[i1, j0] + fj * m[i1, j1]))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sig": self.sig.to_dict(), "ins": self.ins, "outs": self.outs,
-                "ms": [[None if math.isnan(v) else round(float(v), 6) for v in row] for row in self.ms]}
+        def grid(m):
+            return [[None if math.isnan(v) else round(float(v), 6) for v in row] for row in m]
+        out = {"sig": self.sig.to_dict(), "ins": self.ins, "outs": self.outs, "ms": grid(self.ms),
+               "overhead_ms": round(float(self.overhead_ms), 6)}
+        if self.sparse_ms is not None:
+            out["sparse_ms"] = grid(self.sparse_ms)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Entry:
         if not isinstance(d, dict):
             raise LatencyError(f"latency table entry must be an object, got {type(d).__name__}")
         sig = LayerSig.from_dict(d.get("sig"))
-        ins, outs, ms = d.get("ins"), d.get("outs"), d.get("ms")
-        ok = (isinstance(ins, list) and isinstance(outs, list) and ins and outs and isinstance(ms, list)
+        ins, outs, ms, sparse = d.get("ins"), d.get("outs"), d.get("ms"), d.get("sparse_ms")
+
+        def is_grid(m) -> bool:
+            return (isinstance(m, list) and len(m) == len(ins)
+                    and all(isinstance(row, list) and len(row) == len(outs) for row in m)
+                    and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                          and math.isfinite(v) and v >= 0) for row in m for v in row))
+        ok = (isinstance(ins, list) and isinstance(outs, list) and ins and outs
               and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ins + outs)
-              and ins == sorted(set(ins)) and outs == sorted(set(outs)) and len(ms) == len(ins)
-              and all(isinstance(row, list) and len(row) == len(outs) for row in ms)
-              and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                                    and v >= 0) for row in ms for v in row))
+              and ins == sorted(set(ins)) and outs == sorted(set(outs)) and is_grid(ms)
+              and (sparse is None or is_grid(sparse)))
         if not ok:
             raise LatencyError(f"latency table entry {sig.key()} is malformed: it needs sorted integer 'ins' and "
-                               "'outs' and an 'ms' grid of non-negative times of that shape")
-        arr = np.array([[np.nan if v is None else float(v) for v in row] for row in ms], dtype=float)
-        return cls(sig, list(ins), list(outs), arr)
+                               "'outs' and an 'ms' grid (and optionally 'sparse_ms') of non-negative times of that "
+                               "shape")
+
+        def array(m):
+            return np.array([[np.nan if v is None else float(v) for v in row] for row in m], dtype=float)
+        overhead = d.get("overhead_ms", 0.0)
+        if not isinstance(overhead, (int, float)) or isinstance(overhead, bool) or not math.isfinite(overhead):
+            raise LatencyError(f"latency table entry {sig.key()} has a non-numeric overhead_ms")
+        return cls(sig, list(ins), list(outs), array(ms), None if sparse is None else array(sparse), float(overhead))
 
 
 def _bracket(axis: list[int], v: float) -> tuple[int, int, float]:

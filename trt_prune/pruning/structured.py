@@ -381,8 +381,11 @@ def prune(model: nn.Module, input_shape=(1, 3, 320, 320), config: PruneConfig | 
         "layers": layers,
     }
     if latency is not None:
+        from ..latency import sparse_choice
+
         report["latency"] = {**latency.last_plan, "table": latency.table.key.describe(),
-                             "uncovered_layers": latency.uncovered}
+                             "uncovered_layers": latency.uncovered,
+                             "sparse24": sparse_choice(latency, graph.kept_mask(plan))}
     return PruneResult(pruned, recipe, report)
 
 
