@@ -27,7 +27,15 @@ from .table import Entry, LatencyTable, LayerSig, TableKey, axis_points
 
 ROUNDS = 5
 ITERATIONS = 4
+PROFILE_RUNS = 5
+LAYER = "layer"  # the module name the single-layer models' nodes carry (their scope in profiles)
 SESSION_SECONDS = 0.03  # building one small session, measured on the 2-core CI machine (ONNX Runtime)
+EXPORT_SECONDS = 10.0  # one dynamo export + clean of a detector-sized model on that machine
+CALIBRATION_ROUNDS = 8
+CALIBRATION_ITERATIONS = 15
+# calls dropped at the start of each turn of an interleaved end-to-end timing: the first calls after another
+# model ran pay for its cache evictions; steady state (what a deployed model sees) comes after a few
+CALIBRATION_DISCARD = 3
 
 
 def environment_key(backend: str = "onnxruntime", threads: int | None = None, dtype: str = "float32",
@@ -117,13 +125,20 @@ def plan_measurements(table: LatencyTable, uses: list[LayerUse], prunable_classe
 
 
 def estimate_seconds(todo: list[Todo], ms_per_gmac: float, rounds: int = ROUNDS,
-                     iterations: int = ITERATIONS) -> float:
-    """Seconds the measurement will take, from each point's MACs and a measured speed (ms per GMAC)."""
-    total = 0.0
+                     iterations: int = ITERATIONS, calibration: bool = True) -> float:
+    """Seconds the measurement will take, from each point's MACs and a measured speed (ms per GMAC): per point
+    a session, its interleaved runs and its profile (a second session and ``PROFILE_RUNS + 1`` runs); plus the
+    calibration (two exports of the whole model, then its interleaved timing)."""
+    total, network_ms = 0.0, 0.0
     for t in todo:
         for c_in, c_out in t.points:
             run_ms = max(0.02, layer_macs(t.sig, c_in, c_out) / 1e9 * ms_per_gmac)
-            total += SESSION_SECONDS + (rounds * (iterations + 1) + 2) * run_ms / 1e3 + 0.05
+            total += 2 * SESSION_SECONDS + (rounds * (iterations + 1) + PROFILE_RUNS + 3) * run_ms / 1e3 + 0.05
+        dense = layer_macs(t.sig, t.sig.dense[0], t.sig.dense[1]) / 1e9 * ms_per_gmac
+        network_ms += dense
+    if calibration:
+        total += 2 * EXPORT_SECONDS + 2 * CALIBRATION_ROUNDS * (CALIBRATION_ITERATIONS + CALIBRATION_DISCARD) \
+            * network_ms / 1e3
     return total
 
 
@@ -186,10 +201,11 @@ def layer_onnx(sig: LayerSig, c_in: int, c_out: int, path: Path, dtype: str = "f
         weight = rng.standard_normal((c_in, c_out)) * 0.05
         weight = _sparse24(weight, 0) if sparse24 else weight
         w = numpy_helper.from_array(weight.astype(np_dtype), "W")
-        inits, nodes = [w], [helper.make_node("MatMul", ["x", "W"], ["mm" if sig.bias else "y"])]
+        inits = [w]
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["mm" if sig.bias else "y"], name=f"/{LAYER}/MatMul")]
         if sig.bias:
             inits.append(numpy_helper.from_array(np.zeros(c_out, np_dtype), "B"))
-            nodes.append(helper.make_node("Add", ["mm", "B"], ["y"]))
+            nodes.append(helper.make_node("Add", ["mm", "B"], ["y"], name=f"/{LAYER}/Add"))
         y_shape = (*x_shape[:-1], c_out)
     else:
         w_shape, groups, n_out = _weight_shape(sig, c_in, c_out)
@@ -202,7 +218,8 @@ def layer_onnx(sig: LayerSig, c_in: int, c_out: int, path: Path, dtype: str = "f
             ins.append("B")
         op = "ConvTranspose" if sig.op == "conv_transpose" else "Conv"
         nodes = [helper.make_node(op, ins, ["y"], kernel_shape=list(sig.kernel), strides=list(sig.stride),
-                                  pads=list(sig.padding) * 2, dilations=list(sig.dilation), group=groups)]
+                                  pads=list(sig.padding) * 2, dilations=list(sig.dilation), group=groups,
+                                  name=f"/{LAYER}/{op}")]
         y_shape = None
     graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", elem, list(x_shape))],
                               [helper.make_tensor_value_info("y", elem, y_shape)], inits)
@@ -288,12 +305,35 @@ def _overhead_session(backend: str, sig: LayerSig, c_in: int, key: TableKey, wor
     return session, {session.inputs[0].name: np.zeros(shape, session.inputs[0].dtype)}
 
 
+def _own_share(session, feeds) -> float:
+    """The share of a single-layer session's time spent in the layer's own kernels, from one per-layer profile.
+
+    Alone, a layer pays for conversions a network pays once at its edges: ONNX Runtime reorders the input to
+    its blocked NCHWc layout and back (1.2 ms of 5.9 ms for a 3×3 conv of 32 channels at 160×160 here), and
+    TensorRT inserts reformatting layers. Those rows carry none of the model's nodes (empty ``members``); the
+    share is what the rows that run the layer's nodes take. 1.0 where the backend's profile cannot tell.
+    """
+    try:
+        rows = session.profile_layers(feeds, runs=PROFILE_RUNS)
+    except Exception:  # a backend without per-layer profiles (or one that fails at it): the whole call counts
+        return 1.0
+    total = sum(r.ms for r in rows)
+    own = sum(r.ms for r in rows if r.members)
+    return own / total if total > 0 and own > 0 else 1.0
+
+
 def _build_config(backend: str, key: TableKey, cache_dir: str | None):
     from ..backends import BuildConfig, backend_class
 
     fp16 = key.dtype == "float16"
+    options = backend_class(backend).options
     # fp16 tables are GPU tables: a backend that takes a device option is pointed at the GPU
-    extra = {"device": "cuda"} if fp16 and "device" in backend_class(backend).options else {}
+    extra = {"device": "cuda"} if fp16 and "device" in options else {}
+    if "allow_spinning" in options:
+        # interleaved sessions share the cores: threads one session leaves spinning starve the next one, which
+        # inflated single-layer times by half on the 2-core machine (21 ms of layers against 14.5 ms for the
+        # network) and made calibrations swing between runs; tables therefore predict non-spinning latency
+        extra["allow_spinning"] = False
     return BuildConfig(threads=key.threads, precision="fp16" if fp16 else "fp32",
                        cache_dir=cache_dir if "cache_dir" in backend_class(backend).options else None, extra=extra)
 
@@ -321,7 +361,9 @@ def measure(table: LatencyTable, todo: list[Todo], *, rounds: int = ROUNDS, iter
 
     Points of one layer shape are timed interleaved, together with a session that only passes its (smallest)
     input through: its median, the backend's per-call cost, is subtracted from every point (a network pays it
-    once, not once per layer) and kept in the entry as ``overhead_ms``. ``on_point(n)`` is called after each
+    once, not once per layer) and kept in the entry as ``overhead_ms``. What remains is scaled by the share of
+    the layer's own kernels in one per-layer profile of the point (:func:`_own_share`: layout conversions a
+    network pays only at its edges are not the layer's). ``on_point(n)`` is called after each
     shape with the number of points done (for a progress bar); ``save_to`` writes the table after every shape,
     so an interrupted measurement keeps what it measured.
     """
@@ -348,15 +390,18 @@ def measure(table: LatencyTable, todo: list[Todo], *, rounds: int = ROUNDS, iter
                 sessions["call"], feeds["call"] = _overhead_session(backend, t.sig, smallest, key, Path(tmp), config)
                 blocks = interleaved_blocks(sessions, feeds, rounds=rounds, iterations_per_round=iterations,
                                             warmup_s=0.02)
+                overhead = float(np.median([s for block in blocks["call"] for s in block]))
+                entry.overhead_ms = overhead
+                for (c_in, c_out) in t.points:
+                    for sparse in kinds:
+                        name = f"{c_in}x{c_out}{'s' if sparse else ''}"
+                        samples = [s for block in blocks[name] for s in block]
+                        share = _own_share(sessions[name], feeds[name])
+                        entry.set(c_in, c_out, max(0.0, float(np.median(samples)) - overhead) * share,
+                                  sparse=sparse)
             finally:
                 for s in sessions.values():
                     s.close()
-            overhead = float(np.median([s for block in blocks["call"] for s in block]))
-            entry.overhead_ms = overhead
-            for (c_in, c_out) in t.points:
-                for sparse in kinds:
-                    samples = [s for block in blocks[f"{c_in}x{c_out}{'s' if sparse else ''}"] for s in block]
-                    entry.set(c_in, c_out, max(0.0, float(np.median(samples)) - overhead), sparse=sparse)
             table.measure_seconds += time.perf_counter() - start
             start = time.perf_counter()
             if save_to is not None:
@@ -379,8 +424,9 @@ def half_plan(graph, round_to: int) -> dict[str, list[int]]:
     return plan
 
 
-def calibrate(table: LatencyTable, model, graph, input_shape, *, round_to: int = 8, rounds: int = 10,
-              iterations: int = 5, cache_dir: str | None = None) -> dict[str, Any]:
+def calibrate(table: LatencyTable, model, graph, input_shape, *, round_to: int = 8,
+              rounds: int = CALIBRATION_ROUNDS, iterations: int = CALIBRATION_ITERATIONS,
+              cache_dir: str | None = None) -> dict[str, Any]:
     """Time ``model`` end to end, dense and with every prunable group halved (interleaved), on the table's
     backend; store ``rest = constant + per_activation × f`` for the model in ``table`` (see
     :mod:`trt_prune.latency.model`) and return that calibration."""
@@ -404,7 +450,8 @@ def calibrate(table: LatencyTable, model, graph, input_shape, *, round_to: int =
             spec = session.inputs[0]
             feeds[name] = {spec.name: np.random.default_rng(0).standard_normal(
                 tuple(input_shape)).astype(spec.dtype)}
-        blocks = interleaved_blocks(sessions, feeds, rounds=rounds, iterations_per_round=iterations, warmup_s=0.3)
+        blocks = interleaved_blocks(sessions, feeds, rounds=rounds, iterations_per_round=iterations, warmup_s=0.3,
+                                    discard_first=CALIBRATION_DISCARD)
     finally:
         for s in sessions.values():
             s.close()

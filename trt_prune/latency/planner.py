@@ -91,6 +91,8 @@ class LatencyPlanner:
                 sides.append((int((gi < 0).sum()), parts))
             self.sides.append(sides)
         self.dense_ms = model.predict()
+        # groups whose costs change when group i moves: those sharing a layer with it
+        self.neighbours = [{j for j, other in enumerate(self.touch) if other & mine} for mine in self.touch]
 
     # ---------------------------------------------------------------- counts and exact predictions
     def _side_count(self, side, ks: dict[int, int], st: list[_Group]) -> int:
@@ -104,9 +106,9 @@ class LatencyPlanner:
         u = self.model.layers[li]
         c_in = self._side_count(self.sides[li][0], ks, st)
         if u.sig.one_axis:
-            return self.model.layer_ms(u, c_in, 0), u.out_elements * c_in
+            return self.model.layer_ms_at(li, c_in, 0), u.out_elements * c_in
         c_out = self._side_count(self.sides[li][1], ks, st)
-        return self.model.layer_ms(u, c_in, c_out), u.out_elements * c_out
+        return self.model.layer_ms_at(li, c_in, c_out), u.out_elements * c_out
 
     def predict(self, ks: dict[int, int], st: list[_Group]) -> float:
         total, act = 0.0, 0.0
@@ -215,39 +217,54 @@ class LatencyPlanner:
     def _repair(self, st: list[_Group], ks: dict[int, int], budget_ms: float) -> dict[int, int]:
         ks = dict(ks)
         pred = self.predict(ks, st)
+        cache: dict[tuple[int, int], tuple[int, float, float] | None] = {}
 
-        def moves(direction: int):
-            here_all = {}
-            for i, s in enumerate(st):
+        def move(i: int, direction: int):
+            """(new count, ms change, importance change) of moving group ``i`` one option; cached until a
+            neighbouring group moves."""
+            if (i, direction) not in cache:
+                s = st[i]
                 j = int(np.searchsorted(s.options, ks[i])) + direction
                 if not 0 <= j < len(s.options):
-                    continue
-                here = here_all.setdefault(i, self._local(i, ks, st))
-                trial = dict(ks)
-                trial[i] = int(s.options[j])
-                dt = self._local(i, trial, st) - here
-                dv = float(s.values[j] - s.values[j - direction])
-                yield i, int(s.options[j]), dt, dv
+                    cache[(i, direction)] = None
+                else:
+                    trial = dict(ks)
+                    trial[i] = int(s.options[j])
+                    dt = self._local(i, trial, st) - self._local(i, ks, st)
+                    cache[(i, direction)] = (int(s.options[j]), dt, float(s.values[j] - s.values[j - direction]))
+            return cache[(i, direction)]
+
+        def moved(i: int, k: int) -> None:
+            ks[i] = k
+            for j in self.neighbours[i] | {i}:
+                cache.pop((j, -1), None)
+                cache.pop((j, +1), None)
 
         while pred > budget_ms + 1e-9:  # over budget: drop the cheapest importance per ms saved
-            cands = [(dv / -dt if dt < 0 else np.inf, i, k) for i, k, dt, dv in moves(-1)]
-            cands = [c for c in cands if np.isfinite(c[0])]
+            cands = []
+            for i in range(len(st)):
+                m = move(i, -1)
+                if m is not None and m[1] < 0:
+                    cands.append((m[2] / -m[1], i, m[0]))
             if not cands:
                 break
             _, i, k = min(cands)
-            ks[i] = k
+            moved(i, k)
             pred = self.predict(ks, st)
         while True:  # room left: give back the most importance per ms spent that still fits
-            cands = sorted(((dv / max(dt, 1e-9), i, k, dt) for i, k, dt, dv in moves(+1)), reverse=True)
+            cands = []
+            for i in range(len(st)):
+                m = move(i, +1)
+                if m is not None and pred + m[1] <= budget_ms:
+                    cands.append((m[2] / max(m[1], 1e-9), i, m[0]))
             done = False
-            for _, i, k, dt in cands:
-                if pred + dt <= budget_ms:
-                    trial = dict(ks)
-                    trial[i] = k
-                    p = self.predict(trial, st)
-                    if p <= budget_ms:
-                        ks, pred, done = trial, p, True
-                        break
+            for _, i, k in sorted(cands, reverse=True):
+                trial = dict(ks)
+                trial[i] = k
+                if self.predict(trial, st) <= budget_ms:
+                    moved(i, k)
+                    pred, done = self.predict(ks, st), True
+                    break
             if not done:
                 break
         return ks

@@ -152,6 +152,10 @@ class Entry:
                                "without sparse kernels)")
         if np.isnan(m).any():
             raise LatencyError(f"latency table entry {self.sig.key()} is incomplete; measure it first")
+        return self.interpolate(m, c_in, c_out)
+
+    def interpolate(self, m: np.ndarray, c_in: float, c_out: float) -> float:
+        """Bilinear interpolation of grid ``m`` (no checks: the latency model checks entries once)."""
         i0, i1, fi = _bracket(self.ins, c_in)
         j0, j1, fj = _bracket(self.outs, c_out)
         return float((1 - fi) * ((1 - fj) * m[i0, j0] + fj * m[i0, j1]) + fi * ((1 - fj) * m[i1, j0] + fj * m[i1, j1]))
