@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (H100/H200; torch there, nothing downloadable). From the repo root:
-#   bash bench/gpu_check.sh [all|check|accuracy]   # results under $OUT (the device tool's folder) or bench/results/gpu
+#   bash bench/gpu_check.sh [all|check|latency|accuracy]   # results under $OUT (the device tool's folder) or bench/results/gpu
 #   (the copy on the GPU machine may carry an older .git: name the commit sent, TRT_PRUNE_COMMIT=abc1234)
 # 1. installs the wheels carried in .whl/ (the image lacks onnx-graphsurgeon, polygraphy, pycocotools and onnxslim;
 #    fetch them here with the `pip download` line of the device tool's README and carry .whl); 2. runs the GPU tests (tests/gpu, and the real-CUDA variants of the TensorRT
@@ -14,6 +14,10 @@
 # files into accuracy_rows.tgz; `merge` them on the CPU machine (p50 belongs there). ACC_ROWS (METHOD:TARGET[:STEPS]
 # ...), ACC_STEPS, ACC_TIMEOUT, ACC_DEVICE and ACC_FASHION=0 override the rows, the step count (1000), the time
 # allowed (450 s), the device (cuda) and skip the classifier track.
+# `latency` (issue 15) measures the torch backend's fp16 latency table of the demo detector at 640x640 with 2:4
+# times beside the dense ones, plans to 0.6x of the dense latency with 2:4 only where the table says it pays,
+# and times dense / latency plan / latency plan + 2:4 / uniform L1 at the same predicted latency
+# (bench/gpu_latency.py; the table and its plot stay in $RESULTS/latency_table).
 
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +41,10 @@ timeout 180 python3 bench/gpu_sparse24_layers.py --model builtin:demo-detector,t
   | tee "$RESULTS/sparse24_layers.txt"
 timeout 240 python3 bench/gpu_torch_variants.py --seconds 1.5 --json "$RESULTS/gpu_torch_variants.json" 2>&1 \
   | tee "$RESULTS/torch_variants.txt"
+fi
+if [[ $PARTS == all || $PARTS == latency ]]; then
+  timeout 420 python3 bench/gpu_latency.py --table-dir "$RESULTS/latency_table" \
+    --json "$RESULTS/gpu_latency.json" 2>&1 | tee "$RESULTS/latency.txt"
 fi
 if [[ $PARTS == all || $PARTS == accuracy ]]; then
   ACC=$(mktemp -d)/accuracy
@@ -66,6 +74,9 @@ if [[ $PARTS == all || $PARTS == check ]]; then
   tail -n 3 "$RESULTS/tests.txt"
   tail -n 6 "$RESULTS/sparse24_layers.txt"
   tail -n 18 "$RESULTS/torch_variants.txt"
+fi
+if [[ $PARTS == all || $PARTS == latency ]]; then
+  tail -n 8 "$RESULTS/latency.txt"
 fi
 if [[ $PARTS == all || $PARTS == accuracy ]]; then
   python3 - "$ACC" <<'PY'

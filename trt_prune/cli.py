@@ -389,6 +389,9 @@ def _prune_while_training(model, target_macs, target_params, global_pruning, max
               help="Grid points per channel axis of each layer shape (interpolated between).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Backend threads (default: all usable cores); tables are keyed by it.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="float16: a GPU table (torch or TensorRT), with 2:4 times beside the dense ones where the "
+                   "backend has sparse kernels.")
 @click.option("--ignore", multiple=True, help="Module path that will not be pruned (its counts are not gridded).")
 @click.option("--recalibrate", is_flag=True, help="Time the whole model again even if the table knows it.")
 @shape_opt
@@ -398,7 +401,7 @@ def _prune_while_training(model, target_macs, target_params, global_pruning, max
 @click.option("-o", "--out", required=True, metavar="DIR",
               help="Table folder: latency_table.json is created, or extended where it lacks this model.")
 @json_opt
-def latency_table_cmd(model, backend, round_to, points, threads, ignore, recalibrate, input_shape, weights,
+def latency_table_cmd(model, backend, round_to, points, threads, dtype, ignore, recalibrate, input_shape, weights,
                       allow_pickle, trust_code, out, as_json):
     """Measure the per-layer latency table of MODEL on a backend (what --target-latency plans with)."""
     from .artifacts import check_output_dir
@@ -410,7 +413,7 @@ def latency_table_cmd(model, backend, round_to, points, threads, ignore, recalib
     if round_to not in ALLOWED_ROUND_TO:
         raise TrtPruneError(f"--round-to must be one of {ALLOWED_ROUND_TO}, got {round_to}")
     check_output_dir(out)
-    key = environment_key(backend, threads)
+    key = environment_key(backend, threads, dtype)
     if table_path(out).exists():
         open_table(out, key)  # a table from elsewhere is refused before any work
     loaded = _load(model, weights, allow_pickle, trust_code)
@@ -422,8 +425,8 @@ def latency_table_cmd(model, backend, round_to, points, threads, ignore, recalib
     graph = trace(net, _example(net, shape), tuple(ignore))
     with _measuring_bar(as_json) as (on_estimate, on_progress):
         table, info = ensure_table(net, graph, shape, backend=backend, location=out, round_to=round_to,
-                                   ignore=tuple(ignore), points=points, threads=threads, on_estimate=on_estimate,
-                                   on_progress=on_progress, recalibrate=recalibrate)
+                                   ignore=tuple(ignore), points=points, threads=threads, dtype=dtype,
+                                   on_estimate=on_estimate, on_progress=on_progress, recalibrate=recalibrate)
     lm = LatencyModel(graph, table)
     cal = table.calibrations[lm.key]
     summary = {**info, "table": str(table_path(out)), "dense_predicted_ms": round(lm.predict(), 4),

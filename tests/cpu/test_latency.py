@@ -411,3 +411,16 @@ def test_prune_then_sparsify_puts_24_only_where_the_table_says_it_pays():
         e.sparse_ms = e.ms * 1.3
     with pytest.raises(SparsifyError, match="pays on no layer"):
         prune_then_sparsify(net, SHAPE, target_latency=0.7, latency_table=table, round_to=8)
+
+
+def test_the_torch_backend_measures_through_the_same_code_path(tmp_path):
+    """The GPU tables come from the torch backend (fp16 on CUDA there); on the CPU the same calls run in fp32."""
+    net = _net()
+    graph = _graph(net)
+    table, info = ensure_table(net, graph, SHAPE, backend="torch", location=tmp_path, points=2, threads=1)
+    assert table.key.backend == "torch" and info["points_measured"] > 0
+    assert all(not np.isnan(e.ms).any() for e in table.entries.values())
+    lm = LatencyModel(graph, table)
+    assert lm.predict() == pytest.approx(table.calibrations[lm.key]["dense_measured_ms"], rel=1e-3)
+    with pytest.raises(LatencyError, match="but this run uses"):  # an ONNX Runtime run refuses the torch table
+        load_table(tmp_path, expect=environment_key("onnxruntime", 1))

@@ -61,8 +61,10 @@ def ensure_table(model, graph, input_shape, *, backend: str = "onnxruntime", loc
     """The latency table for ``model`` on ``backend`` (read from ``location`` and extended there, or new):
     missing grid points are measured (``on_estimate(points, seconds)`` is told the work first, then
     ``on_progress(n)`` after each layer shape) and the model is calibrated once. ``sparse`` (default: fp16
-    tables on backends with 2:4 kernels) also measures every point with 2:4 weights. Returns the table and
-    what this call did (points measured, seconds)."""
+    tables on backends with 2:4 kernels) also measures every point with 2:4 weights. ``cache_dir`` (default:
+    ``location/engines`` on backends that cache engines) is where TensorRT keeps the timing cache every
+    point's engine shares. Returns the table and what this call did (points measured, seconds)."""
+    from ..backends import backend_class
     from .measure import (
         calibrate,
         environment_key,
@@ -76,6 +78,9 @@ def ensure_table(model, graph, input_shape, *, backend: str = "onnxruntime", loc
 
     t0 = time.perf_counter()
     key = environment_key(backend, threads, dtype)
+    if cache_dir is None and location is not None and "cache_dir" in backend_class(backend).options:
+        # TensorRT: one engine per grid point, all sharing the timing cache kept in this folder
+        cache_dir = str(Path(location) / "engines")
     table = open_table(location, key)
     uses, _ = layer_uses(graph)
     if not uses:

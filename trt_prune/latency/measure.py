@@ -456,8 +456,18 @@ def calibrate(table: LatencyTable, model, graph, input_shape, *, round_to: int =
         for s in sessions.values():
             s.close()
     measured = {n: float(np.median([s for b in blocks[n] for s in b])) for n in blocks}
+    return fit_rest(table, graph, measured["dense"], measured["half"], round_to=round_to, input_shape=input_shape)
+
+
+def fit_rest(table: LatencyTable, graph, dense_ms: float, half_ms: float, *, round_to: int = 8,
+             input_shape=None) -> dict[str, Any]:
+    """Store in ``table`` (and return) the calibration of ``graph``'s model from its measured end-to-end p50s
+    dense and under :func:`half_plan`: the rest the table does not cover, ``constant + per_activation × f``
+    (or a scale on the layers, where they ran faster inside the network than alone)."""
+    measured = {"dense": float(dense_ms), "half": float(half_ms)}
+    input_shape = list(input_shape or graph.input_shape)
     lm = LatencyModel(graph, table, require_calibration=False)
-    kept_half = graph.kept_mask(half)
+    kept_half = graph.kept_mask(half_plan(graph, round_to))
     sum_dense, sum_half = lm.layer_sum(), lm.layer_sum(kept_half)
     f_half = lm.activation_fraction(kept_half)
     rest_dense, rest_half = measured["dense"] - sum_dense, measured["half"] - sum_half
@@ -481,5 +491,6 @@ def calibrate(table: LatencyTable, model, graph, input_shape, *, round_to: int =
     return cal
 
 
-__all__ = ["calibrate", "environment_key", "estimate_seconds", "layer_macs", "layer_module", "layer_onnx",
-           "layer_uses", "measure", "open_table", "plan_measurements", "probe_speed", "sparse_option", "wants_sparse"]
+__all__ = ["calibrate", "environment_key", "estimate_seconds", "fit_rest", "half_plan", "layer_macs", "layer_module",
+           "layer_onnx", "layer_uses", "measure", "open_table", "plan_measurements", "probe_speed", "sparse_option",
+           "wants_sparse"]
