@@ -18,6 +18,7 @@ therefore at or under the budget by construction.
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass
 
@@ -96,11 +97,20 @@ class LatencyPlanner:
 
     # ---------------------------------------------------------------- counts and exact predictions
     def _side_count(self, side, ks: dict[int, int], st: list[_Group]) -> int:
+        """Channels a layer side keeps: the fixed ones, plus per group how many of its positions there rank
+        below the group's kept count (``_ranks`` holds those ranks sorted, so this is a binary search)."""
         fixed, parts = side
         total = fixed
-        for i, pos in parts.items():
-            total += int((st[i].rank[pos] < ks[i]).sum())
+        for i in parts:
+            total += bisect.bisect_left(self._ranks[(id(side), i)], ks[i])
         return total
+
+    def _sort_ranks(self, st: list[_Group]) -> None:
+        self._ranks = {}
+        for sides in self.sides:
+            for side in sides:
+                for i, pos in side[1].items():
+                    self._ranks[(id(side), i)] = sorted(st[i].rank[pos].tolist())
 
     def _layer_ms(self, li: int, ks, st) -> tuple[float, float]:
         u = self.model.layers[li]
@@ -137,6 +147,7 @@ class LatencyPlanner:
         t0 = time.perf_counter()
         st = [_options(g, np.asarray(scores[g.key], dtype=float), self.round_to, self.max_ratio)
               for g in self.groups]
+        self._sort_ranks(st)
         full = {i: int(s.options[-1]) for i, s in enumerate(st)}
         least = {i: int(s.options[0]) for i, s in enumerate(st)}
         floor_ms = self.predict(least, st)

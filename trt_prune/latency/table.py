@@ -15,6 +15,7 @@ threads, dtype); a file from another environment is refused, naming both, becaus
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -203,7 +204,7 @@ def _bracket(axis: list[int], v: float) -> tuple[int, int, float]:
         return 0, 0, 0.0
     if v >= axis[-1]:
         return len(axis) - 1, len(axis) - 1, 0.0
-    hi = int(np.searchsorted(axis, v, side="right"))
+    hi = bisect.bisect_right(axis, v)  # the planner calls this tens of thousands of times: no numpy here
     lo = hi - 1
     return lo, hi, (v - axis[lo]) / (axis[hi] - axis[lo])
 
