@@ -216,7 +216,7 @@ def test_the_plan_meets_the_budget_and_its_prediction_is_the_models():
     lm = LatencyModel(graph, synthetic_table(graph))
     groups, _ = _prunable(graph, PruneConfig(round_to=8))
     scores = {g.key: np.random.default_rng(1).random(g.size) for g in groups}
-    planner = LatencyPlanner(lm, groups, round_to=8)
+    planner = LatencyPlanner(lm, groups, round_to=8, max_ratio=None)  # uncapped: budgets down to 0.4
     for frac in (0.9, 0.6, 0.4):
         plan, info = planner.plan(scores, frac * lm.predict())
         predicted = lm.predict(graph.kept_mask(plan))
@@ -224,6 +224,9 @@ def test_the_plan_meets_the_budget_and_its_prediction_is_the_models():
         assert predicted <= frac * lm.predict() + 1e-9
         assert predicted >= 0.9 * frac * lm.predict()  # tight: the repair gives back what fits
         assert all(len(k) % 8 == 0 for k in plan.values())
+    capped, _ = LatencyPlanner(lm, groups, round_to=8).plan(scores, 0.6 * lm.predict())  # default: max_ratio 0.5
+    sizes = {g.key: g.size for g in groups}
+    assert capped and all(len(keep) >= sizes[key] // 2 for key, keep in capped.items())
 
 
 def test_the_planner_cuts_where_latency_is_and_keeps_the_important_channels():
@@ -246,7 +249,7 @@ def test_a_budget_below_the_smallest_model_names_the_smallest_latency():
     graph = _graph(_net())
     lm = LatencyModel(graph, synthetic_table(graph))
     groups, _ = _prunable(graph, PruneConfig(round_to=8))
-    planner = LatencyPlanner(lm, groups, round_to=8)
+    planner = LatencyPlanner(lm, groups, round_to=8, max_ratio=None)
     floor = lm.predict(graph.kept_mask({g.key: list(range(8)) for g in groups}))
     with pytest.raises(LatencyError, match=rf"smallest this model reaches .* is {floor:.3f} ms"):
         planner.plan({g.key: np.ones(g.size) for g in groups}, 0.5 * floor)

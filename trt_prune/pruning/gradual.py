@@ -193,6 +193,10 @@ class ChannelPruner:
                                  "`trt-prune latency-table MODEL -o DIR` wrote)")
             if global_pruning:
                 raise PruneError("target_latency ranks channels across groups by itself; drop global_pruning")
+            if max_ratio is None:  # the latency planner's default cap (trt_prune.latency.planner)
+                from ..latency.planner import DEFAULT_MAX_RATIO
+
+                max_ratio = DEFAULT_MAX_RATIO
         elif not isinstance(target_macs, (int, float)) or isinstance(target_macs, bool) \
                 or not 0.0 < target_macs < 1.0:
             raise PruneError(f"target_macs is the fraction of the dense MACs to keep, in (0, 1); got {target_macs!r} "

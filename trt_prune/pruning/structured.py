@@ -158,10 +158,12 @@ def _plan(graph: ChannelGraph, config: PruneConfig, importance=None, latency=Non
     scores = {g.key: importance(graph, g) for g in groups}
     if config.target_latency is not None:
         from ..latency import LatencyPlanner, budget_ms
+        from ..latency.planner import DEFAULT_MAX_RATIO
 
         if latency is None:
             raise PruneError("target_latency needs a latency model (trt_prune.latency.LatencyModel)")
-        planner = LatencyPlanner(latency, groups, config.round_to, config.max_ratio)
+        cap = config.max_ratio if config.max_ratio is not None else DEFAULT_MAX_RATIO
+        planner = LatencyPlanner(latency, groups, config.round_to, cap)
         plan, info = planner.plan(scores, budget_ms(config.target_latency, planner.dense_ms))
         latency.last_plan = info
         total = sum(g.size for g in groups)
