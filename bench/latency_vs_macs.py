@@ -34,7 +34,7 @@ Usage::
                                     [--rounds 20] [--iterations 15] [--device cuda|cpu]
     # smoke test (tiny settings, results and table out of the way):
     python bench/latency_vs_macs.py --part demo --steps 2 --eval-images 10 --rounds 2 --iterations 2
-                                    --table-dir /tmp/lt --json /tmp/latency_vs_macs.json
+                                    --table-dir out/smoke/tables --json out/smoke/latency_vs_macs.json
 
 Prints the tables and writes ``bench/results/latency_vs_macs.{json,md}`` through
 ``trt_prune.provenance.write_result`` (stamped with commit, date and machine). Running one part keeps the other
