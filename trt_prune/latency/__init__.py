@@ -114,14 +114,15 @@ def sparse_choice(model: LatencyModel, kept: np.ndarray | None = None, margin: f
     if not any(e.sparse_ms is not None for e in model.table.entries.values()):
         return None
     rows = []
-    for u in model.layers:
-        entry = model.table.entry(u.sig)
+    for i, u in enumerate(model.layers):
+        entry = model.entries[i]
         c_in, c_out = u.counts(kept)
-        dense = model.layer_ms(u, c_in, c_out)
-        if entry is None or entry.sparse_ms is None:
-            rows.append({"module": u.module, "dense_ms": dense, "sparse_ms": None, "pays": False})
+        dense = model.layer_ms_at(i, c_in, c_out)
+        if entry.sparse_ms is None:
+            rows.append({"module": u.module, "dense_ms": round(dense, 5), "sparse_ms": None, "pays": False})
             continue
-        sparse = entry.time(c_in, c_out if not u.sig.one_axis else 0, sparse=True)
+        # the calibration's layer scale applies to both grids, so the two times compare like for like
+        sparse = model.scale * entry.time(c_in, c_out if not u.sig.one_axis else 0, sparse=True)
         rows.append({"module": u.module, "dense_ms": round(dense, 5), "sparse_ms": round(sparse, 5),
                      "pays": sparse <= dense * (1.0 - margin)})
     return rows

@@ -123,14 +123,10 @@ class LatencyModel:
         self.scale = float(cal.get("layer_scale", 1.0)) if cal else 1.0
         self.dense_activation = float(sum(u.out_elements * self._dense_out(u) for u in self.layers))
         self.entries = [table.entry(u.sig) for u in self.layers]  # looked up once: planning reads them often
-        self._index = {id(u): i for i, u in enumerate(self.layers)}
 
     @staticmethod
     def _dense_out(u: LayerUse) -> int:
         return u.dense_in if u.sig.one_axis else u.dense_out
-
-    def layer_ms(self, use: LayerUse, c_in: float, c_out: float) -> float:
-        return self.layer_ms_at(self._index[id(use)], c_in, c_out)
 
     def layer_ms_at(self, index: int, c_in: float, c_out: float) -> float:
         """Time of layer ``index`` (of :attr:`layers`) at these counts, scaled by the calibration."""
@@ -138,7 +134,7 @@ class LatencyModel:
         return self.scale * entry.interpolate(entry.ms, c_in, 0 if self.layers[index].sig.one_axis else c_out)
 
     def layer_sum(self, kept: np.ndarray | None = None) -> float:
-        return sum(self.layer_ms(u, *u.counts(kept)) for u in self.layers)
+        return sum(self.layer_ms_at(i, *u.counts(kept)) for i, u in enumerate(self.layers))
 
     def activation_fraction(self, kept: np.ndarray | None = None) -> float:
         total = 0.0
@@ -156,8 +152,8 @@ class LatencyModel:
 
     def breakdown(self, kept: np.ndarray | None = None) -> list[dict]:
         rows = []
-        for u in self.layers:
+        for i, u in enumerate(self.layers):
             c_in, c_out = u.counts(kept)
             rows.append({"module": u.module, "op": u.sig.op, "in": c_in, "out": c_out,
-                         "ms": round(self.layer_ms(u, c_in, c_out), 4)})
+                         "ms": round(self.layer_ms_at(i, c_in, c_out), 4)})
         return rows

@@ -222,13 +222,6 @@ class LatencyTable:
     def entry(self, sig: LayerSig) -> Entry | None:
         return self.entries.get(sig.key())
 
-    def time(self, sig: LayerSig, c_in: float, c_out: float = 0) -> float:
-        e = self.entries.get(sig.key())
-        if e is None:
-            raise LatencyError(f"the latency table has no entry for layer {sig.key()}; extend it with "
-                               "`trt-prune latency-table MODEL -o DIR` for this model")
-        return e.time(c_in, 0 if sig.one_axis else c_out)
-
     def to_dict(self) -> dict[str, Any]:
         return {"format": TABLE_FORMAT, "version": TABLE_VERSION, "key": asdict(self.key),
                 "measure_seconds": round(self.measure_seconds, 3),
