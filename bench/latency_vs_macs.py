@@ -1,13 +1,15 @@
 """Latency-aware pruning against uniform-ratio L1 and global MACs-target pruning, at equal latency and equal MACs.
 
-Two comparisons, both on this machine's ONNX Runtime (CPU, batch 1), both with L1 importance and counts rounded
-to 8:
+Three parts, all on this machine's ONNX Runtime (CPU, batch 1), with L1 importance unless a row says otherwise
+and counts rounded to 8:
 
 - ``demo`` — ``builtin:demo-detector`` (its shipped weights, 1×3×320×320) pruned three ways to the same latency
   budget, 0.6× the dense latency (``--target-latency``):
 
   * ``latency``: ``PruneConfig(target_latency=0.6)``, the knapsack planner on the measured latency table, one
     shot (the "first try": its *measured* latency is compared with the budget as is);
+  * ``latency-taylor``: the same with Taylor importance (gradients of the detection loss on 4 training batches),
+    the criterion the planner was designed around (HALP) — the only row not ranked by L1;
   * ``uniform-l1``: the same ratio from every group, the ratio bisected until the latency model predicts the
     budget;
   * ``global-macs``: channels ranked across groups (``global_pruning``) to a MACs target, the target bisected
@@ -24,13 +26,17 @@ to 8:
   (``target_macs``, ranked across groups) and ``latency`` (the latency budget bisected until its plan's MACs
   are within 1 % of the target); the three and dense timed interleaved: who is fastest at equal MACs.
 
+- ``utility`` — the planner's value function (``PruneConfig(latency_utility=…)``: linear as in HALP, log,
+  quadratic) × importance (L1, Taylor) on the demo detector, each pruned to the same budget, fine-tuned and scored
+  like the ``demo`` rows, and timed interleaved with the dense model.
+
 The latency tables (and their calibrations) are measured once per model and machine, into
 ``<table-dir>/<model>`` (default ``out/latency_tables/demo-detector`` and ``…/resnet50``), and reused: the
 demo's takes about 2 minutes the first time, resnet50's several.
 
 Usage::
 
-    python bench/latency_vs_macs.py [--part demo|resnet50|all] [--steps 250] [--eval-images 500]
+    python bench/latency_vs_macs.py [--part demo|resnet50|utility|all] [--steps 250] [--eval-images 500]
                                     [--rounds 20] [--iterations 15] [--device cuda|cpu]
     # smoke test (tiny settings, results and table out of the way):
     python bench/latency_vs_macs.py --part demo --steps 2 --eval-images 10 --rounds 2 --iterations 2
@@ -94,11 +100,13 @@ def plan_of(result) -> dict[str, list[int]]:
     return {g["key"]: list(g["keep"]) for g in result.recipe["groups"]}
 
 
-def config_for(method: str, value: float):
+def config_for(method: str, value: float, utility: str = "quadratic"):
     from trt_prune.pruning import PruneConfig
 
     if method == "latency":
-        return PruneConfig(target_latency=value, round_to=ROUND_TO, importance=IMPORTANCE)
+        return PruneConfig(target_latency=value, round_to=ROUND_TO, importance=IMPORTANCE, latency_utility=utility)
+    if method == "latency-taylor":
+        return PruneConfig(target_latency=value, round_to=ROUND_TO, importance="taylor", latency_utility=utility)
     if method == "uniform-l1":
         return PruneConfig(ratio=value, round_to=ROUND_TO, importance=IMPORTANCE)
     if method == "uniform-l1@macs":
@@ -130,11 +138,15 @@ class Planner:
 
 
 def prune_row(method: str, dense, shape, config, table, planner: Planner, search: dict) -> dict:
-    """Prune a copy of ``dense`` with ``config``; the row: model, recipe and predicted latency of what was cut."""
+    """Prune a copy of ``dense`` with ``config``; the row: model, recipe and predicted latency of what was cut.
+    Taylor importance takes its gradients on a few road-scene training batches (the detector's own loss)."""
+    from trt_prune.finetune import detector_taylor_inputs
     from trt_prune.pruning import prune
 
     t0 = time.perf_counter()
-    result = prune(dense, shape, config, latency_table=table if config.target_latency is not None else None)
+    data = dict(zip(("data", "loss_fn"), detector_taylor_inputs(dense), strict=True)) \
+        if config.importance == "taylor" else {}
+    result = prune(dense, shape, config, latency_table=table if config.target_latency is not None else None, **data)
     kept = planner.graph.kept_mask(plan_of(result))
     predicted = planner.lm.predict(kept)
     rep = result.report
@@ -252,6 +264,8 @@ def run_demo(args) -> dict:
     global_search = {"target_macs": m, "predicted_fraction": m_pred, "seconds": round(time.perf_counter() - t0, 1)}
     rows = {"latency": prune_row("latency", dense, shape, config_for("latency", target), table, planner,
                                  {"note": "one shot, no search"}),
+            "latency-taylor": prune_row("latency-taylor", dense, shape, config_for("latency-taylor", target), table,
+                                        planner, {"note": "one shot, no search"}),
             "uniform-l1": prune_row("uniform-l1", dense, shape, config_for("uniform-l1", r), table, planner,
                                     uniform_search),
             "global-macs": prune_row("global-macs", dense, shape, config_for("global-macs", m), table, planner,
@@ -293,8 +307,7 @@ def run_demo(args) -> dict:
             "batch": args.batch, "lr": args.lr, "seed": args.seed, "eval_images": args.eval_images,
             "train_device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
             "rounds": args.rounds, "iterations": args.iterations, "spinning": args.spin, "env": env,
-            "table": table_info, "rows": [results[n] for n in ("dense", "latency", "uniform-l1", "global-macs")],
-            "provenance": stamp()}
+            "table": table_info, "rows": [results[n] for n in ("dense", *rows)], "provenance": stamp()}
 
 
 def demo_markdown(rec: dict) -> str:
@@ -304,12 +317,15 @@ def demo_markdown(rec: dict) -> str:
              "",
              f"ONNX Runtime {rec['env'].get('backend_version')}, {rec['env'].get('threads')} threads, batch 1, "
              f"{'×'.join(map(str, rec['input_shape']))}; {rec['rounds']} interleaved rounds × {rec['iterations']} "
-             f"runs (the four final models); fine-tune {rec['steps']} steps × {rec['batch']} (lr {rec['lr']:g}, "
-             f"seed {rec['seed']}) on {rec['train_device']}; mAP@[.5:.95] on {rec['rows'][0].get('eval_images')} "
-             f"validation scenes. Latency table: {rec['table'].get('key')}, {rec['table'].get('entries')} layer "
+             f"runs (the {len(rec['rows'])} final models); fine-tune {rec['steps']} steps × {rec['batch']} "
+             f"(lr {rec['lr']:g}, seed {rec['seed']}) on {rec['train_device']}; mAP@[.5:.95] on "
+             f"{rec['rows'][0].get('eval_images')} validation scenes. Latency table: {rec['table'].get('key')}, "
+             f"{rec['table'].get('entries')} layer "
              f"shapes; calibration dense {cal.get('dense_measured_ms', float('nan')):.2f} ms measured. "
              f"uniform-l1's ratio and global-macs' MACs target are bisected until the latency model predicts "
-             f"{t:g}× dense; latency is one shot. *Within 5 %*: |measured/dense ÷ {t:g} − 1| ≤ 5 %.",
+             f"{t:g}× dense; the latency rows are one shot (latency: L1 importance like the others; latency-taylor: "
+             f"Taylor importance from 4 training batches; both with the planner's default quadratic utility). "
+             f"*Within 5 %*: |measured/dense ÷ {t:g} − 1| ≤ 5 %.",
              "",
              "| method | MACs | predicted ms | measured p50 ms | latency / dense | within 5 %? | mAP50-95 | "
              "Δ mAP vs uniform-l1 | Δ mAP vs global-macs |",
@@ -323,14 +339,14 @@ def demo_markdown(rec: dict) -> str:
         lines.append(f"| {r['method']} | {r['macs']:.3f} | {r['predicted_ms']:.2f} | {r['p50_ms']:.2f} | "
                      f"{r['measured_fraction']:.3f} | {within} | {r['map']:.3f} | {delta('uniform-l1')} | "
                      f"{delta('global-macs')} |")
-    rows = {r["method"]: r for r in rec["rows"]}
-    lat = rows["latency"]
-    verdict = []
-    for ref in ("uniform-l1", "global-macs"):
-        verdict.append(f"vs {ref}: mAP {lat[f'map_vs_{ref}'] * 100:+.1f} pts, measured latency "
-                       f"{lat[f'latency_vs_{ref}'] * 100:+.1f} %")
-    lines += ["", f"Latency-aware plan: measured {lat['measured_fraction']:.3f}× dense on the first try "
-              f"({'within' if lat['within_5pct'] else 'outside'} 5 % of {t:g}); " + "; ".join(verdict) + "."]
+    lines.append("")
+    for lat in rec["rows"]:
+        if not lat["method"].startswith("latency"):
+            continue
+        verdict = [f"vs {ref}: mAP {lat[f'map_vs_{ref}'] * 100:+.1f} pts, measured latency "
+                   f"{lat[f'latency_vs_{ref}'] * 100:+.1f} %" for ref in ("uniform-l1", "global-macs")]
+        lines.append(f"- {lat['method']}: measured {lat['measured_fraction']:.3f}× dense on the first try "
+                     f"({'within' if lat['within_5pct'] else 'outside'} 5 % of {t:g}); " + "; ".join(verdict) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -411,10 +427,69 @@ def resnet_markdown(rec: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------------------ planner utility
+UTILITY_GRID = tuple((imp, util) for imp in ("l1", "taylor") for util in ("linear", "log", "quadratic"))
+
+
+def run_utility(args) -> dict:
+    """The planner's value function on the demo detector: each importance × utility pruned to the same budget,
+    fine-tuned and scored like the demo part's rows, and all timed interleaved with the dense model."""
+    from trt_prune.models import load_model
+
+    target, shape = args.target_latency, DEMO_SHAPE
+    dense = load_model(DEMO).model.eval()
+    log(f"== {DEMO}: planner utilities at {target:g}× the dense latency")
+    table, table_info, planner = table_for(DEMO, dense, shape, args.table_dir)
+    rows, models = {}, {"dense": copy.deepcopy(dense)}
+    for importance, utility in UTILITY_GRID:
+        name = f"{importance}/{utility}"
+        method = "latency" if importance == "l1" else "latency-taylor"
+        item = prune_row(method, dense, shape, config_for(method, target, utility), table, planner,
+                         {"note": "one shot, no search"})
+        row = item["row"]
+        row.update(method=name, importance=importance, utility=utility)
+        log(f"   {name}: {row['groups_pruned']} groups cut, MACs {row['macs']:.3f}, predicted "
+            f"{row['predicted_fraction']:.3f} of dense; fine-tuning {args.steps} steps")
+        row.update(finetune_and_score(item["model"], True, args))
+        log(f"   mAP@[.5:.95] {row['map']:.3f}")
+        rows[name], models[name] = row, item["model"]
+    log(f"== timing {len(models)} models interleaved: {args.rounds} rounds × {args.iterations}")
+    timed, env = measure(models, shape, table.key.threads, args.rounds, args.iterations, args.spin)
+    dense_ms = timed["dense"]["p50_ms"]
+    for name, row in rows.items():
+        row.update(timed[name])
+        row["measured_fraction"] = timed[name]["p50_ms"] / dense_ms
+    return {"model": DEMO, "input_shape": list(shape), "target_latency": target, "steps": args.steps,
+            "batch": args.batch, "lr": args.lr, "seed": args.seed, "eval_images": args.eval_images,
+            "train_device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+            "rounds": args.rounds, "iterations": args.iterations, "spinning": args.spin, "env": env,
+            "table": table_info, "dense_p50_ms": dense_ms, "rows": list(rows.values()), "provenance": stamp()}
+
+
+def utility_markdown(rec: dict) -> str:
+    t = rec["target_latency"]
+    lines = [f"### The planner's utility: {rec['model']} at {t:g}× the dense latency, then {rec['steps']} "
+             "fine-tune steps",
+             "",
+             f"Each importance × utility (`PruneConfig(latency_utility=…)`) planned one shot to the same budget, "
+             f"fine-tuned {rec['steps']} steps × {rec['batch']} (lr {rec['lr']:g}, seed {rec['seed']}) on "
+             f"{rec['train_device']}, scored on {rec['eval_images']} validation scenes (mAP@[.5:.95]); all timed "
+             f"interleaved with the dense model ({rec['rounds']} rounds × {rec['iterations']} runs, ONNX Runtime "
+             f"{rec['env'].get('backend_version')}, {rec['env'].get('threads')} threads; dense "
+             f"{rec['dense_p50_ms']:.2f} ms). *Groups cut*: how many coupled groups lose channels.",
+             "",
+             "| importance | utility | groups cut | MACs | predicted / dense | measured / dense | mAP50-95 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rec["rows"]:
+        lines.append(f"| {r['importance']} | {r['utility']} | {r['groups_pruned']} | {r['macs']:.3f} | "
+                     f"{r['predicted_fraction']:.3f} | {r['measured_fraction']:.3f} | {r['map']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("demo", "resnet50", "all"), default="all")
+    p.add_argument("--part", choices=("demo", "resnet50", "utility", "all"), default="all")
     p.add_argument("--table-dir", default="out/latency_tables",
                    help="latency tables go in TABLE_DIR/demo-detector and TABLE_DIR/resnet50 (measured once, reused)")
     p.add_argument("--target-latency", type=float, default=0.6, help="demo: the budget, a fraction of dense")
@@ -443,15 +518,18 @@ def main(argv=None) -> int:
             previous = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             previous = {}
-    record = {k: previous.get(k) for k in ("demo", "resnet50") if previous.get(k)}
+    record = {k: previous.get(k) for k in ("demo", "resnet50", "utility") if previous.get(k)}
     if args.part in ("demo", "all"):
         record["demo"] = run_demo(args)
         print(demo_markdown(record["demo"]))
     if args.part in ("resnet50", "all"):
         record["resnet50"] = run_resnet(args)
         print(resnet_markdown(record["resnet50"]))
+    if args.part in ("utility", "all"):
+        record["utility"] = run_utility(args)
+        print(utility_markdown(record["utility"]))
     parts = []
-    for key, render in (("demo", demo_markdown), ("resnet50", resnet_markdown)):
+    for key, render in (("demo", demo_markdown), ("resnet50", resnet_markdown), ("utility", utility_markdown)):
         if key in record:
             when = record[key]["provenance"]
             parts.append(f"{render(record[key])}\n(this part: commit {when.get('commit')}, {when.get('date')})\n")

@@ -245,6 +245,46 @@ def test_the_planner_cuts_where_latency_is_and_keeps_the_important_channels():
     assert plan[key_c2] == list(range(64 - len(plan[key_c2]), 64))  # the highest scores stay
 
 
+def test_concave_utilities_spread_the_cuts_over_more_groups():
+    graph = _graph(_net())
+    lm = LatencyModel(graph, synthetic_table(graph))
+    groups, _ = _prunable(graph, PruneConfig(round_to=8))
+    scores = {g.key: np.ones(g.size) for g in groups}
+    budget = 0.6 * lm.predict()
+    cut, kept = {}, {}
+    for utility in ("linear", "log", "quadratic"):
+        plan, info = LatencyPlanner(lm, groups, round_to=8, max_ratio=None, utility=utility).plan(scores, budget)
+        assert info["utility"] == utility and info["predicted_ms"] <= budget + 1e-9
+        cut[utility], kept[utility] = len(plan), info["importance_kept"]
+    # linear maximises the mean share kept by cutting one group deep; the concave values cut more groups less
+    assert cut["linear"] == 1 < cut["log"] <= cut["quadratic"] == 3
+    assert kept["linear"] == max(kept.values())
+    with pytest.raises(LatencyError, match="unknown planner utility 'cubic'; choose one of linear, log, quadratic"):
+        LatencyPlanner(lm, groups, utility="cubic")
+    with pytest.raises(PruneError, match="latency_utility must be one of linear, log, quadratic, got 'cubic'"):
+        PruneConfig(target_latency=0.6, latency_utility="cubic").validate()
+
+
+def test_the_repair_drops_the_least_important_chunk_per_millisecond_first():
+    # the knapsack's linearisation can land over budget; the repair then drops chunks one at a time. c1's last
+    # 8 channels are nearly worthless, every other group's channels are equal: one chunk over, c1's goes.
+    from trt_prune.latency.planner import _options
+
+    graph = _graph(_net())
+    lm = LatencyModel(graph, synthetic_table(graph))
+    groups, _ = _prunable(graph, PruneConfig(round_to=8))
+    key_c1 = next(g.key for g in groups if "c1.0" in g.producers)
+    scores = {g.key: np.ones(g.size) for g in groups}
+    scores[key_c1][:8] = 1e-3
+    planner = LatencyPlanner(lm, groups, round_to=8, max_ratio=None)
+    st = [_options(g, scores[g.key], 8, None) for g in groups]
+    planner._sort_ranks(st)
+    full = {i: int(s.options[-1]) for i, s in enumerate(st)}
+    ks = planner._repair(st, full, planner.predict(full, st) - 1e-6)
+    dropped = {groups[i].key: full[i] - k for i, k in ks.items() if k != full[i]}
+    assert dropped == {key_c1: 8}
+
+
 def test_a_budget_below_the_smallest_model_names_the_smallest_latency():
     graph = _graph(_net())
     lm = LatencyModel(graph, synthetic_table(graph))

@@ -2,18 +2,19 @@
 
 The formulation is HALP's (Shen et al., NeurIPS 2022), written for our channel graph: each prunable group offers
 one *option* per kept count (multiples of ``round_to``, down to what ``max_ratio`` allows; split groups keep
-equal counts per segment). An option's *value* is the importance of the channels it keeps (the group's best
-ones, as a share of the group's total: every coupled group is worth the same, since no magnitude criterion can
-say that one group matters more than another, and a criterion of any scale compares); its *cost* is the
+equal counts per segment). An option's *value* is a concave function (``utility``, default ``quadratic``; HALP's
+is linear) of the importance of the channels it keeps (the group's best ones, as a share of the group's total:
+every coupled group is worth the same, since no magnitude criterion can say that one group matters more than
+another, and a criterion of any scale compares); its *cost* is the
 latency the latency model predicts for the layers the group touches, with every other group at its current
 count. A multiple-choice knapsack (one option per group, dynamic programming over the budget cut into
-``bins`` steps) keeps the most importance under the budget.
+``bins`` steps) keeps the most value under the budget.
 
 A layer's time depends on two groups at once (its inputs and its outputs), so costs taken one group at a time
 are a linearisation. The planner therefore iterates: solve, move the linearisation point to the solution,
 solve again (a few rounds), then repairs with exact predictions: while the plan is over budget it drops the
-chunk of ``round_to`` channels with the least importance per millisecond saved, and while there is room it
-gives back the chunk with the most importance per millisecond spent. The final plan's predicted latency is
+chunk of ``round_to`` channels with the least value per millisecond saved, and while there is room it gives
+back the chunk with the most value per millisecond spent. The final plan's predicted latency is
 therefore at or under the budget by construction.
 """
 
@@ -37,17 +38,32 @@ from .model import LatencyModel
 # uniform L1 (bench/results/latency_vs_macs.md, first run).
 DEFAULT_MAX_RATIO = 0.5
 
+# How an option's value grows with the share of the group's importance it keeps (``f`` in (0, 1]). HALP's value
+# is linear (``f``); with it the knapsack strips the groups where a channel costs the most time to the cap and
+# leaves the rest whole. A concave value makes each further cut of a group worth less than the one before, so
+# the cuts spread over more groups. Quadratic (the loss grows with the square of the share cut) recovered the
+# most accuracy after fine-tuning on the demo detector, with L1 and with Taylor importance: the "planner's
+# utility" table in bench/results/latency_vs_macs.md.
+UTILITIES = {
+    "linear": lambda f: f,
+    "log": lambda f: np.log(np.maximum(f, 1e-12)),
+    "quadratic": lambda f: -((1.0 - f) ** 2),
+}
+DEFAULT_UTILITY = "quadratic"
+
 
 @dataclass
 class _Group:
     group: ChannelGroup
     options: np.ndarray  # kept count per segment, ascending
-    values: np.ndarray  # importance kept at each option
+    shares: np.ndarray  # share of the group's importance kept at each option
+    values: np.ndarray  # the utility of that share: what the knapsack maximises
     rank: np.ndarray  # per position of the group: its rank inside its segment (0 = most important)
     order: list[np.ndarray]  # per segment: positions, most important first
 
 
-def _options(g: ChannelGroup, scores: np.ndarray, round_to: int, max_ratio: float | None) -> _Group:
+def _options(g: ChannelGroup, scores: np.ndarray, round_to: int, max_ratio: float | None,
+             utility: str = DEFAULT_UTILITY) -> _Group:
     segs = [np.asarray(s) for s in (g.segments or [list(range(g.size))])]
     n = len(segs[0])
     lowest = _aligned_keep(n, 1.0 - 1e-9, round_to, max_ratio) if n > round_to else n
@@ -62,14 +78,18 @@ def _options(g: ChannelGroup, scores: np.ndarray, round_to: int, max_ratio: floa
         rank[o] = np.arange(len(o))
         cum[1:] += np.cumsum(normed[o])
     opts = np.asarray(counts, dtype=np.int64)
-    return _Group(g, opts, cum[opts], rank, order)
+    shares = np.minimum(cum[opts], 1.0)
+    return _Group(g, opts, shares, UTILITIES[utility](shares), rank, order)
 
 
 class LatencyPlanner:
     """Plans for one traced graph and one latency model; reusable across budgets and importance updates."""
 
     def __init__(self, model: LatencyModel, groups: list[ChannelGroup], round_to: int = 8,
-                 max_ratio: float | None = DEFAULT_MAX_RATIO, bins: int = 4000):
+                 max_ratio: float | None = DEFAULT_MAX_RATIO, bins: int = 4000, utility: str = DEFAULT_UTILITY):
+        if utility not in UTILITIES:
+            raise LatencyError(f"unknown planner utility {utility!r}; choose one of {', '.join(UTILITIES)}")
+        self.utility = utility
         self.model = model
         self.groups = groups
         self.round_to = round_to
@@ -153,7 +173,7 @@ class LatencyPlanner:
         """Kept positions per group (only groups that lose channels) whose predicted latency is at most
         ``budget_ms``, keeping the most importance; and a summary of the planning."""
         t0 = time.perf_counter()
-        st = [_options(g, np.asarray(scores[g.key], dtype=float), self.round_to, self.max_ratio)
+        st = [_options(g, np.asarray(scores[g.key], dtype=float), self.round_to, self.max_ratio, self.utility)
               for g in self.groups]
         self._sort_ranks(st)
         full = {i: int(s.options[-1]) for i, s in enumerate(st)}
@@ -186,11 +206,10 @@ class LatencyPlanner:
             k = ks[i]
             if k < full[i]:
                 plan[s.group.key] = sorted(int(p) for seg in s.order for p in seg[:k])
-        total_value = sum(float(s.values[-1]) for s in st)
-        kept_value = sum(float(st[i].values[np.searchsorted(st[i].options, k)]) for i, k in ks.items())
+        kept_share = float(np.mean([st[i].shares[np.searchsorted(st[i].options, k)] for i, k in ks.items()]))
         info = {"budget_ms": round(budget_ms, 5), "predicted_ms": round(pred, 5), "dense_ms": round(self.dense_ms, 5),
-                "floor_ms": round(floor_ms, 5), "importance_kept": round(kept_value / total_value, 5)
-                if total_value else 1.0, "groups_cut": len(plan), "seconds": round(time.perf_counter() - t0, 4)}
+                "floor_ms": round(floor_ms, 5), "importance_kept": round(kept_share, 5), "utility": self.utility,
+                "groups_cut": len(plan), "seconds": round(time.perf_counter() - t0, 4)}
         return plan, info
 
     def _knapsack(self, st: list[_Group], ks: dict[int, int], budget_ms: float) -> dict[int, int] | None:
@@ -263,8 +282,8 @@ class LatencyPlanner:
             cands = []
             for i in range(len(st)):
                 m = move(i, -1)
-                if m is not None and m[1] < 0:
-                    cands.append((m[2] / -m[1], i, m[0]))
+                if m is not None and m[1] < 0:  # m[2] <= 0: the importance the move loses
+                    cands.append((-m[2] / -m[1], i, m[0]))
             if not cands:
                 break
             _, i, k = min(cands)

@@ -32,7 +32,10 @@ class PruneConfig:
     ``target_macs`` / ``target_params`` (fraction of the dense model's MACs / parameters to keep, e.g. 0.5):
     the ratio is searched for instead, at most one of the two. ``max_ratio``: no group loses more than this
     fraction of its channels (default: any, as long as ``round_to`` channels stay). Every kept count is a
-    multiple of ``round_to``.
+    multiple of ``round_to``. ``target_latency`` (a fraction of the dense latency, or ``"4.5ms"``) plans with
+    the latency planner on a measured table (``latency_table``, ``backend``); ``latency_utility`` is how its
+    knapsack values the importance a group keeps (``quadratic``, ``log``, ``linear`` as in HALP;
+    :mod:`trt_prune.latency.planner`).
     """
 
     ratio: float = 0.5
@@ -46,6 +49,7 @@ class PruneConfig:
     target_latency: float | str | None = None
     latency_table: str | None = None
     backend: str = "onnxruntime"
+    latency_utility: str = "quadratic"
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -67,6 +71,10 @@ class PruneConfig:
             if self.global_pruning:
                 raise PruneError("target_latency ranks channels across groups by itself (a knapsack on measured "
                                  "latency); drop global_pruning")
+        from ..latency.planner import UTILITIES
+
+        if self.latency_utility not in UTILITIES:
+            raise PruneError(f"latency_utility must be one of {', '.join(UTILITIES)}, got {self.latency_utility!r}")
         if self.max_ratio is not None and not 0.0 < self.max_ratio < 1.0:
             raise PruneError(f"max_ratio must be in (0, 1), got {self.max_ratio}; e.g. 0.8 keeps at least a "
                              "fifth of every group")
@@ -163,7 +171,7 @@ def _plan(graph: ChannelGraph, config: PruneConfig, importance=None, latency=Non
         if latency is None:
             raise PruneError("target_latency needs a latency model (trt_prune.latency.LatencyModel)")
         cap = config.max_ratio if config.max_ratio is not None else DEFAULT_MAX_RATIO
-        planner = LatencyPlanner(latency, groups, config.round_to, cap)
+        planner = LatencyPlanner(latency, groups, config.round_to, cap, utility=config.latency_utility)
         plan, info = planner.plan(scores, budget_ms(config.target_latency, planner.dense_ms))
         latency.last_plan = info
         total = sum(g.size for g in groups)
