@@ -682,6 +682,79 @@ def fp16_cmd(onnx_file, io_type, block_node, atol, no_parity, input_shape, out, 
     _emit(result.to_dict(), as_json, table)
 
 
+def _floats3(text: str | None, name: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 3):
+        _fail(f"--{name} takes one number or three comma-separated numbers (one per colour), got {text!r}")
+    return values * 3 if len(values) == 1 else values
+
+
+@cli.command("quantize")
+@click.argument("onnx_file", metavar="FILE.onnx")
+@click.option("--calib", required=True, metavar="DATA",
+              help="Calibration data: a folder of images (letterboxed to the input), a .npy/.npz (N×C×H×W), or "
+                   "'builtin' (the demo detector's road scenes).")
+@click.option("--method", type=click.Choice(["entropy", "minmax", "percentile"]), default="entropy",
+              show_default=True, help="How activation ranges are chosen from the calibration data.")
+@click.option("--calib-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Calibration samples used (at most).")
+@click.option("--calib-cache", default=None, metavar="FILE",
+              help="Calibration cache, reused when model, data and method match  [default: OUT.calib.json].")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write a calibration cache.")
+@click.option("--exclude", multiple=True, metavar="NODE", help="Keep this node in float (repeatable).")
+@click.option("--fp16-rest", is_flag=True, help="Make every tensor not quantized fp16 (strongly typed TensorRT).")
+@click.option("--min-channels", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Weighted layers with fewer input or output channels stay in float.")
+@click.option("--mean", default=None, metavar="M[,M,M]", help="Images: subtract after scaling to [0, 1].")
+@click.option("--std", default=None, metavar="S[,S,S]", help="Images: divide by this after --mean.")
+@click.option("-o", "--out", required=True, help="Output .onnx file (the input is never modified).")
+@json_opt
+def quantize_cmd(onnx_file, calib, method, calib_size, calib_cache, no_cache, exclude, fp16_rest, min_channels,
+                 mean, std, out, as_json):
+    """INT8 (QDQ) ONNX for TensorRT: Q/DQ placed where TensorRT fuses them, calibrated on real data."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .quantize import quantize
+
+    means, stds = _floats3(mean, "mean"), _floats3(std, "std")
+    bar = Progress(TextColumn(f"calibrating ({method})"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeRemainingColumn(), console=_console(stderr=True), transient=True, disable=as_json)
+    state = {}
+
+    def on_progress(done: int, total: int) -> None:
+        if "task" not in state:
+            bar.start()
+            state["task"] = bar.add_task("calibrate", total=total)
+        bar.update(state["task"], completed=done)
+
+    try:
+        result = quantize(onnx_file, out, calib=calib, method=method, exclude=exclude, fp16_rest=fp16_rest,
+                          calib_size=calib_size, calib_cache=False if no_cache else calib_cache,
+                          min_channels=min_channels, on_progress=on_progress,
+                          **({"mean": means} if means else {}), **({"std": stds} if stds else {}))
+    finally:
+        if state:
+            bar.stop()
+    from rich.table import Table
+
+    p = result.placement
+    table = Table(title=f"{onnx_file} → {out}: INT8 ({method}), {len(p['quantized'])} layers quantized, "
+                        f"{len(p['kept'])} kept in float, {result.qdq_pairs} Q/DQ pairs; calibration "
+                        f"{'from the cache' if result.calibration['cached'] else result.calibration['source']}")
+    for col in ("kept in float", "op", "why"):
+        table.add_column(col)
+    for k in p["kept"]:
+        table.add_row(k["node"], k["op"], k["reason"])
+    for name, a in result.agreement.items():
+        table.add_row(f"output {name}", "", f"SQNR vs fp32 {a['sqnr_db']:.1f} dB (max |Δ| {a['max_abs']:.3g})")
+    _emit(result.to_dict(), as_json, table)
+
+
 def _backend_help(what: str) -> str:
     from .backends import SOURCE_KINDS, backend_class, backend_names
 
@@ -877,6 +950,29 @@ def inspect_sparsity_cmd(onnx_file, as_json):
     for r in records:
         table.add_row(r.name, r.op, "x".join(map(str, r.shape)), "yes" if r.holds_24 else "no",
                       "yes" if r.eligible else "no", r.reason)
+    _emit(data, as_json, table)
+
+
+@inspect_group.command("quantization")
+@click.argument("onnx_file", metavar="FILE.onnx")
+@json_opt
+def inspect_quantization_cmd(onnx_file, as_json):
+    """Per Conv/Gemm/MatMul: INT8 or float (and why); for a QDQ file, also every TensorRT placement rule broken."""
+    from .quantize import inspect_quantization
+
+    data = inspect_quantization(onnx_file)
+    from rich.table import Table
+
+    n8 = sum(r["precision"] == "int8" for r in data["layers"])
+    what = "holds" if data["quantized"] else "would hold (trt-prune quantize)"
+    table = Table(title=f"{onnx_file} {what}: {n8} of {len(data['layers'])} weighted layers in INT8"
+                        + (f"; {len(data['violations'])} placement problems" if data["quantized"] else ""))
+    for col in ("node", "module", "op", "precision", "why"):
+        table.add_column(col)
+    for r in data["layers"]:
+        table.add_row(r["node"], r["module"] or "", r["op"], r["precision"], r["reason"])
+    for v in data.get("violations", []):
+        table.add_row("", "", "", "problem", v)
     _emit(data, as_json, table)
 
 

@@ -61,3 +61,7 @@ class BenchError(TrtPruneError):
 
 class LatencyError(TrtPruneError):
     """A latency table is missing, corrupt or from another environment, or a latency budget cannot be met."""
+
+
+class QuantizeError(TrtPruneError):
+    """INT8 quantization: a bad model, calibration set or option (``trt-prune quantize``)."""
