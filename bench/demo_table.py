@@ -18,7 +18,7 @@ COLUMNS = ["variant", "params", "GMACs", "2:4 layers", "2:4 kept (torch / ONNX)"
            "mAP50-95 ORT", "p50 ms", "p99 ms", "inferences/s", "speed-up (p50)", "ONNX max abs err"]
 ROW_KEYS = ("name", "params", "macs", "sparse_layers", "masks_intact", "onnx_24_weights", "map50_95", "map50",
             "map50_95_finetuned", "map50_finetuned", "map50_95_onnx", "map50_onnx", "latency_ms", "throughput_ips",
-            "speedup_p50", "parity", "cv_warning")
+            "speedup_p50", "parity", "cv_warning", "derived_from")
 
 
 def record(report: dict, source: str) -> dict:
@@ -43,13 +43,18 @@ def markdown(rec: dict) -> str:
     for v in rec["variants"]:
         lat = v["latency_ms"]
         intact = v.get("masks_intact")
-        kept = "—" if intact is None else (f"{'yes' if intact else 'NO'} / {v.get('onnx_24_weights', '?')} of "
-                                           f"{v['sparse_layers']}")
+        torch_kept = "—" if intact is None else ("yes" if intact else "NO")  # INT8 rows: no torch model, ONNX only
+        kept = "—" if intact is None and not v["sparse_layers"] else (
+            f"{torch_kept} / {v.get('onnx_24_weights', '?')} of {v['sparse_layers']}")
         before = "—" if v["map50_95"] is None else f"{v['map50_95']:.3f}"  # pruned while training: no 'before'
+        # the INT8 rows have no torch model (no fine-tune score) and no export of their own (no parity)
+        tuned = "—" if v["map50_95_finetuned"] is None else f"{v['map50_95_finetuned']:.3f}"
+        err = (v.get("parity") or {}).get("max_abs")
+        err = "—" if err is None else f"{err:.1e}"
         lines.append(f"| {v['name']} | {v['params'] / 1e6:.2f} M | {v['macs'] / 1e9:.3f} | {v['sparse_layers']} | "
-                     f"{kept} | {before} | {v['map50_95_finetuned']:.3f} | {v['map50_95_onnx']:.3f} | "
+                     f"{kept} | {before} | {tuned} | {v['map50_95_onnx']:.3f} | "
                      f"{lat['p50']:.2f} | {lat['p99']:.2f} | {v['throughput_ips']:.0f} | {v['speedup_p50']:.2f}× | "
-                     f"{v['parity']['max_abs']:.1e} |")
+                     f"{err} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,8 +1,11 @@
-"""``trt-prune demo``: the whole pipeline on ``builtin:demo-detector``, four variants, one report.
+"""``trt-prune demo``: the whole pipeline on ``builtin:demo-detector``, seven variants, one report.
 
-dense → structured (about half the MACs) → 2:4 → structured + 2:4; each scored (COCO mAP) before and after a
-short fine-tune, exported, cleaned, checked against torch, timed in ONNX Runtime with the variants
-interleaved (this machine is noisy), and profiled per layer.
+dense → structured (about half the MACs) → 2:4 → structured + 2:4 (→ structured-gradual, pruned while
+training); each scored (COCO mAP) before and after a short fine-tune, exported, cleaned, checked against torch,
+timed in ONNX Runtime with the variants interleaved (this machine is noisy), and profiled per layer. Two INT8
+variants have no torch model: ``int8`` and ``structured+sparse24+int8`` are the cleaned ONNX of ``dense`` and
+``structured+sparse24`` quantized (:func:`trt_prune.quantize.quantize`, Q/DQ, calibrated on the builtin road
+scenes' train split); they are scored (mAP of the QDQ model in ONNX Runtime), timed and profiled like the rest.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import ensure_output_dir, write_json
+from .artifacts import OnnxArtifact, ensure_output_dir, write_json
 from .errors import TrtPruneError
 
 MODEL_SPEC = "builtin:demo-detector"
@@ -39,12 +42,35 @@ class DemoSettings:
     min_channels_24: int = 64  # below NVIDIA's ~256 on purpose: the demo shows 2:4's accuracy cost broadly
     bn_batches: int = 16  # batches of 16 training images that re-estimate BatchNorm statistics before fine-tuning
     gradual: bool = True  # also prune to target_macs *while* training the same steps (docs/training.md's best recipe)
+    int8_calib_size: int = 256  # builtin road scenes (train split) the INT8 variants are calibrated on
+    int8_method: str = "entropy"  # INT8 calibration method (trt_prune.quantize.METHODS)
 
 
 QUICK = DemoSettings(eval_images=100, finetune_steps=40, finetune_batch=8, finetune_img=320, finetune_lr=4e-4,
-                     rounds=8, iterations_per_round=10, layer_runs=10)
+                     rounds=8, iterations_per_round=10, layer_runs=10, int8_calib_size=32,
+                     int8_method="percentile")  # entropy's threshold search alone takes ~70 s on 2 cores
 FULL = DemoSettings(eval_images=500, finetune_steps=250, finetune_batch=8, finetune_img=320, finetune_lr=4e-4,
                     rounds=20, iterations_per_round=15, layer_runs=30)
+
+
+# INT8 variant -> the variant whose cleaned ONNX it quantizes (in report order, after the float variants)
+INT8_VARIANTS = {"int8": "dense", "structured+sparse24+int8": "structured+sparse24"}
+
+
+def _onnx_name(name: str) -> str:
+    return f"{name.replace('+', '_')}.onnx"
+
+
+def _int8_summary(source: str, result) -> dict:
+    """What a report row says about an INT8 variant: its placement, calibration and where its accuracy is from."""
+    p = result.placement
+    return {"source": source, "method": result.method, "calib_samples": result.calibration["samples"],
+            "calib_source": result.calibration["source"], "calibration_seconds": result.calibration["seconds"],
+            "quantize_seconds": result.seconds, "quantized_layers": len(p["quantized"]),
+            "kept_layers": len(p["kept"]), "kept": p["kept"], "residual_pairs": len(p["residual"]),
+            "qdq_pairs": result.qdq_pairs, "int8_weights": result.weights, "agreement": result.agreement,
+            "bytes_before": result.bytes_before, "bytes_after": result.bytes_after,
+            "accuracy": "onnxruntime"}  # mAP of the QDQ session in ONNX Runtime (CPU): there is no torch model
 
 
 class _Log:
@@ -116,6 +142,7 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
     from .profiling.stats import CV_THRESHOLD, cv_warning, summarize
     from .pruning import count_params, macs_of
     from .pruning.alignment import preferred_round_to
+    from .quantize import quantize as quantize_int8
     from .sparsity.inspect import inspect_sparsity
     from .stages import build, prune, sparsify, to_onnx
 
@@ -191,31 +218,57 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
 
     sessions, feeds, exports, cleans = {}, {}, {}, {}
     onnx_dir = ensure_output_dir(out / "onnx")
+
+    def v_onnx(name: str) -> Path:
+        return onnx_dir / _onnx_name(name)
+
     gen = torch.Generator().manual_seed(0)
     image = torch.rand(shape, generator=gen).numpy()
+
+    def open_session(name: str) -> None:
+        """Build ``name``'s ONNX in ONNX Runtime and score it through that session (``map_onnx``)."""
+        sessions[name] = build(v_onnx(name), "onnxruntime",
+                               BuildConfig(threads=threads, extra={"allow_spinning": False}))
+        feeds[name] = {sessions[name].inputs[0].name: image}
+        ins, outs = sessions[name].inputs[0].name, sessions[name].outputs[0].name
+        variants[name]["map_onnx"] = score(_session_predict(sessions[name], ins, outs))
+
     try:
         with tempfile.TemporaryDirectory(prefix="trt_prune_demo_") as tmp:
             for name, v in variants.items():
-                final = onnx_dir / f"{name.replace('+', '_')}.onnx"
-                artifact = to_onnx(v["finetuned"], final, workdir=tmp, input_shape=shape, name=name,
+                artifact = to_onnx(v["finetuned"], v_onnx(name), workdir=tmp, input_shape=shape, name=name,
                                    exporter=exporter)
                 exports[name], cleans[name] = (next(s for s in artifact.steps if s["stage"] == stage)
                                                for stage in ("export", "clean"))
                 log(f"{name}: exported ({exports[name]['exporter']}) and cleaned "
                     f"{cleans[name]['nodes_before']} → {cleans[name]['nodes_after']} nodes")
-                sessions[name] = build(final, "onnxruntime",
-                                       BuildConfig(threads=threads, extra={"allow_spinning": False}))
-                feeds[name] = {sessions[name].inputs[0].name: image}
-                ins, outs = sessions[name].inputs[0].name, sessions[name].outputs[0].name
-                v["map_onnx"] = score(_session_predict(sessions[name], ins, outs))
+                open_session(name)
+            # the INT8 variants: the source's cleaned ONNX as written above, quantized; no torch model, so no
+            # fine-tune and no torch score: their accuracy is the QDQ session's in ONNX Runtime
+            for name, source in INT8_VARIANTS.items():
+                log(f"{name}: quantizing {source}'s ONNX to INT8 ({settings.int8_method} calibration on "
+                    f"{settings.int8_calib_size} builtin road scenes)")
+                result = quantize_int8(v_onnx(source), v_onnx(name), calib="builtin", method=settings.int8_method,
+                                       calib_size=settings.int8_calib_size, calib_cache=False)
+                # the copied provenance says export + clean of the source: add the step that made this file
+                OnnxArtifact.read(v_onnx(source)).with_step(v_onnx(name), {
+                    "stage": "quantize", "method": result.method, "calib": "builtin",
+                    "calib_samples": result.calibration["samples"], "qdq_pairs": result.qdq_pairs}).stamp()
+                add(name, None, None, variants[source]["sparse_layers"])
+                v = variants[name]
+                v["source"], v["finetuned"], v["int8"] = source, None, _int8_summary(source, result)
+                v["map_before"] = v["map_after"] = {"map50_95": None, "map50": None}
+                log(f"{name}: {v['int8']['quantized_layers']} layers INT8, {v['int8']['kept_layers']} kept in "
+                    f"float, {result.qdq_pairs} Q/DQ pairs (calibration {result.calibration['seconds']:.0f} s)")
+                open_session(name)
             log(f"timing {len(sessions)} variants interleaved: {settings.rounds} rounds × "
                 f"{settings.iterations_per_round} iterations each")
             samples = interleaved_timings(sessions, feeds, rounds=settings.rounds,
                                           iterations_per_round=settings.iterations_per_round, warmup_s=1.0)
             import onnx
 
-            for name, session in sessions.items():
-                mapping = build_module_map(onnx.load(str(onnx_dir / f"{name.replace('+', '_')}.onnx")))
+            for name, session in sessions.items():  # the INT8 variants too (Q/DQ nodes map to their neighbours)
+                mapping = build_module_map(onnx.load(str(v_onnx(name))))
                 variants[name]["per_layer"] = [r.to_dict() for r in
                                                session.profile_layers(feeds[name], runs=settings.layer_runs,
                                                                       module_map=mapping)]
@@ -224,18 +277,18 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
         for s in sessions.values():
             s.close()
 
-    def v_onnx(name: str) -> Path:
-        return onnx_dir / f"{name.replace('+', '_')}.onnx"
-
     rows = []
     for name, v in variants.items():
         lat = summarize(samples[name])
         layers = sorted(v["per_layer"], key=lambda r: r["ms"], reverse=True)
-        parity = exports[name]["parity"].get(exports[name]["output_names"][0], {})
+        # an INT8 variant has no export of its own (no parity against torch: its agreement with the fp32 ONNX is
+        # in "int8"), and the parameters and MACs of its source (the same weights, stored as INT8)
+        parity = exports[name]["parity"].get(exports[name]["output_names"][0], {}) if name in exports else {}
+        counted = v["finetuned"] if v["finetuned"] is not None else variants[v["source"]]["finetuned"]
         rows.append({
             "name": name,
-            "params": count_params(v["finetuned"]),
-            "macs": macs_of(v["finetuned"], shape),
+            "params": count_params(counted),
+            "macs": macs_of(counted, shape),
             "sparse_layers": v["sparse_layers"],
             "masks_intact": _masks_intact(v),
             "onnx_24_weights": sum(r.holds_24 for r in inspect_sparsity(v_onnx(name))),
@@ -249,11 +302,13 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
             "latency_samples_ms": [round(x, 4) for x in samples[name]],
             "cv_warning": cv_warning(lat),
             "throughput_ips": 1000.0 / lat["mean"],
-            "onnx": str(onnx_dir / f"{name.replace('+', '_')}.onnx"),
+            "onnx": str(v_onnx(name)),
             "parity": parity,
-            "export": exports[name],
-            "clean": cleans[name],
-            "finetune": ft_info[name],
+            "export": exports.get(name),
+            "clean": cleans.get(name),
+            "finetune": ft_info.get(name),
+            "derived_from": v.get("source"),  # INT8 variants: the variant whose ONNX was quantized
+            "int8": v.get("int8"),  # INT8 variants: placement, calibration, agreement; None for float variants
             "per_layer": [{"name": r["name"], "op": r["op"], "module": r.get("module"), "ms": r["ms"]}
                           for r in layers],
             "per_layer_sum_ms": sum(r["ms"] for r in layers),
@@ -292,7 +347,13 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, threads: int | N
         ] + ([f"structured-gradual: pruned from the dense model to about {settings.target_macs:.0%} of MACs "
               f"while training the same {settings.finetune_steps} steps (accumulated Taylor importance on "
               "BatchNorm, masks settled by 40 % of the steps and never revived, the dense model as teacher); "
-              "no 'before fine-tune' score"] if settings.gradual else []),
+              "no 'before fine-tune' score"] if settings.gradual else [])
+        + [f"{' and '.join(INT8_VARIANTS)}: the cleaned ONNX of {' and '.join(INT8_VARIANTS.values())} quantized to "
+           f"INT8 Q/DQ (trt_prune.quantize: {settings.int8_method} calibration on "
+           f"{settings.int8_calib_size} builtin road scenes of the train split, weights per output channel); "
+           "no torch model, so no 'before' or 'ft' score: their mAP is the QDQ model's in ONNX Runtime (the ORT "
+           "column), params and MACs are the source's, and their latency is ONNX Runtime's CPU INT8 kernels, "
+           "not TensorRT's"],
     }
     unstable = [r for r in rows if r["cv_warning"]]
     if unstable:  # one line for the run, not one per variant: the advice is the same for all of them

@@ -16,6 +16,13 @@ def _fmt(value, spec: str = ".3f", none: str = "–") -> str:
     return format(value, spec)
 
 
+def _int8_layers(int8: dict | None) -> str:
+    """``"56 of 63"``: weighted layers an INT8 variant runs in INT8, of all its weighted layers; "–" for float."""
+    if not int8:
+        return "–"
+    return f"{int8['quantized_layers']} of {int8['quantized_layers'] + int8['kept_layers']}"
+
+
 def variant_rows(report: dict) -> list[dict]:
     """One flat row per variant: what the terminal table and the HTML table show."""
     rows = []
@@ -30,6 +37,7 @@ def variant_rows(report: dict) -> list[dict]:
             "params (M)": _fmt(v["params"] / 1e6, ".2f"),
             "GMACs": _fmt(v["macs"] / 1e9, ".3f"),
             "2:4 layers": str(v.get("sparse_layers", 0)),
+            "INT8 layers": _int8_layers(v.get("int8")),
             "mAP50-95": _fmt(v.get("map50_95")),
             "mAP50-95 ft": _fmt(v.get("map50_95_finetuned")),
             "mAP50-95 ORT": _fmt(v.get("map50_95_onnx")),
@@ -126,6 +134,22 @@ def write_html(report: dict, path: Path, images: list[Path]) -> Path:
                          f"(sum of all layers {v.get('per_layer_sum_ms', 0):.2f} ms vs p50 "
                          f"{v['latency_ms']['p50']:.2f} ms end to end)</summary><table><tr><th>node</th><th>op</th>"
                          f"<th>module</th><th>ms</th></tr>{trs}</table></details>")
+    int8_section = ""
+    for v in report["variants"]:
+        q = v.get("int8")
+        if not q:
+            continue
+        kept = "".join(f"<tr><td>{html.escape(k['node'])}</td><td>{html.escape(k['op'])}</td>"
+                       f"<td>{html.escape(k['reason'])}</td></tr>" for k in q.get("kept", []))
+        agree = "; ".join(f"{html.escape(n)} {a['sqnr_db']:.1f} dB" for n, a in (q.get("agreement") or {}).items())
+        int8_section += (
+            f"<details><summary>{html.escape(v['name'])}: {q['source']}'s ONNX, {q['quantized_layers']} layers "
+            f"INT8, {q['kept_layers']} kept in float, {q['qdq_pairs']} Q/DQ pairs; {html.escape(q['method'])} "
+            f"calibration on {q['calib_samples']} samples ({html.escape(q['calib_source'])}) in "
+            f"{q['calibration_seconds']:.1f} s; SQNR against fp32: {agree or '–'}; mAP from ONNX Runtime"
+            f"</summary><table><tr><th>kept in float</th><th>op</th><th>why</th></tr>{kept}</table></details>")
+    if int8_section:
+        int8_section = "<h2>INT8 variants</h2>" + int8_section
     env = html.escape(json.dumps(report.get("env", {}), indent=2))
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.get("notes", []))
     page = f"""<!doctype html>
@@ -138,10 +162,12 @@ figure{{display:inline-block;margin:1em 1em 0 0}}img{{max-width:100%}}pre{{backg
 <h1>trt_prune demo: {html.escape(report['model'])}</h1>
 <p>Backend {html.escape(report['backend'])}, batch 1. mAP is COCO mAP@[.5:.95] on {report.get('eval_images')}
 validation images; "ft" after a fine-tune of {report.get('finetune_steps')} steps; "ORT" is the fine-tuned
-model's ONNX run in ONNX Runtime.</p>
+model's ONNX run in ONNX Runtime (for the INT8 rows, which have no torch model, the quantized ONNX's: their only
+score).</p>
 <table><tr>{head}</tr>{body}</table>
 <ul>{notes}</ul>
 {pics}
+{int8_section}
 <h2>Per-layer profiles</h2>{layer_tables}
 <h2>Environment</h2><pre>{env}</pre>
 </body></html>

@@ -228,6 +228,16 @@ def test_plan_build_fp16_differs_between_10_and_11():
     assert any("deprecated since 10.12" in w for w in plan_build("10.12.0", config).warnings)
 
 
+def test_plan_build_takes_a_qdq_model_strongly_typed():
+    for version in ("10.9.0", "11.0.0"):  # INT8 from trt-prune quantize: the ONNX's Q/DQ decide, no precision flag
+        plan = plan_build(version, BuildConfig(), qdq=True)
+        assert plan.strongly_typed and plan.builder_flags == ()
+    assert plan_build("10.9.0", BuildConfig(), qdq=True).network_flags == ("STRONGLY_TYPED",)
+    weak = plan_build("10.9.0", BuildConfig(precision="fp16", extra={"strongly_typed": False}), qdq=True)
+    assert weak.builder_flags == ("INT8", "FP16") and not weak.strongly_typed  # weak typing: both flags
+    assert plan_build("11.0.0", BuildConfig(extra={"strongly_typed": False}), qdq=True).strongly_typed
+
+
 def test_plan_build_strongly_typed_on_10_when_asked():
     config = BuildConfig(precision="fp16", extra={"strongly_typed": True})
     p10 = plan_build("10.9.0", config)

@@ -5,6 +5,7 @@ and an output location left as it was."""
 from __future__ import annotations
 
 import click
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -73,6 +74,7 @@ def workspace(tmp_path_factory):
     (root / "models.py").write_text(FACTORIES)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
     export_onnx(model, root / "small.onnx", (1, 3, 16, 16), exporter="torchscript")
+    np.save(root / "calib.npy", np.random.default_rng(0).random((2, 3, 16, 16), dtype=np.float32))
     (root / "suite.yaml").write_text(f"name: s\nentries: [{{model: '{root / 'models.py'}:boom', "
                                      "variants: {dense: {}}}]\n")
     (root / "blocker").write_text("a file where a folder should be")
@@ -94,7 +96,9 @@ TABLE: dict[tuple[str, ...], dict] = {
     ("build",): {"args": ["{tiny}", "-o", "{file}"], "out": True, "model": True},
     ("profile",): {"args": ["{tiny}", "--backend", "torch", "--input-shape", "1x3x16x16", "-o", "{file}"],
                    "out": True, "model": True, "shape": True},
+    ("quantize",): {"args": ["{onnx}", "--calib", "{calib}", "--no-cache", "-o", "{file}"], "out": True},
     ("inspect", "sparsity"): {"args": ["{onnx}"]},
+    ("inspect", "quantization"): {"args": ["{onnx}"]},
     ("inspect", "latency-table"): {"args": ["{out}"]},
     ("latency-table",): {"args": ["{tiny}", "--input-shape", "1x3x16x16", "--points", "2", "-o", "{out}"],
                          "out": True, "model": True, "shape": True},
@@ -132,7 +136,7 @@ ALL_CASES = [(path, label, repl, extra) for path in TABLE for label, repl, extra
 def test_bad_input_is_one_line_exit_2_and_nothing_written(workspace, tmp_path, path, label, replacements, extra):
     values = {"onnx": str(workspace / "small.onnx"), "tiny": f"{workspace / 'models.py'}:tiny",
               "suite": str(workspace / "suite.yaml"), "out": str(tmp_path / "out"),
-              "file": str(tmp_path / "out.json")}
+              "calib": str(workspace / "calib.npy"), "file": str(tmp_path / "out.json")}
     values.update({k: v.format(root=workspace) for k, v in replacements.items()})
     args = [a.format(**values) for a in TABLE[path]["args"]]
     if "shape" in replacements:  # the wrong shape replaces the valid one, or is added

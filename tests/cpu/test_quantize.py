@@ -274,10 +274,17 @@ def test_cli_quantizes_inspects_and_refuses(demo_onnx, tmp_path):
     runner = CliRunner()
     out = tmp_path / "q.onnx"
     res = runner.invoke(cli, ["quantize", str(demo_onnx), "-o", str(out), "--calib", "builtin", "--calib-size", "2",
-                              "--method", "minmax", "--json"])
+                              "--method", "minmax", "--fp16-rest", "--json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     assert data["qdq_pairs"] == 51 and data["calibration"]["samples"] == 2 and out.exists()
+    assert data["fp16_rest"]["stray_fp32"] == [] and data["agreement"]["output"]["sqnr_db"] > 20
+    written = onnx.load(out)
+    weights = {t.data_type for t in written.graph.initializer if len(t.dims) == 4}  # conv weights
+    assert weights == {onnx.TensorProto.INT8, onnx.TensorProto.FLOAT16}  # INT8 where quantized, else fp16
+    inits = {t.name: t for t in written.graph.initializer}
+    assert all(inits[n.input[1]].data_type == onnx.TensorProto.FLOAT16 for n in written.graph.node
+               if n.op_type == "QuantizeLinear")
     res = runner.invoke(cli, ["inspect", "quantization", str(out), "--json"])
     assert res.exit_code == 0
     info = json.loads(res.output)

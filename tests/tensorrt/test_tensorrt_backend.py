@@ -149,6 +149,24 @@ def test_sparse_build_reports_sparsity(tmp_path):
         assert s.run({"x": np.zeros((1, 256, 28, 28), np.float16)})["y"].dtype == np.float16
 
 
+def test_int8_qdq_builds_strongly_typed_and_runs_int8(demo, tmp_path):
+    # trt-prune quantize's output: Q/DQ decide precision; no precision flag on 10 or 11
+    from trt_prune.quantize import quantize
+
+    _, path, _ = demo
+    calib = np.random.default_rng(0).random((8, 3, SIZE, SIZE), dtype=np.float32)
+    q = quantize(path, tmp_path / "demo.int8.onnx", calib=calib, method="minmax", calib_cache=False)
+    config = BuildConfig(batch=(1, 1, 1), optimization_level=2, cache_dir=str(tmp_path / "cache"))
+    with get_backend("tensorrt").build(q.dst, config) as s:
+        assert s.plan.strongly_typed and "INT8" not in s.plan.builder_flags
+        assert any(row["precision"] == "int8" for row in s.inspector), "the engine inspector shows no INT8 layer"
+        x = calib[:1]
+        with get_backend("onnxruntime").build(q.dst, BuildConfig(threads=4)) as ref:
+            expected = ref.run({"images": x})["preds"]
+        got = s.run({"images": x})["preds"]
+        assert np.abs(got - expected).max() <= 0.1 * np.abs(expected).max()  # same Q/DQ math, other kernels
+
+
 def _copy_entry(session, folder, dst):
     """The session's cache entry, copied to ``dst`` so that it can be damaged without harming the shared one."""
     dst.mkdir()

@@ -7,8 +7,8 @@ behind a DequantizeLinear (a quarter of the bytes; TensorRT 10+ takes DQ-only IN
 Zeros stay zeros, so a 2:4 weight is still 2:4 after quantization (``trt-prune inspect sparsity`` follows the DQ).
 
 The result runs in ONNX Runtime on the CPU (accuracy is measured there) and is what TensorRT 11 builds in INT8
-without precision flags. ``fp16_rest`` then makes every float tensor fp16 (:func:`trt_prune.precision.to_fp16`
-with its block list), so the strongly typed build has no fp32 layer left by accident.
+without precision flags. ``fp16_rest`` then makes every float tensor fp16 (:func:`trt_prune.quantize.fp16.fp16_rest`,
+with :mod:`trt_prune.precision`'s block list), so the strongly typed build has no fp32 layer left by accident.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class QuantizeResult:
     weights: int
     placement: dict
     calibration: dict
-    fp16_rest: bool = False
+    fp16_rest: dict = field(default_factory=dict)  # with fp16_rest: what trt_prune.quantize.fp16 reported
     agreement: dict = field(default_factory=dict)
     bytes_before: int = 0
     bytes_after: int = 0
@@ -219,7 +219,7 @@ def agreement(reference: onnx.ModelProto, quantized: onnx.ModelProto, data: Cali
         if xs:
             x = np.concatenate([p[0].ravel() for p in xs])
             y = np.concatenate([p[1].ravel() for p in xs])
-            out[n] = {"sqnr_db": round(_sqnr(x, y), 2), "max_abs": float(np.max(np.abs(x - y)))}
+            out[n] = {"sqnr_db": round(float(_sqnr(x, y)), 2), "max_abs": float(np.max(np.abs(x - y)))}
     return out
 
 
@@ -245,6 +245,9 @@ def quantize(src, dst, *, calib, method: str = "entropy", exclude: Sequence[str]
     if method not in METHODS:
         raise QuantizeError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     src_path, dst_path, original = onnx_io.load_source(src, dst, QuantizeError, "quantization")
+    from trt_prune.artifacts import check_output_file
+
+    check_output_file(dst_path)  # before minutes of calibration
     _check_source(original, str(src_path))
     exclude = resolve_exclude(original, [str(e) for e in exclude])
     data = calibration_set(calib, original, limit=calib_size, mean=mean, std=std)
@@ -256,6 +259,10 @@ def quantize(src, dst, *, calib, method: str = "entropy", exclude: Sequence[str]
     _name_nodes(model.graph)
     placement = place(model, exclude=exclude, min_channels=min_channels)
     placement.residual = [r for r in placement.residual if r["node"] not in set(exclude)]
+    if not placement.nodes:
+        reasons = sorted({k["reason"] for k in placement.kept})
+        raise QuantizeError(f"nothing to quantize in {str(src_path)!r}: every Conv/Gemm/MatMul stays in float "
+                            f"({'; '.join(reasons)[:300]}); nothing was written")
     tensors = list(placement.activation_consumers())
     key = {"model": model_digest(model), "data": data.fingerprint, "method": method, "tensors": len(tensors)}
     cache = None if calib_cache is False else Path(calib_cache or f"{dst_path}.calib.json")
@@ -271,15 +278,17 @@ def quantize(src, dst, *, calib, method: str = "entropy", exclude: Sequence[str]
     except Exception as exc:
         raise QuantizeError(f"the quantized graph fails onnx.checker ({onnx_io.one_line(exc)}); nothing was "
                             "written. Clean the model first (trt-prune clean) and retry") from exc
+    fp16_report = {}
+    if fp16_rest:
+        from trt_prune.quantize.fp16 import fp16_rest as to_fp16_rest
+
+        quantized, fp16_report = to_fp16_rest(quantized)
     try:
         agree = agreement(model, quantized, data)
     except Exception as exc:
         raise QuantizeError(f"ONNX Runtime cannot run the quantized model ({onnx_io.one_line(exc)}); nothing was "
                             "written") from exc
-    if fp16_rest:
-        written = _fp16_rest(quantized, dst_path)
-    else:
-        written = onnx_io.save_onnx(quantized, dst_path)
+    written = onnx_io.save_onnx(quantized, dst_path)
     if cache is not None and not cached:
         write_cache(cache, key, ranges)
     n_weights = sum(1 for n in quantized.graph.node if n.op_type == "DequantizeLinear"
@@ -287,16 +296,12 @@ def quantize(src, dst, *, calib, method: str = "entropy", exclude: Sequence[str]
     return QuantizeResult(
         src=str(src_path), dst=str(written), method=method,
         qdq_pairs=sum(1 for n in quantized.graph.node if n.op_type == "QuantizeLinear"), weights=n_weights,
-        placement=placement.to_dict(), fp16_rest=bool(fp16_rest), agreement=agree,
+        placement=placement.to_dict(), fp16_rest=fp16_report, agreement=agree,
         calibration={"source": data.source, "samples": data.count, "cached": cached,
                      "cache": None if cache is None else str(cache), "seconds": round(calib_seconds, 2),
                      "tensors": len(tensors)},
         bytes_before=src_path.stat().st_size, bytes_after=Path(written).stat().st_size,
         seconds=round(time.perf_counter() - started, 2))
-
-
-def _fp16_rest(model: onnx.ModelProto, dst: Path) -> Path:
-    raise QuantizeError("--fp16-rest is not available yet")
 
 
 def inspect_quantization(path, *, min_channels: int = DEFAULT_MIN_CHANNELS) -> dict:

@@ -109,11 +109,12 @@ class TensorRTBackend(Backend):
         import onnx
         import tensorrt as trt
 
-        plan = plan_build(trt.__version__, config)
+        model = onnx.load(str(onnx_path), load_external_data=False)
+        qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+        plan = plan_build(trt.__version__, config, qdq=qdq)
         options = runtime_options(config)
         api = make_cuda_api(choose_cuda_api(_import_error(CUDA_MODULES["cuda-python"]) is None,
                                             _import_error(CUDA_MODULES["pycuda"]) is None, options["cuda_api"]))
-        model = onnx.load(str(onnx_path), load_external_data=False)
         inputs, _ = onnx_io_specs(model)
         ranges = resolve_shape_ranges(inputs, config)
         gpu_name, cc = api.device_info()

@@ -63,13 +63,15 @@ class BuildPlan:
         return asdict(self)
 
 
-def plan_build(trt_version: str, config: BuildConfig) -> BuildPlan:
+def plan_build(trt_version: str, config: BuildConfig, qdq: bool = False) -> BuildPlan:
     """Decide builder and network flags for ``config`` on TensorRT ``trt_version``.
 
     TensorRT 10 is weakly typed by default: fp16 is asked for with the FP16 builder flag, unless the user
     asks for a strongly typed network (``extra["strongly_typed"]``), where the ONNX's types decide and no
     precision flag may be set. TensorRT 11 builds strongly typed networks only: FP16/INT8/BF16 flags are
     gone and STRONGLY_TYPED is ignored, so fp16 must already be in the ONNX. SPARSE_WEIGHTS exists in both.
+    ``qdq``: the ONNX carries Q/DQ pairs (``trt-prune quantize``): on TensorRT 10 it is then built strongly typed
+    too, unless ``extra["strongly_typed"]`` is False, where weak typing needs the INT8 flag for its Q/DQ layers.
     Engines always carry DETAILED profiling verbosity so the inspector can name tactics and ONNX nodes.
     """
     major, minor, _ = parse_trt_version(trt_version)
@@ -92,9 +94,11 @@ def plan_build(trt_version: str, config: BuildConfig) -> BuildPlan:
     network_flags: list[str] = []
     builder_flags: list[str] = []
     cleared: list[str] = []
-    asked_strong = bool(config.extra.get("strongly_typed", False))
+    asked_strong = bool(config.extra.get("strongly_typed", qdq))
     if major == 10:
         strongly_typed = asked_strong
+        if qdq and not strongly_typed:
+            builder_flags.append("INT8")  # weak typing: Q/DQ layers are refused without it
         if strongly_typed:
             network_flags.append("STRONGLY_TYPED")
             if config.precision == "fp16":
