@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (H100/H200; torch there, nothing downloadable). From the repo root:
-#   bash bench/gpu_check.sh [all|check|latency|accuracy]   # results under $OUT (the device tool's folder) or bench/results/gpu
+#   bash bench/gpu_check.sh [all|check|latency|accuracy|int8]   # results under $OUT (the device tool's folder) or bench/results/gpu
 #   (the copy on the GPU machine may carry an older .git: name the commit sent, TRT_PRUNE_COMMIT=abc1234)
 # 1. installs the wheels carried in .whl/ (the image lacks onnx-graphsurgeon, polygraphy, pycocotools and onnxslim;
 #    fetch them here with the `pip download` line of the device tool's README and carry .whl); 2. runs the GPU tests (tests/gpu, and the real-CUDA variants of the TensorRT
@@ -18,6 +18,8 @@
 # times beside the dense ones, plans to 0.6x of the dense latency with 2:4 only where the table says it pays,
 # and times dense / latency plan / latency plan + 2:4 / uniform L1 at the same predicted latency
 # (bench/gpu_latency.py; the table and its plot stay in $RESULTS/latency_table).
+# `int8` (issue 16) builds `trt-prune quantize`'s QDQ demo detector with TensorRT, strongly typed, and checks it
+# against ONNX Runtime (tests/tensorrt -k int8); where TensorRT is not installed the line says so and why.
 
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,6 +71,9 @@ if [[ $PARTS == all || $PARTS == accuracy ]]; then
   for pid in $(jobs -rp); do kill "$pid" 2>/dev/null; done
   tar czf "$RESULTS/accuracy_rows.tgz" -C "$(dirname "$ACC")" accuracy
 fi
+if [[ $PARTS == all || $PARTS == int8 ]]; then
+  timeout 300 python3 -m pytest -q -rs -p no:cacheprovider tests/tensorrt -k int8 2>&1 | tee "$RESULTS/int8.txt"
+fi
 echo "== summary"
 if [[ $PARTS == all || $PARTS == check ]]; then
   tail -n 3 "$RESULTS/tests.txt"
@@ -77,6 +82,9 @@ if [[ $PARTS == all || $PARTS == check ]]; then
 fi
 if [[ $PARTS == all || $PARTS == latency ]]; then
   tail -n 8 "$RESULTS/latency.txt"
+fi
+if [[ $PARTS == all || $PARTS == int8 ]]; then
+  tail -n 2 "$RESULTS/int8.txt"
 fi
 if [[ $PARTS == all || $PARTS == accuracy ]]; then
   python3 - "$ACC" <<'PY'
