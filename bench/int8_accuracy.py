@@ -1,6 +1,6 @@
 """INT8 post-training quantization (``trt_prune.quantize``): accuracy of the demo detector and CPU speed.
 
-Three parts, all on this machine's ONNX Runtime (CPU):
+Four parts, all on this machine's ONNX Runtime (CPU):
 
 - ``accuracy`` — ``builtin:demo-detector`` in three variants, each exported and cleaned to fp32 ONNX:
   ``dense`` (the shipped weights), ``structured`` (pruned to half the MACs, ``round_to`` 8, BatchNorm re-estimated
@@ -8,11 +8,13 @@ Three parts, all on this machine's ONNX Runtime (CPU):
   fine-tuned ``--steps`` again with the masks held), as ``trt-prune demo`` builds them. Each is quantized with
   every calibration method (entropy, minmax, percentile; ``--calib-size`` training road scenes) and scored
   (mAP@[.5:.95] on ``--images`` validation scenes) against its fp32 ONNX. The goal: INT8 within
-  ``GOAL`` (1.0 mAP point) of fp32. Where a method misses it on the dense model, the per-layer sensitivity:
-  each quantized layer excluded (kept float) on its own, scored on ``--sensitivity-images`` scenes with the
-  same calibration ranges; then the most-recovering layers are excluded together, one more at a time, through
-  ``quantize(exclude=…)`` (the public path: recalibrated, written, read back) and scored on all images, until
-  the goal is met or ``--max-exclude`` layers are out.
+  ``GOAL`` (1.0 mAP point) of fp32.
+- ``recovery`` (after ``accuracy``, also run by it) — for each variant where a method misses the goal, the
+  per-layer sensitivity: each quantized layer excluded (kept float) on its own, scored on
+  ``--sensitivity-images`` scenes with the first missing method's ranges; then, for every missing method, the
+  most-recovering layers are excluded together, one more at a time, through ``quantize(exclude=…)`` (the public
+  path: recalibrated, written, read back) and scored on all images, until the goal is met or ``--max-exclude``
+  layers are out.
 - ``modelopt`` — with ``--modelopt-python`` (a venv holding NVIDIA ModelOpt, set up as bench/modelopt_ptq.py
   says, so its pins never touch ours): ModelOpt's ONNX PTQ and ours on the same fp32 files and calibration arrays
   (the dense demo detector, resnet50): Q/DQ pairs, weighted layers left in float, where DQs feed, demo mAP.
@@ -121,7 +123,7 @@ def variant_onnx(name: str, work: Path, steps: int) -> Path:
     return path
 
 
-def sensitivity(fp32: Path, method: str, images: int, calib_size: int, work: Path) -> list[dict]:
+def sensitivity(fp32: Path, variant: str, method: str, images: int, work: Path) -> list[dict]:
     """Per quantized layer: mAP with only that layer kept float (same ranges), best recovery first."""
     import onnx
 
@@ -132,8 +134,8 @@ def sensitivity(fp32: Path, method: str, images: int, calib_size: int, work: Pat
     model = onnx.load(fp32)
     _constants_to_initializers(model.graph)
     _name_nodes(model.graph)
-    cache = json.loads(Path(work / f"dense.{method}.int8.onnx.calib.json").read_text())
-    ranges = read_cache(work / f"dense.{method}.int8.onnx.calib.json", cache["key"])
+    path = work / f"{variant.replace('+', '_')}.{method}.int8.onnx.calib.json"  # written by the accuracy part
+    ranges = read_cache(path, json.loads(path.read_text())["key"])
     full = place(model)
     base = score(quantize_model(model, full, ranges), images)
     rows = []
@@ -176,29 +178,44 @@ def run_accuracy(args) -> dict:
             log(f"   {method}: INT8 mAP {m:.4f} ({(m - base) * 100:+.2f} pts), calibration "
                 f"{result.calibration['seconds']} s{' (cache)' if result.calibration['cached'] else ''}")
         rows.append(row)
-    dense = rows[0]
-    fp32 = variant_onnx("dense", work, args.steps)
-    recovery = {}
-    for method in METHODS:
-        if dense["methods"][method]["within_goal"]:
-            continue
-        log(f"== sensitivity of dense/{method}: each layer kept float on its own, {args.sensitivity_images} images")
-        ranking = sensitivity(fp32, method, args.sensitivity_images, args.calib_size, work)
-        tries = []
-        for k in range(1, args.max_exclude + 1):
-            exclude = [r["node"] for r in ranking[:k]]
-            dst = work / f"dense.{method}.exclude{k}.int8.onnx"
-            quantize(fp32, dst, calib="builtin", method=method, calib_size=args.calib_size, exclude=exclude)
-            m = score(dst, args.images)
-            tries.append({"exclude": exclude, "modules": [r["module"] for r in ranking[:k]], "map": m,
-                          "delta": m - dense["fp32_map"], "within_goal": dense["fp32_map"] - m <= GOAL})
-            log(f"   excluding {k}: mAP {m:.4f} ({(m - dense['fp32_map']) * 100:+.2f} pts)")
-            if tries[-1]["within_goal"]:
-                break
-        recovery[method] = {"ranking": ranking, "tries": tries}
     return {"model": DEMO, "images": args.images, "calib_size": args.calib_size, "steps": args.steps,
-            "goal": GOAL, "rows": rows, "recovery": recovery, "sensitivity_images": args.sensitivity_images,
+            "goal": GOAL, "rows": rows, "recovery": {}, "sensitivity_images": args.sensitivity_images,
             "provenance": stamp()}
+
+
+def run_recovery(args, rec: dict) -> dict:
+    """For every variant where a method misses the goal: the per-layer sensitivity (ranked once per variant,
+    with the ranges of its first missing method), then the most-recovering layers excluded together, one more
+    at a time, through ``quantize(exclude=…)``, for each missing method."""
+    from trt_prune.quantize import quantize
+
+    work = Path(args.work)
+    recovery = {}
+    for row in rec["rows"]:
+        misses = [m for m in METHODS if not row["methods"][m]["within_goal"]]
+        if not misses:
+            continue
+        name = row["variant"]
+        fp32 = variant_onnx(name, work, rec["steps"])
+        log(f"== sensitivity of {name} ({misses[0]} ranges): each layer kept float on its own, "
+            f"{args.sensitivity_images} images")
+        ranking = sensitivity(fp32, name, misses[0], args.sensitivity_images, work)
+        for method in misses:
+            tries = []
+            for k in range(1, args.max_exclude + 1):
+                exclude = [r["node"] for r in ranking[:k]]
+                dst = work / f"{name.replace('+', '_')}.{method}.exclude{k}.int8.onnx"
+                quantize(fp32, dst, calib="builtin", method=method, calib_size=rec["calib_size"], exclude=exclude)
+                m = score(dst, rec["images"])
+                tries.append({"exclude": exclude, "modules": [r["module"] for r in ranking[:k]], "map": m,
+                              "delta": m - row["fp32_map"], "within_goal": row["fp32_map"] - m <= GOAL})
+                log(f"   {name}/{method} excluding {k}: mAP {m:.4f} ({(m - row['fp32_map']) * 100:+.2f} pts)")
+                if tries[-1]["within_goal"]:
+                    break
+            recovery[f"{name}/{method}"] = {"ranked_with": misses[0], "ranking": ranking, "tries": tries}
+    rec = dict(rec, recovery=recovery, sensitivity_images=args.sensitivity_images, max_exclude=args.max_exclude)
+    rec["recovery_provenance"] = stamp()
+    return rec
 
 
 # ------------------------------------------------------------------------------------------------ speed
@@ -333,9 +350,9 @@ def accuracy_markdown(rec: dict) -> str:
         x = r["methods"][METHODS[0]]
         lines.append(f"| {r['variant']} | {r['fp32_map']:.3f} | " + " | ".join(cells)
                      + f" | {x['layers_int8']} / {x['layers_float']} |")
-    for method, rc in rec["recovery"].items():
+    for key, rc in rec["recovery"].items():
         top = rc["ranking"][:5]
-        lines += ["", f"**Sensitivity, dense / {method}** (each layer kept float alone, "
+        lines += ["", f"**{key}: sensitivity** (each layer kept float alone with the {rc['ranked_with']} ranges, "
                       f"{rec['sensitivity_images']} scenes; most recovering first): "
                   + ", ".join(f"{r['module'] or r['node']} {r['recovered'] * 100:+.2f}" for r in top) + "."]
         for t in rc["tries"]:
@@ -359,7 +376,7 @@ def speed_markdown(rec: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("accuracy", "speed", "modelopt", "all"), default="all")
+    p.add_argument("--part", choices=("accuracy", "recovery", "speed", "modelopt", "all"), default="all")
     p.add_argument("--modelopt-python", default=None,
                    help="python of a venv with nvidia-modelopt (see bench/modelopt_ptq.py); the modelopt part "
                         "is skipped without it")
@@ -378,6 +395,10 @@ def main(argv=None) -> int:
     record = {k: previous[k] for k in ("accuracy", "speed", "modelopt") if previous.get(k)}
     if args.part in ("accuracy", "all"):
         record["accuracy"] = run_accuracy(args)
+    if args.part in ("accuracy", "recovery", "all"):
+        if "accuracy" not in record:
+            raise SystemExit("--part recovery needs the accuracy part's results in --json; run --part accuracy")
+        record["accuracy"] = run_recovery(args, record["accuracy"])
         print(accuracy_markdown(record["accuracy"]))
     if args.part in ("speed", "all"):
         record["speed"] = run_speed(args)
