@@ -205,7 +205,9 @@ def run_recovery(args, rec: dict) -> dict:
             for k in range(1, args.max_exclude + 1):
                 exclude = [r["node"] for r in ranking[:k]]
                 dst = work / f"{name.replace('+', '_')}.{method}.exclude{k}.int8.onnx"
-                quantize(fp32, dst, calib="builtin", method=method, calib_size=rec["calib_size"], exclude=exclude)
+                base = work / f"{name.replace('+', '_')}.{method}.int8.onnx.calib.json"  # same ranges, no recalibration
+                quantize(fp32, dst, calib="builtin", method=method, calib_size=rec["calib_size"], exclude=exclude,
+                         calib_cache=base)
                 m = score(dst, rec["images"])
                 tries.append({"exclude": exclude, "modules": [r["module"] for r in ranking[:k]], "map": m,
                               "delta": m - row["fp32_map"], "within_goal": row["fp32_map"] - m <= GOAL})

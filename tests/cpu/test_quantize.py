@@ -207,6 +207,10 @@ def test_the_cache_spares_a_rebuild_and_follows_the_method(demo_onnx, tmp_path):
     before = dst.read_bytes()
     second = quantize(demo_onnx, dst, calib="builtin", calib_size=4, method="minmax")
     assert second.calibration["cached"] and dst.read_bytes() == before
+    # an --exclude needs a subset of the same ranges (calibration runs the fp32 model): no recalibration
+    fewer = quantize(demo_onnx, tmp_path / "b.onnx", calib="builtin", calib_size=4, method="minmax",
+                     exclude=["backbone.stage2"], calib_cache=tmp_path / "a.onnx.calib.json")
+    assert fewer.calibration["cached"] and fewer.calibration["tensors"] < first.calibration["tensors"]
     third = quantize(demo_onnx, dst, calib="builtin", calib_size=4, method="percentile")
     assert not third.calibration["cached"]  # another method: calibrated again, and the cache rewritten
     assert json.loads((tmp_path / "a.onnx.calib.json").read_text())["key"]["method"] == "percentile"

@@ -264,7 +264,9 @@ def quantize(src, dst, *, calib, method: str = "entropy", exclude: Sequence[str]
         raise QuantizeError(f"nothing to quantize in {str(src_path)!r}: every Conv/Gemm/MatMul stays in float "
                             f"({'; '.join(reasons)[:300]}); nothing was written")
     tensors = list(placement.activation_consumers())
-    key = {"model": model_digest(model), "data": data.fingerprint, "method": method, "tensors": len(tensors)}
+    # calibration runs the fp32 model, so a tensor's range does not depend on which others get pairs: a cache
+    # holding every tensor needed now (e.g. written before an --exclude) is reused
+    key = {"model": model_digest(model), "data": data.fingerprint, "method": method}
     cache = None if calib_cache is False else Path(calib_cache or f"{dst_path}.calib.json")
     ranges = read_cache(cache, key) if cache is not None else None
     cached = ranges is not None and all(t in ranges for t in tensors)
