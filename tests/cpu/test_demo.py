@@ -117,7 +117,9 @@ def test_quick_settings_are_lighter_than_full():
 
     assert QUICK.eval_images < FULL.eval_images and QUICK.finetune_steps < FULL.finetune_steps
     assert (QUICK.int8_calib_size, FULL.int8_calib_size) == (32, 256)
-    assert QUICK.int8_method == FULL.int8_method == "entropy"
+    # entropy (TensorRT's default) for the full demo; --quick takes percentile: entropy's threshold search alone
+    # takes about 70 s on 2 cores whatever the sample count
+    assert (QUICK.int8_method, FULL.int8_method) == ("percentile", "entropy")
 
 
 def test_one_line_for_unstable_timings_and_onnx_provenance(demo):
