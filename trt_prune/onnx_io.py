@@ -206,6 +206,20 @@ def one_line(exc: BaseException, limit: int = 300, *, with_type: bool = False) -
 PLUGIN_CHECK_DOMAIN = "trt.plugins"
 
 
+def name_allocator(taken: set[str]) -> Callable[[str], str]:
+    """``fresh(base)``: ``base``, or ``base_1``, ``base_2``… — the first name not in ``taken`` (which it joins),
+    for tensors and nodes a graph rewrite adds."""
+
+    def fresh(base: str) -> str:
+        name, i = base, 1
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        taken.add(name)
+        return name
+
+    return fresh
+
+
 def is_plugin(node: onnx.NodeProto) -> bool:
     """A node in ONNX's default domain whose op ONNX does not define: a TensorRT plugin."""
     return node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type)

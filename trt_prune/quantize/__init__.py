@@ -113,14 +113,8 @@ def quantize_model(model: onnx.ModelProto, placement: Placement, ranges: dict[st
     out.CopyFrom(model)
     graph = out.graph
     inits = {t.name: t for t in graph.initializer}
-    taken = {t for n in graph.node for t in list(n.input) + list(n.output)} | set(inits) | {n.name for n in graph.node}
-
-    def fresh(base: str) -> str:
-        name, i = base, 1
-        while name in taken:
-            name, i = f"{base}_{i}", i + 1
-        taken.add(name)
-        return name
+    fresh = onnx_io.name_allocator({t for n in graph.node for t in [*n.input, *n.output]} | set(inits)
+                                   | {n.name for n in graph.node})
 
     new_inits: list[TensorProto] = []
     emitted: dict[str, list[onnx.NodeProto]] = {}  # tensor -> the Q/DQ nodes to emit before its first reader
@@ -293,8 +287,8 @@ def quantize(src, dst, *, calib, method: str = "entropy", exclude: Sequence[str]
     written = onnx_io.save_onnx(quantized, dst_path)
     if cache is not None and not cached:
         write_cache(cache, key, ranges)
-    n_weights = sum(1 for n in quantized.graph.node if n.op_type == "DequantizeLinear"
-                    and n.input[0] in {t.name for t in quantized.graph.initializer})
+    init_names = {t.name for t in quantized.graph.initializer}
+    n_weights = sum(1 for n in quantized.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in init_names)
     return QuantizeResult(
         src=str(src_path), dst=str(written), method=method,
         qdq_pairs=sum(1 for n in quantized.graph.node if n.op_type == "QuantizeLinear"), weights=n_weights,

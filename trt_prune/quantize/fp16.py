@@ -19,7 +19,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from trt_prune.errors import QuantizeError
-from trt_prune.onnx_io import check_model, is_plugin, one_line
+from trt_prune.onnx_io import check_model, is_plugin, name_allocator, one_line
 from trt_prune.precision import (
     DEFAULT_BLOCK_OPS,
     DEFAULT_REDUCE_MIN_ELEMENTS,
@@ -208,16 +208,9 @@ def _qdq_in_fp16(model: onnx.ModelProto, fp32_scales: dict[str, np.ndarray]) -> 
         for name in node.input:
             readers.setdefault(name, []).append(node)
     outputs = {v.name for v in graph.output}
-    taken = set(inits) | {t for n in graph.node for t in [*n.input, *n.output]}
+    fresh = name_allocator(set(inits) | {t for n in graph.node for t in [*n.input, *n.output]})
     new_inits: list[TensorProto] = []
     dropped: set[int] = set()
-
-    def fresh(base: str) -> str:
-        name, i = base, 1
-        while name in taken:
-            name, i = f"{base}_{i}", i + 1
-        taken.add(name)
-        return name
 
     def fp32_copy(scale: str, values: np.ndarray) -> str:
         name = fresh(f"{scale}_fp32")
