@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (H100/H200; torch there, nothing downloadable). From the repo root:
-#   bash bench/gpu_check.sh [all|check|latency|accuracy|int8]   # results under $OUT (the device tool's folder) or bench/results/gpu
+#   bash bench/gpu_check.sh [all|check|latency|accuracy|int8|kernels]   # results under $OUT (the device tool's folder) or bench/results/gpu
 #   (the copy on the GPU machine may carry an older .git: name the commit sent, TRT_PRUNE_COMMIT=abc1234)
 # 1. installs the wheels carried in .whl/ (the image lacks onnx-graphsurgeon, polygraphy, pycocotools and onnxslim;
 #    fetch them here with the `pip download` line of the device tool's README and carry .whl); 2. runs the GPU tests (tests/gpu, and the real-CUDA variants of the TensorRT
@@ -20,6 +20,9 @@
 # (bench/gpu_latency.py; the table and its plot stay in $RESULTS/latency_table).
 # `int8` (issue 16) builds `trt-prune quantize`'s QDQ demo detector with TensorRT, strongly typed, and checks it
 # against ONNX Runtime (tests/tensorrt -k int8); where TensorRT is not installed the line says so and why.
+# `kernels` (issue 17) runs the Triton kernels' tests in real mode, bench/preprocess_speed.py (Triton vs torch ops
+# on the GPU), the permutation search with the GPU scorer, and `profile --backend torch --e2e` (pre-processing +
+# model + decode/NMS per frame, fp16, batch 8 at 640x640).
 
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -74,6 +77,18 @@ fi
 if [[ $PARTS == all || $PARTS == int8 ]]; then
   timeout 300 python3 -m pytest -q -rs -p no:cacheprovider tests/tensorrt -k int8 2>&1 | tee "$RESULTS/int8.txt"
 fi
+if [[ $PARTS == all || $PARTS == kernels ]]; then
+  # issue 17: the Triton kernels in real mode (tests/gpu), then their timings against torch ops and numpy, and the
+  # permutation search with the GPU scorer on ASP's matrix and a 2048-channel layer
+  timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_kernels_preprocess_gpu.py \
+    tests/gpu/test_kernels_sparse24_gpu.py 2>&1 | tee "$RESULTS/kernels_tests.txt"
+  timeout 150 python3 bench/preprocess_speed.py --json "$RESULTS/preprocess_speed.json" 2>&1 \
+    | tee "$RESULTS/preprocess_speed.txt"
+  timeout 150 python3 bench/permutation_search.py --scorer kernel --json "$RESULTS/permutation_kernel.json" 2>&1 \
+    | tee "$RESULTS/permutation_kernel.txt"
+  timeout 120 python3 -m trt_prune.cli profile builtin:demo-detector --backend torch --e2e --batch 8 --fp16 \
+    --input-shape 1x3x640x640 --json > "$RESULTS/e2e_profile.json" 2> "$RESULTS/e2e_profile.txt"
+fi
 echo "== summary"
 if [[ $PARTS == all || $PARTS == check ]]; then
   tail -n 3 "$RESULTS/tests.txt"
@@ -85,6 +100,12 @@ if [[ $PARTS == all || $PARTS == latency ]]; then
 fi
 if [[ $PARTS == all || $PARTS == int8 ]]; then
   tail -n 2 "$RESULTS/int8.txt"
+fi
+if [[ $PARTS == all || $PARTS == kernels ]]; then
+  tail -n 2 "$RESULTS/kernels_tests.txt"
+  tail -n 12 "$RESULTS/preprocess_speed.txt"
+  tail -n 6 "$RESULTS/permutation_kernel.txt"
+  python3 -c "import json,sys; p=json.load(open(sys.argv[1]))['pipeline']; print('e2e p50 ms', {k: round(v['p50_ms'], 3) for k, v in p['parts'].items()}, 'total', round(p['total']['p50_ms'], 3))" "$RESULTS/e2e_profile.json" || tail -n 3 "$RESULTS/e2e_profile.txt"
 fi
 if [[ $PARTS == all || $PARTS == accuracy ]]; then
   python3 - "$ACC" <<'PY'

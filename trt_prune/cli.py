@@ -850,11 +850,16 @@ def build_cmd(source, backend, fp16, sparse, batch, threads, trust_code, out, as
 @click.option("--cache-dir", default=None, metavar="DIR",
               help=f"Engine cache folder ({_takes('cache_dir')}; the one 'trt-prune build -o' wrote): an engine "
                    "built for the same ONNX, GPU, TensorRT version and options is loaded instead of rebuilt.")
+@click.option("--e2e", is_flag=True,
+              help="Also time what a frame costs end to end on the torch backend: pre-processing (letterbox kernel) "
+                   "+ model + decode/NMS, each part apart (--batch frames).")
+@click.option("--frames", default="builtin", show_default=True, metavar="builtin|DIR",
+              help="--e2e frames: road scenes rendered at 1920x1080, or a folder of images.")
 @trust_opt
 @json_opt
 def profile_cmd(source, backend, batch, input_shape, iterations, warmup, duration, threads, layer_runs, top, out,
                 html_path, compare_path, png_dir, device, fp16, channels_last, cuda_graph, sparse24, sparse, cache_dir,
-                trust_code, as_json):
+                e2e, frames, trust_code, as_json):
     """Latency percentiles, throughput and per-layer times mapped back to PyTorch modules."""
     from .artifacts import check_output_dir, check_output_file, write_json
     from .backends import source_kind
@@ -876,6 +881,15 @@ def profile_cmd(source, backend, batch, input_shape, iterations, warmup, duratio
         from .profiling.compare import load_profile
 
         compare = load_profile(compare_path)
+    if e2e and backend != "torch":
+        raise TrtPruneError(f"--e2e times pre-processing + model + decode/NMS on the torch backend; got --backend "
+                            f"{backend}: add --backend torch")
+    if e2e and cuda_graph:
+        raise TrtPruneError("--e2e runs the model eagerly between the pre- and post-processing; drop --cuda-graph")
+    if frames != "builtin" and not e2e:
+        raise TrtPruneError(f"--frames {frames} only feeds --e2e; add --e2e")
+    if e2e and frames != "builtin" and not Path(frames).is_dir():
+        raise TrtPruneError(f"--frames {frames!r} is neither 'builtin' nor a folder of images")
     for path in (out, html_path):
         if path:
             check_output_file(path)
@@ -892,6 +906,12 @@ def profile_cmd(source, backend, batch, input_shape, iterations, warmup, duratio
 
     data["per_layer_vs_e2e"] = per_layer_share(full)
     data["aggregates"] = {by: aggregate_layers(result.per_layer, by) for by in AGGREGATE_KEYS}
+    if e2e:
+        from .stages import profile_pipeline
+
+        data["pipeline"] = profile_pipeline(source, frames, batch=batch, config=config, input_shape=shape,
+                                            iterations=iterations,
+                                            warmup_s=warmup, threads=threads, trust_code=trust_code)
     if out:
         write_json(out, data)
     if html_path or png_dir:
@@ -923,6 +943,15 @@ def profile_cmd(source, backend, batch, input_shape, iterations, warmup, duratio
         _console().print(data["per_layer_vs_e2e"])
         stages = ", ".join(f"{r['key']} {r['ms']:.3f} ms ({r['share']:.0%})" for r in data["aggregates"]["stage"])
         _console().print(f"by stage: {stages}")
+    if data.get("pipeline") and not as_json:
+        pipe = data["pipeline"]
+        parts = ", ".join(f"{k} {v['p50_ms']:.3f} ms" for k, v in pipe["parts"].items())
+        _console().print(f"per batch of {pipe['frames']} {'/'.join(pipe['frame_sizes'])} frame(s), p50: {parts}; "
+                         f"total {pipe['total']['p50_ms']:.3f} ms = {pipe['total']['p50_ms_per_frame']:.3f} ms per "
+                         f"frame, {pipe['frames_per_s']:.1f} frames/s (pre-processing: {pipe['preprocess_impl']} on "
+                         f"{pipe['device']})", highlight=False)
+        for note in pipe["notes"]:
+            _console().print(f"note: {note}", highlight=False)
     if data.get("html") and not as_json:
         _console().print(f"report written to {data['html']}")
     _emit(data, as_json, table)

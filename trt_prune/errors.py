@@ -65,3 +65,7 @@ class LatencyError(TrtPruneError):
 
 class QuantizeError(TrtPruneError):
     """INT8 quantization: a bad model, calibration set or option (``trt-prune quantize``)."""
+
+
+class KernelError(TrtPruneError):
+    """Bad input to a kernel of ``trt_prune.kernels`` (frames, target size, weights), or a kernel unavailable."""

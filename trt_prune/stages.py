@@ -153,8 +153,20 @@ def export(model: Any, out: str | Path, input_shape: Sequence[int] | None = None
     shape = _shape_of(loaded, input_shape)
     result = export_onnx(loaded.model, out, shape, **options)
     step = {"stage": "export", **{k: v for k, v in result.to_dict().items() if k != "path"}}
+    _record_preprocess(step, loaded.model, shape)
     OnnxArtifact(Path(result.path), loaded.source or loaded.spec, shape, [step]).stamp()
     return result
+
+
+def _record_preprocess(step: dict, model, shape) -> None:
+    """Store the pre-processing the model was trained with (when known) in the export step: the deployment's
+    letterbox kernel reads the transform the export assumed from the file instead of guessing it."""
+    from .profiling.pipeline import default_spec
+
+    if shape is not None and len(shape) == 4:
+        spec = default_spec(model, (int(shape[2]), int(shape[3])))
+        if spec is not None:
+            step["preprocess"] = spec.to_dict()
 
 
 def export_nms(model: Any, out: str | Path, input_shape: Sequence[int] | None = None, nms_options=None, *,
@@ -168,6 +180,7 @@ def export_nms(model: Any, out: str | Path, input_shape: Sequence[int] | None = 
     config = decode_plan(loaded.model, shape, options.get("opset")).config(**(nms_options or {}))
     result = export_detector_nms(loaded.model, out, shape, config, **options)
     step = {"stage": "export", "nms": True, **{k: v for k, v in result.to_dict().items() if k != "path"}}
+    _record_preprocess(step, loaded.model, shape)
     OnnxArtifact(Path(result.path), loaded.source or loaded.spec, shape, [step]).stamp()
     return result
 
@@ -326,6 +339,35 @@ def profile(source: Any, backend: str = "onnxruntime", *, batch: int = 1,
             source if isinstance(source, (str, Path)) else getattr(session, "label", type(source).__name__))
         return measure(session, backend, label, batch, shapes, warmup_s, iterations, min_duration_s, per_layer,
                        layer_runs, mapping, seed)
+
+
+def profile_pipeline(source: Any, frames: str | Sequence = "builtin", *, batch: int = 1, config=None,
+                     input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None, iterations: int = 50,
+                     warmup_s: float = 0.5, preprocess_impl: str = "auto", frame_size: tuple[int, int] = (1080, 1920),
+                     threads: int | None = None, trust_code: bool = False) -> dict:
+    """Time what a user sees per frame on the torch backend: pre-processing (the letterbox kernel of
+    :mod:`trt_prune.kernels.preprocess`) + the model + decode/NMS, each part apart
+    (:func:`~trt_prune.profiling.pipeline.time_pipeline`), on ``batch`` frames: ``"builtin"`` road scenes
+    rendered at ``frame_size`` (H, W), a folder of images, or a list of uint8 HWC BGR arrays."""
+    from .backends import BuildConfig
+    from .errors import ProfileError
+    from .profiling.pipeline import builtin_frames, folder_frames, time_pipeline
+
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ProfileError(f"batch must be a positive integer, got {batch!r}")
+    if isinstance(frames, (str, Path)):
+        if str(frames) == "builtin":
+            frames = builtin_frames(batch, frame_size)
+        elif Path(frames).is_dir():
+            frames = folder_frames(frames, batch)
+        else:
+            raise ProfileError(f"--frames {str(frames)!r} is neither 'builtin' nor a folder of images")
+    frames = list(frames)[:batch]
+    base = config if config is not None else BuildConfig()
+    if threads is not None:
+        base = dataclasses.replace(base, threads=threads)
+    with build(source, "torch", base, batch=len(frames), input_shape=input_shape, trust_code=trust_code) as session:
+        return time_pipeline(session, frames, iterations=iterations, warmup_s=warmup_s, impl=preprocess_impl)
 
 
 def report(report_dict: dict, out_dir: str | Path) -> Path:

@@ -67,14 +67,19 @@ class CalibrationSet:
 
 def letterbox(image, height: int, width: int) -> np.ndarray:
     """``image`` (PIL) resized into ``height × width`` with its aspect kept and grey (114) padding centred, as
-    HWC uint8 RGB."""
+    HWC uint8 RGB (the grey-input path of calibration). The geometry (resized size, padding) is the deployment's
+    own, :func:`trt_prune.kernels.preprocess.letterbox_params`; the pixels are PIL's bilinear resize, which
+    anti-aliases when it shrinks. Three-channel calibration images go through the kernel's torch reference
+    instead, the deployed transform itself."""
     from PIL import Image
 
+    from trt_prune.kernels.preprocess import letterbox_params
+
     image = image.convert("RGB")
-    scale = min(height / image.height, width / image.width)
-    h, w = max(1, round(image.height * scale)), max(1, round(image.width * scale))
+    box = letterbox_params(image.height, image.width, (height, width))
+    (h, w), (top, left) = box.resized, box.pad
     canvas = Image.new("RGB", (width, height), (PAD_VALUE,) * 3)
-    canvas.paste(image.resize((w, h), Image.BILINEAR), ((width - w) // 2, (height - h) // 2))
+    canvas.paste(image.resize((w, h), Image.BILINEAR), (left, top))
     return np.asarray(canvas)
 
 
@@ -138,18 +143,28 @@ def calibration_set(spec: str | os.PathLike | np.ndarray, model: onnx.ModelProto
         def load_images(i: int, j: int) -> np.ndarray:
             from PIL import Image, UnidentifiedImageError
 
+            from trt_prune.kernels.preprocess import PreprocessSpec, preprocess_reference
+
+            # 3-channel inputs get exactly the deployed transform (the kernel's torch reference: letterbox,
+            # bilinear without anti-aliasing, pad 114, /255, mean/std); grey inputs the PIL letterbox, averaged
+            spec = PreprocessSpec(size=(h, w), stride=1, input_order="rgb",
+                                  mean=tuple(np.broadcast_to(m.ravel(), (3,)).tolist()),
+                                  std=tuple(np.broadcast_to(s.ravel(), (3,)).tolist())) if c == 3 else None
             out = []
             for p in files[i:j]:
                 try:
                     with Image.open(p) as im:
-                        arr = letterbox(im, h, w).astype(np.float32) / 255.0
+                        if spec is not None:
+                            rgb = np.asarray(im.convert("RGB"))
+                        else:
+                            grey = letterbox(im, h, w).astype(np.float32).mean(2, keepdims=True) / 255.0
                 except (OSError, UnidentifiedImageError) as exc:
                     raise QuantizeError(f"calibration image {str(p)!r} cannot be read ({exc}); remove it or "
                                         "replace it") from exc
-                arr = arr.transpose(2, 0, 1)
-                if c == 1:
-                    arr = arr.mean(0, keepdims=True)
-                out.append((arr - m[:c]) / s[:c])
+                if spec is not None:
+                    out.append(preprocess_reference([rgb], spec)[0][0].numpy())
+                else:
+                    out.append((grey.transpose(2, 0, 1) - m[:1]) / s[:1])
             return np.stack(out).astype(np.float32)
 
         return CalibrationSet(f"{len(files)} images in {text}", f"images:{stamp}:{len(files)}:{h}x{w}", name,

@@ -33,12 +33,20 @@ fixes the schedule length explicitly. The result is never worse than the identit
 On a shared 2-core AMD EPYC, 1 s per weight: efficacy about 53 (min about 50) on standard-normal 64x128
 matrices, about 37 on the uniform 128x64 matrix of ASP's ChannelPermutations README (ASP: 36.6 in 0.86 s on a
 V100 with 12-column stripe groups); see ``bench/permutation_search.py``.
+
+The split scores are the whole cost of a round. ``scorer="kernel"`` computes them with the Triton kernel of
+``trt_prune.kernels.sparse24`` (:class:`~trt_prune.kernels.sparse24.TorchSplitScorer`) on a CUDA GPU, which
+affords layers of 2,048 channels; on the CPU that scorer runs the kernel under Triton's interpreter
+(``TRITON_INTERPRET=1``) or its torch reference. The default ``"numpy"`` needs no torch. The kernel's scores
+equal numpy's to about 1e-7 relative (different summation order), so a search with the same seed and ``rounds``
+makes the same moves except where two splits score within rounding of each other.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,6 +159,8 @@ class PermutationResult:
     efficacy: float  # percent, see :func:`efficacy`
     seconds: float
     iterations: int  # rounds done (annealing and greedy): each round re-partitions up to C/8 pairs of stripes
+    scorer: str = "numpy"  # what scored the splits: "numpy", or "kernel:" and the kernel scorer's path (plain
+    # "kernel" when the search returned before scoring)
 
 
 # Two stripes hold 8 columns; a split into two stripes is one of the 35 4-subsets that contain column 0 (its
@@ -268,15 +278,37 @@ def planned_rounds(shape: tuple[int, ...], time_budget_s: float) -> int:
     return planned if planned >= _MIN_ROUNDS_PER_STRIPE * stripes_n else 0
 
 
+SCORERS = ("numpy", "kernel")
+
+
+def _make_scorer(scorer: str, columns: np.ndarray, max_pairs: int, device) -> tuple[Callable, str]:
+    """The split scorer named ``scorer`` over ``columns [C, rows]`` and the path it runs on."""
+    if scorer == "numpy":
+        return _SplitScorer(columns, max_pairs), "numpy"
+    from trt_prune.kernels.sparse24 import TorchSplitScorer  # torch and Triton only for this scorer
+
+    kernel = TorchSplitScorer(columns, max_pairs, device=device)
+    return kernel, f"kernel:{kernel.path}"
+
+
 def search_permutation(weight, time_budget_s: float = 1.0, seed: int = 0,
-                       rounds: int | None = None) -> PermutationResult:
+                       rounds: int | None = None, scorer: str = "numpy", device=None) -> PermutationResult:
     """Search an input-channel order that keeps more magnitude under the 2:4 mask (see the module docstring).
 
     ``weight``: ``[out, in]`` or ``[K, C, ...]`` (numpy array or torch tensor), input channels on axis 1. Stops
     at ``time_budget_s`` (the clock is checked every round). ``rounds`` overrides the annealing schedule length
     that the work model plans from the budget and shape (see :func:`planned_rounds`); with ``rounds`` set and
     enough budget the result depends on ``seed`` alone. The returned ``perm`` never keeps less than the identity.
+
+    ``scorer``: ``"numpy"`` (default) or ``"kernel"``, the Triton split-score kernel on ``device`` (a torch device;
+    default CUDA when available, else the CPU, see the module docstring). The work model behind the planned rounds
+    is the numpy scorer's: with ``"kernel"`` pass ``rounds`` (e.g. ``planned_rounds(shape, budget)``) and a
+    budget that lets the schedule finish, to compare scorers schedule for schedule.
     """
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer {scorer!r} is not one of {', '.join(SCORERS)}")
+    if device is not None and scorer != "kernel":
+        raise ValueError(f"device={device!r} is for scorer='kernel'; the {scorer} scorer runs on the CPU")
     start = time.perf_counter()
     deadline = start + max(0.0, float(time_budget_s))
     rows = magnitude_rows(weight)
@@ -284,13 +316,14 @@ def search_permutation(weight, time_budget_s: float = 1.0, seed: int = 0,
     stripes_n = channels // GROUP
     plain, bound = _kept_rows(rows), kept_unstructured(rows)
     identity = np.arange(channels)
+    path = scorer
 
     def result(perm: np.ndarray, iterations: int) -> PermutationResult:
         kept = _kept_rows(rows[:, perm])
         if kept < plain:
             perm, kept = identity, plain
         return PermutationResult(perm, plain, kept, bound, _efficacy(plain, kept, bound),
-                                 time.perf_counter() - start, iterations)
+                                 time.perf_counter() - start, iterations, path)
 
     tolerance = 1e-9 * float(rows.sum())  # gains below this are rounding noise
     reached = 1e-6 * float(rows.sum())  # float32 running gain this close to the bound: nothing left to win
@@ -304,7 +337,7 @@ def search_permutation(weight, time_budget_s: float = 1.0, seed: int = 0,
         state, kept_start = identity.reshape(stripes_n, GROUP).copy(), plain
 
     columns = np.ascontiguousarray(rows.T, dtype=np.float32)
-    score = _SplitScorer(columns, stripes_n // 2)
+    score, path = _make_scorer(scorer, columns, stripes_n // 2, device)
     rng = np.random.default_rng(seed)
     n_rounds = planned_rounds(rows.shape, time_budget_s) if rounds is None else max(0, int(rounds))
     anneal_deadline = start + _ANNEAL_SHARE * max(0.0, float(time_budget_s)) if rounds is None else deadline
@@ -342,7 +375,7 @@ def search_permutation(weight, time_budget_s: float = 1.0, seed: int = 0,
     return result(best.reshape(-1).copy(), iterations + more)
 
 
-def _descend(state: np.ndarray, score: _SplitScorer, schedule: list[np.ndarray], deadline: float,
+def _descend(state: np.ndarray, score: Callable[[np.ndarray], np.ndarray], schedule: list[np.ndarray], deadline: float,
              tolerance: float) -> tuple[int, float]:
     """Move every pair of a round-robin round to its best split, in place, until a whole round-robin passes
     without an improvement (a local optimum of the 8-column neighbourhood) or the deadline; (rounds, gain)."""
