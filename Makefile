@@ -20,12 +20,12 @@ demo-quick: setup
 	$(BIN)/trt-prune demo --quick --out out/demo-quick
 
 test: setup
-	$(BIN)/ruff check trt_prune tests bench
+	$(BIN)/ruff check trt_prune kernels tests bench
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not timing" tests
 	$(BIN)/python -m pytest -q -m timing tests
 
 lint: setup
-	$(BIN)/ruff check trt_prune tests bench
+	$(BIN)/ruff check trt_prune kernels tests bench
 
 docs: setup
 	$(BIN)/mkdocs build --strict --site-dir out/site

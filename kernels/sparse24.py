@@ -121,6 +121,12 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     import triton
     import triton.language as tl
 
+    # Builtins only: triton.language's own jitted helpers (tl.sum, tl.zeros) were jitted when triton was first
+    # imported, so in a process that imported triton before TRITON_INTERPRET was set they are compiled-mode
+    # functions the interpreter refuses to call. tl.full and tl.reduce are builtins; tl.reduce with
+    # triton.language's own sum combiner is what tl.sum compiles to, and the interpreter runs it as one np.sum.
+    # (The interpreter re-executes a kernel's source against this module's globals, so a combiner jitted here as
+    # a closure would not be found.)
     @triton.jit
     def mask_kernel(w_ptr, out_ptr, n_runs, BLOCK: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
@@ -165,7 +171,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         o3 = tl.load(cols8_ptr + pair * 8 + p3, mask=live_s, other=0).to(tl.int64) * rows
         start = chunk * rows_per_program
         stop = tl.minimum(start + rows_per_program, rows)
-        acc = tl.zeros([BLOCK_S, BLOCK_R], dtype=tl.float32)
+        acc = tl.full([BLOCK_S, BLOCK_R], 0.0, tl.float32)
         for r0 in range(start, stop, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
             live = live_s[:, None] & (r < stop)[None, :]
@@ -176,7 +182,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             # top-2 sum of {x0, x1, x2, x3}: one of the pairs, or the larger of each pair (the numpy scorer's ops)
             top2 = tl.maximum(tl.maximum(x0 + x1, x2 + x3), tl.maximum(x0, x1) + tl.maximum(x2, x3))
             acc += top2
-        total = tl.sum(acc, axis=1)
+        total = tl.reduce(acc, 1, tl.standard._sum_combine)
         tl.store(partial_ptr + (pair * n_chunks + chunk) * N_STRIPES + s, total, mask=live_s)
 
     return SimpleNamespace(mask=mask_kernel, split=split_kernel)

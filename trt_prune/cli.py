@@ -452,12 +452,16 @@ def latency_table_cmd(model, backend, round_to, points, threads, dtype, ignore, 
               help="Comma-separated module paths to make 2:4 instead of choosing by size; each must hold 2:4.")
 @click.option("--permute", "permute_s", type=click.FloatRange(min=0), default=None,
               help="Reorder channels first so 2:4 keeps more weight (seconds of search per channel group).")
+@click.option("--permute-scorer", type=click.Choice(["numpy", "kernel"]), default="numpy", show_default=True,
+              help="What scores the permutation search: numpy on the CPU, or the Triton kernel (trt_prune.kernels) "
+                   "on a CUDA GPU, for layers of thousands of channels.")
 @weights_opt
 @pickle_opt
 @trust_opt
 @click.option("-o", "--out", required=True, help="Output model folder.")
 @json_opt
-def sparsify_cmd(model, min_channels, layers, permute_s, weights, allow_pickle, trust_code, out, as_json):
+def sparsify_cmd(model, min_channels, layers, permute_s, permute_scorer, weights, allow_pickle, trust_code, out,
+                 as_json):
     """2:4 magnitude masks on TensorRT's axis for every eligible conv/linear layer; says why not for the rest."""
     from .artifacts import check_output_dir
     from .stages import sparsify
@@ -465,7 +469,10 @@ def sparsify_cmd(model, min_channels, layers, permute_s, weights, allow_pickle, 
     check_output_dir(out)
     loaded = _load(model, weights, allow_pickle, trust_code)
     only = [p.strip() for p in layers.split(",") if p.strip()] if layers else None
-    result = sparsify(loaded, min_channels=min_channels, only=only, permute_s=permute_s, out=out)
+    if permute_scorer != "numpy" and permute_s is None:
+        raise TrtPruneError(f"--permute-scorer {permute_scorer} scores the permutation search; add --permute SECONDS")
+    result = sparsify(loaded, min_channels=min_channels, only=only, permute_s=permute_s, out=out,
+                      permute_scorer=permute_scorer)
     out_dir = result.folder
     from rich.table import Table
 

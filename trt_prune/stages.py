@@ -112,11 +112,13 @@ def prune(model: Any, input_shape: Sequence[int] | None = None, config=None, *, 
 
 def sparsify(model: Any, *, min_channels: int | None = None, only: Sequence[str] | None = None,
              exclude: Sequence[str] | None = None, permute_s: float | None = None,
-             input_shape: Sequence[int] | None = None, out: str | Path | None = None, source: str | None = None):
+             input_shape: Sequence[int] | None = None, out: str | Path | None = None, source: str | None = None,
+             permute_scorer: str = "numpy"):
     """2:4 masks (:func:`trt_prune.sparsity.sparsify`) on ``model`` (module, loaded model, spec or folder),
     optionally after a channel-permutation search of ``permute_s`` seconds per group. With ``out``, also write
     the model folder. Returns the :class:`~trt_prune.sparsity.SparsifyResult` (``permutation`` holds the
-    search's per-group record when it ran, ``folder`` the written folder)."""
+    search's per-group record when it ran, ``folder`` the written folder). ``permute_scorer="kernel"`` scores the
+    search on the GPU kernel of ``trt_prune.kernels.sparse24``."""
     from .sparsity import DEFAULT_MIN_CHANNELS
     from .sparsity import sparsify as sparsify_model
 
@@ -130,7 +132,7 @@ def sparsify(model: Any, *, min_channels: int | None = None, only: Sequence[str]
     if permute_s is not None:
         from .sparsity.permute import permute_for_24
 
-        permuted = permute_for_24(target, shape, min_channels=floor, time_budget_s=permute_s)
+        permuted = permute_for_24(target, shape, min_channels=floor, time_budget_s=permute_s, scorer=permute_scorer)
         target, permutation = permuted.model, permuted.groups
     result = sparsify_model(target, min_channels=floor, only=list(only) if only else None,
                             exclude=list(exclude) if exclude else None)

@@ -146,3 +146,29 @@ def test_search_with_the_kernel_scorer_matches_the_numpy_search():
 def test_bad_inputs_say_what_and_how(call, message):
     with pytest.raises(KernelError, match=message):
         call()
+
+
+def test_the_kernels_run_when_triton_was_imported_before_the_interpreter_was_switched_on():
+    # pytest workers import triton early (torch imports it); triton.language's own jitted helpers are then
+    # compiled-mode functions, and a kernel calling one fails only in that order: run it in a fresh process
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os
+        import triton  # noqa: F401  (imported before TRITON_INTERPRET is set)
+        import torch
+        os.environ["TRITON_INTERPRET"] = "1"
+        from trt_prune.kernels import sparse24
+        columns = torch.rand(16, 37)
+        cols8 = torch.arange(16).reshape(2, 8)
+        got = sparse24.split_scores(columns, cols8, impl="triton")
+        want = sparse24.split_scores_reference(columns, cols8)
+        torch.testing.assert_close(got, want)
+        print("ok", tuple(got.shape))
+    """)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[0] == "ok"

@@ -42,3 +42,25 @@ def test_permutation_keeps_outputs_and_raises_kept_magnitude(detector):
 def test_permutation_needs_an_eligible_layer():
     with pytest.raises(SparsifyError, match="no layer of this model is eligible"):
         permute_for_24(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1)), (1, 3, 16, 16))
+
+
+def test_the_kernel_scorer_permutes_the_model_too_and_keeps_its_outputs(detector):
+    # on the CPU the kernel scorer runs its torch reference; the permutation must still preserve the function
+    res = permute_for_24(detector, (1, 3, 64, 64), min_channels=64, time_budget_s=0.2, scorer="kernel")
+    assert res.permuted and all(row["kept_permuted"] >= row["kept_plain"] for row in res.permuted)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(x), detector(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(SparsifyError, match="scorer must be one of numpy, kernel, got 'gpu'"):
+        permute_for_24(detector, (1, 3, 64, 64), min_channels=64, scorer="gpu")
+
+
+def test_cli_permute_scorer_needs_permute(tmp_path):
+    from click.testing import CliRunner
+
+    from trt_prune.cli import cli
+
+    out = tmp_path / "sparse"
+    res = CliRunner().invoke(cli, ["sparsify", "builtin:demo-detector", "--permute-scorer", "kernel", "-o", str(out)])
+    assert res.exit_code == 2 and "add --permute SECONDS" in res.output
+    assert not out.exists()

@@ -24,7 +24,7 @@ from ..errors import SparsifyError
 from ..pruning.graph import ChannelGraph, trace
 from ..pruning.structured import _example
 from ..pruning.surgery import cut_axis
-from .permutation import search_permutation
+from .permutation import SCORERS, search_permutation
 from .sparsify import DEFAULT_MIN_CHANNELS, _layer_kind, eligibility
 
 
@@ -71,15 +71,20 @@ def _reorder_index(slot_classes: np.ndarray, sigma: dict[int, int]) -> np.ndarra
 
 
 def permute_for_24(model: nn.Module, input_shape=(1, 3, 320, 320), *, min_channels: int = DEFAULT_MIN_CHANNELS,
-                   time_budget_s: float = 1.0, seed: int = 0, inplace: bool = False) -> PermuteResult:
+                   time_budget_s: float = 1.0, seed: int = 0, inplace: bool = False,
+                   scorer: str = "numpy") -> PermuteResult:
     """Reorder channels so that 2:4 masks on the eligible layers keep more weight magnitude.
 
     Returns a copy of ``model`` (or ``model`` itself with ``inplace``) whose outputs are the same, and per
     group: the 2:4 layers that read it, the magnitude kept without and with the permutation, ASP's efficacy,
     and the search time. Apply :func:`~.sparsify.sparsify` (or a :class:`~.lifecycle.Sparsifier`) afterwards.
+    ``scorer="kernel"`` scores the search's candidate splits with the Triton kernel of
+    ``trt_prune.kernels.sparse24`` (on a CUDA GPU: layers of thousands of channels within the budget).
     """
     if time_budget_s < 0:
         raise SparsifyError(f"time_budget_s must be >= 0, got {time_budget_s}")
+    if scorer not in SCORERS:
+        raise SparsifyError(f"the permutation scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
     work = model if inplace else copy.deepcopy(model)
     graph = trace(work, _example(work, input_shape))
     readers = _sparse_readers(graph, min_channels)
@@ -110,7 +115,7 @@ def permute_for_24(model: nn.Module, input_shape=(1, 3, 320, 320), *, min_channe
             w = readers[s.module].weight.detach().float().cpu().numpy()
             mats.append(np.moveaxis(w, 1, -1).reshape(-1, w.shape[1]))  # rows of [.., C]: runs of 4 along C
         stacked = np.concatenate(mats, 0)
-        found = search_permutation(stacked, time_budget_s=time_budget_s, seed=seed)
+        found = search_permutation(stacked, time_budget_s=time_budget_s, seed=seed, scorer=scorer)
         row.update(layers=[s.module for s in usable], kept_plain=found.kept_plain,
                    kept_permuted=found.kept_permuted, kept_unstructured=found.kept_unstructured,
                    efficacy=found.efficacy, seconds=found.seconds)
