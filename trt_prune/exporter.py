@@ -7,7 +7,9 @@ and every node carries its module scope in metadata. When it raises, the TorchSc
 
 Default opset: 18. It is the lowest opset the dynamo exporter implements natively in torch 2.14; asking it
 for 17 makes it convert the finished model down with ONNX's version converter, which drops the node
-metadata that maps nodes to modules. TorchScript exports 18 cleanly too, ONNX Runtime supports it, and it
+metadata that maps nodes to modules, and where that conversion fails torch keeps opset 18 without an
+error (the demo detector at 13): a file whose opset is not the one asked for is re-exported by TorchScript,
+with the reason in ``fallback_reason``. TorchScript exports 18 cleanly too, ONNX Runtime supports it, and it
 lies inside the parser range of TensorRT 10.x (opset 9 to 20 and later) and 11.x (up to 25).
 """
 
@@ -178,6 +180,14 @@ def _initializer_names(model) -> set[str]:
     return {t.name for t in model.graph.initializer}
 
 
+def _written_opset(path: Path) -> int | None:
+    """The default-domain opset of an ONNX file, read without its external weights."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def _export(model, example, staged: Path, exporter: str, opset: int, axes: dict[int, str], input_names: list[str],
             output_names: list[str], big: bool) -> tuple[str, str | None, list[str]]:
     """Run the exporter(s); returns (exporter used, why dynamo was not used or None, TorchScript's warnings)."""
@@ -193,11 +203,17 @@ def _export(model, example, staged: Path, exporter: str, opset: int, axes: dict[
                 torch.onnx.export(model, example, str(staged), dynamo=True, opset_version=opset,
                                   input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
                                   external_data=big, optimize=True, verbose=False)
-            return "dynamo", None, []
+            written = _written_opset(staged)
+            if written == opset:
+                return "dynamo", None, []
+            # below 18 torch's dynamo exporter may keep its native opset when ONNX's down-conversion fails,
+            # without an error: the file would not be what was asked for, so TorchScript writes it instead
+            fallback_reason = (f"the dynamo exporter wrote opset {written} for the requested {opset} (it converts "
+                               "down only where ONNX's version converter can)")
         except Exception as exc:  # any dynamo failure is a reason to try TorchScript, whatever its type
             fallback_reason = _reason(model, exc, example)
-            for leftover in staged.parent.iterdir():
-                leftover.unlink()
+        for leftover in staged.parent.iterdir():
+            leftover.unlink()
     dynamic_axes = None
     if axes:
         dynamic_axes = {name: dict(axes) for name in input_names}
