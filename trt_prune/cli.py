@@ -466,11 +466,11 @@ def sparsify_cmd(model, min_channels, layers, permute_s, permute_scorer, weights
     from .artifacts import check_output_dir
     from .stages import sparsify
 
+    if permute_scorer != "numpy" and permute_s is None:
+        raise TrtPruneError(f"--permute-scorer {permute_scorer} scores the permutation search; add --permute SECONDS")
     check_output_dir(out)
     loaded = _load(model, weights, allow_pickle, trust_code)
     only = [p.strip() for p in layers.split(",") if p.strip()] if layers else None
-    if permute_scorer != "numpy" and permute_s is None:
-        raise TrtPruneError(f"--permute-scorer {permute_scorer} scores the permutation search; add --permute SECONDS")
     result = sparsify(loaded, min_channels=min_channels, only=only, permute_s=permute_s, out=out,
                       permute_scorer=permute_scorer)
     out_dir = result.folder

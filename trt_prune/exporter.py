@@ -32,6 +32,7 @@ from trt_prune.errors import ExportError, TrtPruneError
 from trt_prune.onnx_io import (
     PROTOBUF_LIMIT,
     compare_outputs,
+    default_opset,
     load_onnx,
     one_line,
     random_feeds,
@@ -149,7 +150,7 @@ def export_onnx(model, path, input_shape=(1, 3, 320, 320), *, exporter: str = "d
 
     return ExportResult(
         path=str(written), exporter=used, fallback_reason=fallback_reason,
-        opset=next((o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx")), opset),
+        opset=default_opset(onnx_model) or opset,
         input_names=[v.name for v in onnx_model.graph.input if v.name not in _initializer_names(onnx_model)],
         output_names=[v.name for v in onnx_model.graph.output],
         input_shape=tuple(shapes[0]) if len(shapes) == 1 else [tuple(s) for s in shapes],
@@ -180,14 +181,6 @@ def _initializer_names(model) -> set[str]:
     return {t.name for t in model.graph.initializer}
 
 
-def _written_opset(path: Path) -> int | None:
-    """The default-domain opset of an ONNX file, read without its external weights."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-
-
 def _export(model, example, staged: Path, exporter: str, opset: int, axes: dict[int, str], input_names: list[str],
             output_names: list[str], big: bool) -> tuple[str, str | None, list[str]]:
     """Run the exporter(s); returns (exporter used, why dynamo was not used or None, TorchScript's warnings)."""
@@ -203,7 +196,7 @@ def _export(model, example, staged: Path, exporter: str, opset: int, axes: dict[
                 torch.onnx.export(model, example, str(staged), dynamo=True, opset_version=opset,
                                   input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
                                   external_data=big, optimize=True, verbose=False)
-            written = _written_opset(staged)
+            written = default_opset(load_onnx(staged, load_external_data=False))
             if written == opset:
                 return "dynamo", None, []
             # below 18 torch's dynamo exporter may keep its native opset when ONNX's down-conversion fails,

@@ -220,6 +220,11 @@ def name_allocator(taken: set[str]) -> Callable[[str], str]:
     return fresh
 
 
+def default_opset(model: onnx.ModelProto) -> int:
+    """The version of the default ONNX domain the model imports; 0 when it imports none."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def is_plugin(node: onnx.NodeProto) -> bool:
     """A node in ONNX's default domain whose op ONNX does not define: a TensorRT plugin."""
     return node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type)

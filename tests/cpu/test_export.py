@@ -50,7 +50,6 @@ class Branchy(Small):
         return self.fc(y.mean((2, 3)))
 
 
-
 def test_an_opset_dynamo_cannot_write_falls_back_to_torchscript(detector, tmp_path):
     # torch's dynamo exporter keeps opset 18 when ONNX's down-converter fails (the detector's Split), silently
     result = export_onnx(detector, tmp_path / "op13.onnx", exporter="dynamo", opset=13)
@@ -59,6 +58,7 @@ def test_an_opset_dynamo_cannot_write_falls_back_to_torchscript(detector, tmp_pa
     assert [o.version for o in onnx.load(result.path).opset_import if o.domain in ("", "ai.onnx")] == [13]
     assert result.parity["output"]["max_abs"] < 1e-4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["op13.onnx"]
+
 
 def _leftovers(folder):
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))

@@ -65,6 +65,7 @@ from torch import nn
 
 from trt_prune.detection.decode import PRE_NMS_TOPK, anchor_points, decode, postprocess
 from trt_prune.errors import ExportError
+from trt_prune.onnx_io import default_opset
 
 OUTPUT_NAMES = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
 DECODED_NAMES = ("decoded_boxes", "decoded_scores")
@@ -479,7 +480,7 @@ def append_nms(decode_model: onnx.ModelProto, config: NMSConfig, num_anchors: in
     names = [o.name for o in graph.output]
     if names != list(DECODED_NAMES):
         raise ExportError(f"the decode graph has outputs {names}, expected {list(DECODED_NAMES)}")
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(model)
     if opset < MIN_OPSET:
         raise ExportError(f"--nms needs opset {MIN_OPSET} or later, got {opset}")
     batch = graph.input[0].type.tensor_type.shape.dim[0]

@@ -71,7 +71,7 @@ def _check_source(model: onnx.ModelProto, src: str) -> None:
     if found:
         raise QuantizeError(f"{src!r} is already quantized (it holds {', '.join(found)}); quantize the fp32 model it "
                             "came from")
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = onnx_io.default_opset(model)
     if opset < MIN_OPSET:
         raise QuantizeError(f"{src!r} uses opset {opset}; per-channel INT8 weights need opset {MIN_OPSET} or later: "
                             "re-export it (trt-prune export uses 18)")

@@ -19,7 +19,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from trt_prune.errors import QuantizeError
-from trt_prune.onnx_io import check_model, is_plugin, name_allocator, one_line
+from trt_prune.onnx_io import check_model, default_opset, is_plugin, name_allocator, one_line
 from trt_prune.precision import (
     DEFAULT_BLOCK_OPS,
     DEFAULT_REDUCE_MIN_ELEMENTS,
@@ -71,7 +71,7 @@ def fp16_rest(model: onnx.ModelProto, *, block_ops: Iterable[str] | None = None,
     if any(v.type.tensor_type.elem_type == TensorProto.FLOAT16 for v in [*graph.input, *graph.output]) \
             or any(t.data_type == TensorProto.FLOAT16 for t in graph.initializer):
         raise QuantizeError("the model already holds fp16 tensors; fp16_rest converts the fp32 QDQ model")
-    opset_before = _opset(work)
+    opset_before = default_opset(work)
     work, how = _upgrade(work)
     graph = work.graph
     _constants_to_initializers(graph)
@@ -111,7 +111,7 @@ def fp16_rest(model: onnx.ModelProto, *, block_ops: Iterable[str] | None = None,
     except Exception as exc:
         raise QuantizeError(f"the fp16 QDQ model fails onnx.checker or type inference ({one_line(exc)})") from exc
     return typed, {
-        "opset": {"before": opset_before, "after": _opset(converted), "how": how},
+        "opset": {"before": opset_before, "after": default_opset(converted), "how": how},
         "blocked": blocked,
         "casts": {"before": casts_before, "after": sum(n.op_type == "Cast" for n in converted.graph.node)},
         "qdq": qdq,
@@ -124,10 +124,6 @@ def fp16_rest(model: onnx.ModelProto, *, block_ops: Iterable[str] | None = None,
 
 
 # ------------------------------------------------------------------------------------------------------ opset
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
 def _op_types(graph: onnx.GraphProto) -> set[str]:
     out = set()
     for node in graph.node:
@@ -149,7 +145,7 @@ def _upgrade(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
     rebuild nodes and fail on some graphs. Anything older (e.g. Reduce*'s ``axes`` moved to an input at 18, Split's
     at 13) goes through onnx.version_converter.
     """
-    current = _opset(model)
+    current = default_opset(model)
     if current >= FP16_QDQ_OPSET:
         return model, "none: already >= 19"
     changed = set()
