@@ -267,12 +267,20 @@ def test_transposed_convolution_op_is_pruned():
     assert result.model(torch.rand(1, 3, 16, 16)).shape == (1, 5, 16, 16)
 
 
-def test_grouped_transposed_conv_with_other_widths_is_refused():
-    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.ConvTranspose2d(32, 64, 3, groups=2), nn.ReLU(),
-                          nn.Conv2d(64, 5, 1)).eval()
-    with pytest.raises(PruneError, match=r"grouped transposed convolution '2' \(groups=2, in=32, out=64\).*"
-                                         r"ignore=\['2'\]"):
-        prune(model, (1, 3, 16, 16), ratio=0.5)
+def test_grouped_transposed_conv_with_other_widths_is_kept_whole_or_refused_when_strict():
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(),
+                          nn.ConvTranspose2d(32, 64, 3, groups=2), nn.ReLU(), nn.Conv2d(64, 5, 1)).eval()
+    with pytest.raises(PruneError, match=r"grouped transposed convolution '4' \(groups=2, in=32, out=64\).*"
+                                         r"strict"):
+        prune(model, (1, 3, 16, 16), ratio=0.5, strict=True)
+    result = prune(model, (1, 3, 16, 16), ratio=0.5)
+    assert result.report["kept_whole"] == [{"module": "4", "op": "conv_transpose2d", "reason": (
+        "grouped transposed convolution '4' (groups=2, in=32, out=64) has no pruning rule yet")}]
+    skipped = {g["key"]: g["reason"] for g in result.report["skipped_groups"]}
+    assert skipped["2"].startswith("conv_transpose2d in '4': grouped transposed convolution")
+    # the group before the kept one is still pruned; the transposed conv and what it reads are untouched
+    assert (result.model[0].out_channels, result.model[2].in_channels, result.model[2].out_channels) == (16, 16, 32)
+    assert result.model(torch.rand(1, 3, 16, 16)).shape == (1, 5, 14, 14)
 
 
 def test_shared_prelu_slope_passes_through():

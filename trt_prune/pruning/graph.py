@@ -30,6 +30,21 @@ from ..registry import Registry
 from . import record
 
 
+class KeepWhole(PruneError):
+    """A rule met a use of tracked channels it cannot prune through (a conv over another axis, a softmax over the
+    channels, a matmul with a fixed tensor…). :func:`trace` keeps every channel the op reads whole, with this
+    message as the reason, and goes on (``strict=True``: it is the error instead)."""
+
+
+@dataclass
+class KeptWhole:
+    """One op whose channels :func:`trace` kept whole: where, which op, why."""
+
+    module: str
+    op: str
+    reason: str
+
+
 @dataclass
 class Channels:
     """The tracked channel axis of one activation: which dim it is and the element at each index."""
@@ -131,14 +146,15 @@ class TraceState:
         self.splits: list[SplitRecord] = []
         self.compute: list[ComputeNode] = []
         self.env: dict = {}  # fx node -> Channels | ParamRef | Opaque | None, filled by trace()
+        self.kept_whole: list[KeptWhole] = []
 
     # -- helpers the rules use -------------------------------------------------------------------------
     def module_of_param(self, node) -> tuple[str, nn.Module]:
         """Module path and module owning the parameter placeholder ``node``."""
         name = self.param_names.get(getattr(node, "name", None))
         if name is None:
-            raise PruneError(f"weight input {node} of a layer is not a parameter of the model; "
-                             "computed or shared weights cannot be pruned yet: ignore that module")
+            raise KeepWhole(f"weight input {node} of a layer is not a parameter of the model; "
+                             "computed or shared weights cannot be pruned yet")
         path = name.rsplit(".", 1)[0] if "." in name else ""
         return path, self.modules[path]
 
@@ -152,14 +168,14 @@ class TraceState:
         produced = self.env.get(other_node)
         if isinstance(produced, Opaque):
             for e in elements:
-                self.pinned.setdefault(e, f"read or written by ignored module '{produced.scope}'")
+                self.pinned.setdefault(e, produced.why)
             return
         if isinstance(ref, ParamRef) and shape[axis] == len(elements) and ref.axes[axis] is not None:
             path, _, attr = ref.name.rpartition(".")
             self.record_slot(path, f"param:{attr}:{ref.axes[axis]}", elements)
             return
-        raise PruneError(f"'{node.target}' in '{_module_path(node)}' combines pruned channels with a fixed tensor "
-                         f"of shape {shape} that is not a parameter; ignore that module or register a rule")
+        raise KeepWhole(f"'{node.target}' in '{_module_path(node)}' combines pruned channels with a fixed tensor "
+                         f"of shape {shape} that is not a parameter")
 
     def fresh(self, n: int) -> list[int]:
         start = self.n_elements
@@ -170,7 +186,7 @@ class TraceState:
         """Elements ``a[i]`` and ``b[i]`` are the same channel. Recorded now, resolved once after the walk
         (:func:`_components`): no rule needs the classes while the graph is walked."""
         if len(a) != len(b):
-            raise PruneError(f"{where}: cannot couple {len(a)} channels with {len(b)}")
+            raise KeepWhole(f"{where}: cannot couple {len(a)} channels with {len(b)}")
         self.links.append((np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)))
 
     def record_slot(self, module: str, kind: str, elements: list[int], producer: bool = False) -> None:
@@ -240,7 +256,7 @@ def _conv(state: TraceState, node, args):
     k_out = weight_shape[0]
     macs = math.prod(out_shape[2:]) * k_out * weight_shape[1] * kernel
     if inp is not None and inp.dim != 1:
-        raise PruneError(f"convolution '{module}' reads channels from dim {inp.dim}, expected 1")
+        raise KeepWhole(f"convolution '{module}' reads channels from dim {inp.dim}, expected 1")
     if groups == 1:
         out = state.fresh(k_out)
         if inp is not None:
@@ -251,8 +267,8 @@ def _conv(state: TraceState, node, args):
         return Channels(1, out)
     if c_in == k_out and inp is not None:
         return _grouped_in_place(state, module, inp, groups, macs, _shape(node.args[0]))
-    raise PruneError(f"grouped convolution '{module}' (groups={groups}, in={c_in}, out={k_out}) has no pruning "
-                     f"rule yet; pass ignore=['{module}'] (CLI: --ignore {module})")
+    raise KeepWhole(f"grouped convolution '{module}' (groups={groups}, in={c_in}, out={k_out}) has no pruning "
+                     "rule yet")
 
 
 def _grouped_in_place(state: TraceState, module: str, inp: Channels, groups: int, macs: int,
@@ -283,7 +299,7 @@ def _conv_transpose(state: TraceState, node, inp: Channels | None, module: str, 
     # every input position scatters a [in, out/groups, *kernel] block: MACs follow the input's spatial size
     macs = math.prod(_shape(node.args[0])[2:]) * c_in * weight_shape[1] * math.prod(weight_shape[2:])
     if inp is not None and inp.dim != 1:
-        raise PruneError(f"transposed convolution '{module}' reads channels from dim {inp.dim}, expected 1")
+        raise KeepWhole(f"transposed convolution '{module}' reads channels from dim {inp.dim}, expected 1")
     weight = state.param_names[node.args[1].name].rpartition(".")[2]
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     if groups == 1:
@@ -298,8 +314,8 @@ def _conv_transpose(state: TraceState, node, inp: Channels | None, module: str, 
         return Channels(1, out)
     if inp is not None and c_in == k_out and isinstance(conv, _CONV_TRANSPOSE) and weight == "weight":
         return _grouped_in_place(state, module, inp, groups, macs, _shape(node.args[0]))
-    raise PruneError(f"grouped transposed convolution '{module}' (groups={groups}, in={c_in}, out={k_out}) has no "
-                     f"pruning rule yet; pass ignore=['{module}'] (CLI: --ignore {module})")
+    raise KeepWhole(f"grouped transposed convolution '{module}' (groups={groups}, in={c_in}, out={k_out}) has no "
+                     "pruning rule yet")
 
 
 @register_channel_rule("embedding")
@@ -328,7 +344,7 @@ def _prelu(state: TraceState, node, args):
         module, mod = state.module_of_param(slope)
         attr = state.param_names[slope.name].rpartition(".")[2]
         if len(_shape(slope)) != 1 or n != len(inp.elements):
-            raise PruneError(f"prelu in '{module}' has {n} slopes for {len(inp.elements)} channels")
+            raise KeepWhole(f"prelu in '{module}' has {n} slopes for {len(inp.elements)} channels")
         state.record_slot(module, "norm" if isinstance(mod, nn.PReLU) and attr == "weight" else f"param:{attr}:0",
                           inp.elements)
     return Channels(inp.dim, list(inp.elements))
@@ -342,7 +358,7 @@ def _linear(state: TraceState, node, args):
     n_out, n_in = _shape(node.args[1])
     out_shape = _shape(node)
     if inp is not None and inp.dim != len(_shape(node.args[0])) - 1:
-        raise PruneError(f"linear '{module}' reads features from dim {inp.dim}, expected the last dim")
+        raise KeepWhole(f"linear '{module}' reads features from dim {inp.dim}, expected the last dim")
     out = state.fresh(n_out)
     if attr == "weight":
         in_kind, out_kind = "in", "out"
@@ -381,7 +397,7 @@ def _unsqueeze(state: TraceState, node, args):
     if len(out_shape) == len(in_shape):
         return Channels(inp.dim, list(inp.elements))
     if inp.dim in gone:
-        raise PruneError(f"squeeze removes the channel dim in '{_module_path(node)}'")
+        raise KeepWhole(f"squeeze removes the channel dim in '{_module_path(node)}'")
     return Channels(inp.dim - sum(1 for i in gone if i < inp.dim), list(inp.elements))
 
 
@@ -406,7 +422,7 @@ def _layer_norm(state: TraceState, node, args):
     rank = len(_shape(node.args[0]))
     normalized = list(node.args[1])
     if len(normalized) != 1 or inp.dim != rank - 1:
-        raise PruneError(f"layer_norm in '{_module_path(node)}' normalises over {normalized} while channels sit on "
+        raise KeepWhole(f"layer_norm in '{_module_path(node)}' normalises over {normalized} while channels sit on "
                          f"dim {inp.dim} of {rank}; only a norm over the channel dim alone has a rule")
     weight = node.args[2] if len(node.args) > 2 else None
     if weight is not None:
@@ -422,7 +438,7 @@ def _group_norm(state: TraceState, node, args):
     if inp is None:
         return None
     if inp.dim != 1:
-        raise PruneError(f"group_norm in '{_module_path(node)}' reads channels from dim {inp.dim}, expected 1")
+        raise KeepWhole(f"group_norm in '{_module_path(node)}' reads channels from dim {inp.dim}, expected 1")
     groups = int(node.args[1])
     weight = node.args[2] if len(node.args) > 2 else None
     if weight is not None:
@@ -478,8 +494,8 @@ def _binary(state: TraceState, node, args):
         return Channels(wide.dim + (rank - len(_shape(node.args[i]))), list(wide.elements))
     ra, rb = len(_shape(node.args[0])), len(_shape(node.args[1]))
     if a.dim + (rank - ra) != b.dim + (rank - rb):
-        raise PruneError(f"'{node.target}' in '{_module_path(node)}' adds tensors whose channels sit on different "
-                         "dims; register a rule for this pattern")
+        raise KeepWhole(f"'{node.target}' in '{_module_path(node)}' adds tensors whose channels sit on different "
+                         "dims")
     state.unify(a.elements, b.elements, f"'{node.target}' in '{_module_path(node)}'")
     return Channels(a.dim + (rank - ra), list(a.elements))
 
@@ -496,16 +512,29 @@ def _cat(state: TraceState, node, args):
     if not tracked:
         return None
     if len(tracked) != len(tensors):
+        if all(t.dim == dim for t in tracked):
+            # fixed parts (a constant, an ignored module's output) keep their channels at their offsets: they get
+            # elements no producer owns, pinned in case a later op couples them to prunable ones
+            why = f"joined by cat in '{_module_path(node)}' with channels that are not pruned"
+            elements = []
+            for t_node, t in zip(node.args[0], tensors, strict=True):
+                if isinstance(t, Channels):
+                    elements.extend(t.elements)
+                else:
+                    fixed = state.fresh(_shape(t_node)[dim])
+                    for e in fixed:
+                        state.pinned[e] = why
+                    elements.extend(fixed)
+            return Channels(dim, elements)
         if any(t.dim == dim for t in tracked):
-            raise PruneError(f"cat in '{_module_path(node)}' joins pruned channels with fixed ones; "
-                             "ignore that module or register a rule")
+            raise KeepWhole(f"cat in '{_module_path(node)}' joins channels on the cat dim with others on another dim")
         for t_node, t in zip(node.args[0], tensors, strict=True):
             if not isinstance(t, Channels):  # e.g. a class token concatenated to the patch tokens
                 state.bind_fixed(node, t_node, t, tracked[0].dim, tracked[0].elements)
         return Channels(tracked[0].dim, list(tracked[0].elements))
     if tracked[0].dim == dim:
         if any(t.dim != dim for t in tracked):
-            raise PruneError(f"cat in '{_module_path(node)}' joins tensors with channels on different dims")
+            raise KeepWhole(f"cat in '{_module_path(node)}' joins tensors with channels on different dims")
         return Channels(dim, list(itertools.chain.from_iterable(t.elements for t in tracked)))
     for t in tracked[1:]:
         state.unify(tracked[0].elements, t.elements, f"cat in '{_module_path(node)}'")
@@ -545,8 +574,7 @@ def _spatial_only(state: TraceState, node, args):
         pads = list(node.args[1])
         touched = {rank - 1 - i // 2 for i, p in enumerate(pads) if p}
     if inp.dim in touched:
-        raise PruneError(f"'{node.target}' in '{_module_path(node)}' pads or rolls the channel axis; ignore that "
-                         "module or register a rule")
+        raise KeepWhole(f"'{node.target}' in '{_module_path(node)}' pads or rolls the channel axis")
     return Channels(inp.dim, list(inp.elements))
 
 
@@ -557,7 +585,7 @@ def _einsum(state: TraceState, node, args):
     equation = node.args[0].replace(" ", "")
     inputs, _, output = equation.partition("->")
     if "..." in equation or not output:
-        raise PruneError(f"einsum '{equation}' in '{_module_path(node)}' needs explicit subscripts for pruning")
+        raise KeepWhole(f"einsum '{equation}' in '{_module_path(node)}' needs explicit subscripts for pruning")
     operands = args[1]
     letters: dict[str, list[int]] = {}
     for subs, op in zip(inputs.split(","), operands, strict=True):
@@ -569,7 +597,7 @@ def _einsum(state: TraceState, node, args):
                 letters[letter] = list(op.elements)
     carried = [(output.index(k), v) for k, v in letters.items() if k in output]
     if len(carried) > 1:
-        raise PruneError(f"einsum '{equation}' in '{_module_path(node)}' carries two channel axes to its output")
+        raise KeepWhole(f"einsum '{equation}' in '{_module_path(node)}' carries two channel axes to its output")
     return Channels(carried[0][0], carried[0][1]) if carried else None
 
 
@@ -588,8 +616,7 @@ def _unbind(state: TraceState, node, args):
         return [None] * n
     dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(_shape(node.args[0])))
     if dim == inp.dim:
-        raise PruneError(f"unbind over the channel dim in '{_module_path(node)}' picks fixed channels; ignore "
-                         "that module")
+        raise KeepWhole(f"unbind over the channel dim in '{_module_path(node)}' picks fixed channels")
     return [Channels(inp.dim - (1 if dim < inp.dim else 0), list(inp.elements)) for _ in range(n)]
 
 
@@ -600,8 +627,7 @@ def _select(state: TraceState, node, args):
         return None
     dim = _norm_dim(node.args[1], len(_shape(node.args[0])))
     if dim == inp.dim:
-        raise PruneError(f"select on the channel dim in '{_module_path(node)}' picks a fixed channel; "
-                         "ignore that module")
+        raise KeepWhole(f"select on the channel dim in '{_module_path(node)}' picks a fixed channel")
     return Channels(inp.dim - (1 if dim < inp.dim else 0), list(inp.elements))
 
 
@@ -637,7 +663,7 @@ def _from_map(emap: np.ndarray, node) -> Channels | Multi:
     varying = [a for a in range(emap.ndim)
                if emap.shape[a] > 1 and not (emap == np.take(emap, [0], axis=a)).all()]
     if not varying:
-        raise PruneError(f"reshape to {emap.shape} in '{_module_path(node)}' loses the channel axis")
+        raise KeepWhole(f"reshape to {emap.shape} in '{_module_path(node)}' loses the channel axis")
     sub = emap[tuple(slice(None) if a in varying else 0 for a in range(emap.ndim))]
     if len(varying) == 1:
         return Channels(varying[0], sub.tolist())
@@ -701,8 +727,7 @@ def _matmul(state: TraceState, node, args):
         return Channels(ro - 2, list(a.elements))
     if isinstance(b, Channels) and b.dim == rb - 1 and not isinstance(a, Channels):
         return Channels(ro - 1, list(b.elements))
-    raise PruneError(f"matmul in '{_module_path(node)}' contracts pruned channels with a fixed tensor; ignore that "
-                     "module or register a rule")
+    raise KeepWhole(f"matmul in '{_module_path(node)}' contracts pruned channels with a fixed tensor")
 
 
 @register_channel_rule("softmax", "_softmax", "log_softmax", "_log_softmax")
@@ -711,7 +736,7 @@ def _softmax(state: TraceState, node, args):
     if inp is None:
         return None
     if _norm_dim(node.args[1], len(_shape(node))) == inp.dim:
-        raise PruneError(f"softmax over the channel axis in '{_module_path(node)}' has no pruning rule")
+        raise KeepWhole(f"softmax over the channel axis in '{_module_path(node)}' has no pruning rule")
     return Channels(inp.dim, list(inp.elements))
 
 
@@ -721,7 +746,7 @@ def _sdpa(state: TraceState, node, args):
     last = len(_shape(node)) - 1
     if any(not isinstance(t, Channels) or t.dim != len(_shape(n)) - 1 for t, n in zip((q, k, v), node.args[:3],
                                                                                         strict=True)):
-        raise PruneError(f"attention in '{_module_path(node)}' needs q, k and v with channels on their last dim")
+        raise KeepWhole(f"attention in '{_module_path(node)}' needs q, k and v with channels on their last dim")
     state.unify(q.elements, k.elements, f"attention in '{_module_path(node)}'")
     return Channels(last, list(v.elements))
 
@@ -779,8 +804,7 @@ def _reduce(state: TraceState, node, args):
         return None
     dims = [_norm_dim(d, rank) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
     if inp.dim in dims:
-        raise PruneError(f"reduction over the channel axis in '{_module_path(node)}' has no pruning rule; "
-                         "ignore that module")
+        raise KeepWhole(f"reduction over the channel axis in '{_module_path(node)}' has no pruning rule")
     shift = 0 if keepdim else sum(1 for d in dims if d < inp.dim)
     return Channels(inp.dim - shift, list(inp.elements))
 
@@ -856,6 +880,7 @@ class ChannelGraph:
         self.model = model
         self.input_shape = input_shape
         self.outputs = None  # the model's outputs on the example, when the tracer ran it for real
+        self.kept_whole: list[KeptWhole] = []  # ops whose channels the trace kept whole (see trace)
         self.modules = state.modules
         self.root = _components(state.n_elements, state.links)
         self.slots = state.slots
@@ -997,22 +1022,26 @@ def _ignored_scope(node, ignore: tuple[str, ...]) -> str | None:
 
 @dataclass
 class Opaque:
-    """A value computed inside an ignored module: its channels are unknown and must not be pruned."""
+    """A value computed inside an ignored module, or by an op kept whole: its channels are unknown and must not be
+    pruned; ``why`` is the reason given for every channel it meets."""
 
     scope: str
+    why: str = ""
 
 
-def _opaque(state: TraceState, tracked: list[Channels], scope: str) -> Opaque:
-    """An op inside an ignored module: the channels it reads are pinned; what it produces is opaque, and
-    whatever it is later combined with (a residual add, say) is pinned in turn."""
-    why = f"read or written by ignored module '{scope}'"
+def _opaque(state: TraceState, tracked: list[Channels], scope: str, why: str | None = None) -> Opaque:
+    """An op inside an ignored module (or one kept whole): the channels it reads are pinned; what it produces is
+    opaque, and whatever it is later combined with (a residual add, say) is pinned in turn."""
+    why = why or f"read or written by ignored module '{scope}'"
     for ch in tracked:
         for e in ch.elements:
             state.pinned.setdefault(e, why)
-    return Opaque(scope)
+    return Opaque(scope, why)
 
 
 TRACERS = ("auto", "dispatch", "export")
+#: A model attribute ``{module path: reason}`` naming modules whose channels are fixed (see :func:`trace`).
+FIXED_SCOPES_ATTR = "trt_prune_fixed_scopes"
 
 
 def _export_graph(model: nn.Module, example: torch.Tensor):
@@ -1037,11 +1066,16 @@ def _recorded_graph(model: nn.Module, example: torch.Tensor):
 
 
 def trace(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = (),
-          tracer: str = "auto") -> ChannelGraph:
+          tracer: str = "auto", *, strict: bool = False, fixed: dict[str, str] | None = None) -> ChannelGraph:
     """Trace ``model`` on ``example`` (batch of 1 is enough) and build its channel graph.
 
     Modules in ``ignore`` (paths; a container covers everything below it) are opaque: no rule runs inside
-    them, and every channel they read or write is pinned, with that reason in the report.
+    them, and every channel they read or write is pinned, with that reason in the report. ``fixed`` maps more
+    such module paths to the reason they are fixed (the ONNX importer's reshapes to constant shapes).
+
+    An op whose rule cannot prune through it (:class:`KeepWhole`) keeps every channel it reads whole and
+    makes its output opaque; each such op is listed in ``ChannelGraph.kept_whole``. ``strict=True`` makes the
+    first of them an error instead. An op with no rule at all is always an error.
 
     ``tracer``: ``dispatch`` records the ATen ops of one eager forward pass (fast, see :mod:`.record`),
     ``export`` uses ``torch.export`` (non-strict); both give the same op sequence on models export can trace.
@@ -1062,6 +1096,9 @@ def trace(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = (),
         model.train(was_training)
     state = TraceState(model, param_names)
     env = state.env
+    # modules a converter knows to be fixed (the ONNX importer's reshapes to constant shapes), then the caller's
+    fixed = {**getattr(model, FIXED_SCOPES_ATTR, {}), **(fixed or {})}
+    scopes = tuple(ignore) + tuple(k for k in fixed if k not in ignore)
     for node in graph.nodes:
         if node.op == "placeholder":
             if node.name in param_names:
@@ -1085,7 +1122,7 @@ def trace(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = (),
             continue
         if node.target is operator.getitem:
             src = env.get(node.args[0])
-            env[node] = src[node.args[1]] if isinstance(src, list) else None
+            env[node] = src[node.args[1]] if isinstance(src, list) else src if isinstance(src, Opaque) else None
             continue
         args = _map_args(list(node.args), env)
         flat_tracked = [a for a in _flatten_list(args) if isinstance(a, (Channels, Multi))]
@@ -1093,9 +1130,9 @@ def trace(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = (),
         name = packet.__name__ if packet is not None else getattr(node.target, "__name__", str(node.target))
         if name in _NON_TENSOR_OPS:
             continue
-        scope = _ignored_scope(node, ignore) if ignore else None
+        scope = _ignored_scope(node, scopes) if scopes else None
         if scope is not None:
-            env[node] = _opaque(state, flat_tracked, scope)
+            env[node] = _opaque(state, flat_tracked, scope, fixed.get(scope))
             continue
         if not flat_tracked and name in _PRODUCERS:
             env[node] = CHANNEL_RULES[name](state, node, args)  # fresh channels, even from fixed inputs
@@ -1110,11 +1147,21 @@ def trace(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = (),
             raise PruneError(f"no channel rule for op '{node.target}' in module '{_module_path(node)}': "
                              f"ignore that module (ignore=['{_module_path(node)}'], CLI --ignore) or register a "
                              "rule with trt_prune.pruning.register_channel_rule")
-        if name not in _MULTI_AWARE and any(isinstance(a, Multi) for a in _flatten_list(args)):
-            args = _collapse_args(state, args, node)
-        env[node] = rule(state, node, args)
+        try:
+            if name not in _MULTI_AWARE and any(isinstance(a, Multi) for a in _flatten_list(args)):
+                args = _collapse_args(state, args, node)
+            env[node] = rule(state, node, args)
+        except KeepWhole as exc:
+            where = _module_path(node)
+            if strict:
+                raise PruneError(f"{exc} (strict: this would keep the channels of '{where}' whole; drop --strict "
+                                 "to prune the rest, or register a rule with "
+                                 "trt_prune.pruning.register_channel_rule)") from exc
+            state.kept_whole.append(KeptWhole(where, name, str(exc)))
+            env[node] = _opaque(state, flat_tracked, where, f"{name} in '{where}': {exc}")
     result = ChannelGraph(model, state, tuple(example.shape))
     result.outputs = outputs
+    result.kept_whole = state.kept_whole
     return result
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class PruneConfig:
     latency_table: str | None = None
     backend: str = "onnxruntime"
     latency_utility: str = "quadratic"
+    strict: bool = False
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -160,8 +162,11 @@ def _plan(graph: ChannelGraph, config: PruneConfig, importance=None, latency=Non
     ``config.target_latency``, the latency planner's plan (its summary is then in ``latency.last_plan``)."""
     groups, skipped = _prunable(graph, config)
     if not groups:
-        raise PruneError("nothing to prune: every channel group is pinned or ignored "
-                         f"({'; '.join(sorted(set(skipped.values())))})")
+        reasons = sorted(set(skipped.values()))
+        shown = "; ".join(reasons[:6]) + (f"; and {len(reasons) - 6} more" if len(reasons) > 6 else "")
+        raise PruneError(f"nothing can be pruned: all {len(skipped)} channel groups are kept whole ({shown}). "
+                         "Lower round_to if groups are too small, or prune a model with more convolution "
+                         "channels between its input and outputs")
     importance = importance or get_importance(config.importance)
     scores = {g.key: importance(graph, g) for g in groups}
     if config.target_latency is not None:
@@ -358,7 +363,7 @@ def prune(model: nn.Module, input_shape=(1, 3, 320, 320), config: PruneConfig | 
     importance.prepare(model, data=data, loss_fn=loss_fn)  # before any copy or cut: the user's model
     pruned = model if inplace else copy.deepcopy(model)
     example = _example(pruned, input_shape)
-    graph = trace(pruned, example, config.ignore)
+    graph = trace(pruned, example, config.ignore, strict=config.strict)
     expected = output_shapes(_reference_outputs(graph, example)) if check else None
     latency = None
     if config.target_latency is not None:
@@ -388,6 +393,7 @@ def prune(model: nn.Module, input_shape=(1, 3, 320, 320), config: PruneConfig | 
         "effective_ratio": ratio,
         "groups_total": len(graph.groups), "groups_pruned": len(plan),
         "skipped_groups": [{"key": k, "reason": v} for k, v in sorted(skipped.items())],
+        "kept_whole": [dataclasses.asdict(k) for k in graph.kept_whole],
         "layers": layers,
     }
     if latency is not None:
