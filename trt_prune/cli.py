@@ -102,10 +102,10 @@ trust_opt = click.option("--trust-code", is_flag=True,
                          help="Allow a model folder whose model.json names a .py source (loading it runs that file).")
 
 
-def _load(model: str, weights, allow_pickle, trust_code: bool = False):
+def _load(model: str, weights, allow_pickle, trust_code: bool = False, input_shape=None):
     from .stages import load
 
-    return load(model, weights=weights, allow_pickle=allow_pickle, trust_code=trust_code)
+    return load(model, weights=weights, allow_pickle=allow_pickle, trust_code=trust_code, input_shape=input_shape)
 
 
 def _backend_config(backend: str, flags: dict, **fields):
@@ -181,6 +181,8 @@ def demo(out, quick, threads, exporter, as_json):
 @click.option("--taylor-batches", type=click.IntRange(min=1), default=4, show_default=True,
               help="Batches of 8 training images for --importance taylor.")
 @click.option("--ignore", multiple=True, help="Module path to leave unpruned (repeatable).")
+@click.option("--strict", is_flag=True,
+              help="Fail on an op the engine cannot prune through instead of keeping the channels it reads whole.")
 @click.option("--train", "train_steps", type=click.IntRange(min=2), default=None,
               help="Prune gradually while training for this many steps (built-in detector: its road scenes and "
                    "loss; your own model: the Python API ChannelPruner). Needs --target-macs.")
@@ -207,9 +209,12 @@ def demo(out, quick, threads, exporter, as_json):
 @click.option("-o", "--out", required=True, help="Output model folder (model.json + model.safetensors).")
 @json_opt
 def prune_cmd(model, ratio, target_macs, target_params, global_pruning, max_ratio, round_to, importance,
-              taylor_batches, ignore, train_steps, distill, sparse_train, batch_size, lr, device, target_latency,
-              backend, latency_table, input_shape, weights, allow_pickle, trust_code, out, as_json):
-    """Structured (channel) pruning; writes a model folder and its replayable recipe."""
+              taylor_batches, ignore, strict, train_steps, distill, sparse_train, batch_size, lr, device,
+              target_latency, backend, latency_table, input_shape, weights, allow_pickle, trust_code, out, as_json):
+    """Structured (channel) pruning; writes a model folder and its replayable recipe.
+
+    MODEL may be an ONNX file: its body is converted to torch, pruned, and written back as OUT/model.onnx with
+    the file's post-processing (NMS, TopK, plugins) stitched on unchanged."""
     from .artifacts import check_output_dir
     from .pruning import PruneConfig
     from .stages import prune
@@ -230,14 +235,14 @@ def prune_cmd(model, ratio, target_macs, target_params, global_pruning, max_rati
     config = PruneConfig(ratio=ratio, round_to=round_to, importance=importance, ignore=tuple(ignore),
                          target_macs=target_macs, target_params=target_params, global_pruning=global_pruning,
                          max_ratio=max_ratio, target_latency=target_latency, latency_table=latency_table,
-                         backend=backend)
+                         backend=backend, strict=strict)
     config.validate()
     shape = parse_shape(input_shape)
     check_output_dir(out)  # refused before any work; created only when there is a model to write
     table = None
     if target_latency is not None:
         table = _latency_table_for_prune(backend, latency_table)
-    loaded = _load(model, weights, allow_pickle, trust_code)
+    loaded = _load(model, weights, allow_pickle, trust_code, input_shape=shape)
     if importance == "taylor" and (loaded.task != "detection" or not hasattr(loaded.model, "num_classes")):
         raise TrtPruneError(f"--importance taylor needs a loss and data; the CLI has them for the built-in "
                             f"detector only, not '{model}'. Use the Python API: prune(model, shape, "
@@ -256,9 +261,11 @@ def prune_cmd(model, ratio, target_macs, target_params, global_pruning, max_rati
     out_dir = result.folder
     summary = {k: result.report[k] for k in ("params_before", "params_after", "macs_before", "macs_after",
                                              "effective_ratio", "groups_total", "groups_pruned")}
-    summary.update(out=str(out_dir), skipped_groups=result.report["skipped_groups"], layers=result.report["layers"])
-    if "latency" in result.report:
-        summary["latency"] = result.report["latency"]
+    summary.update(out=str(out_dir), skipped_groups=result.report["skipped_groups"],
+                   kept_whole=result.report["kept_whole"], layers=result.report["layers"])
+    for key in ("latency", "onnx"):
+        if key in result.report:
+            summary[key] = result.report[key]
     from rich.table import Table
 
     table = Table(title=f"pruned {model} → {out_dir}")
@@ -271,7 +278,27 @@ def prune_cmd(model, ratio, target_macs, target_params, global_pruning, max_rati
         lat = result.report["latency"]
         table.add_row(f"predicted ms ({backend})", f"{lat['dense_ms']:.2f}", f"{lat['predicted_ms']:.2f}",
                       f"{lat['predicted_ms'] / lat['dense_ms']:.3f}")
+    if not as_json:
+        for line in kept_whole_lines(result.report):
+            _console(stderr=True).print(line, markup=False, highlight=False)
     _emit(summary, as_json, table)
+
+
+def kept_whole_lines(report: dict, limit: int = 8) -> list[str]:
+    """The prune summary's kept-whole lines: one count, then one line per op the engine kept whole (module, op,
+    reason), at most ``limit``; ``--json`` has them all."""
+    ops = report.get("kept_whole") or []
+    skipped = report.get("skipped_groups") or []
+    lines = [f"{report['groups_pruned']} of {report['groups_total']} channel groups pruned, {len(skipped)} kept "
+             f"whole (--json lists each with its reason); {len(ops)} op(s) the engine cannot prune through kept "
+             "the channels they read whole (--strict makes that an error)"]
+    lines += [f"  kept whole: {k['op']} in '{k['module']}': {k['reason']}" for k in ops[:limit]]
+    if len(ops) > limit:
+        lines.append(f"  … and {len(ops) - limit} more")
+    if "onnx" in report:
+        onnx = report["onnx"]
+        lines.append(f"ONNX: {onnx['path']} (opset {onnx['opset']}, outputs {', '.join(onnx['outputs'])})")
+    return lines
 
 
 def _latency_table_for_prune(backend: str, location: str | None):

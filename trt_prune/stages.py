@@ -30,16 +30,17 @@ Shape = tuple[int, ...]
 
 
 # ----------------------------------------------------------------------------------------------------- models
-def load(source: Any, *, weights=None, allow_pickle: bool = False, trust_code: bool = False):
+def load(source: Any, *, weights=None, allow_pickle: bool = False, trust_code: bool = False, input_shape=None):
     """``source`` as a :class:`~trt_prune.models.LoadedModel`: a spec or folder is loaded, a loaded model
     passes through, a bare ``nn.Module`` is wrapped (with no source spec: it cannot be written to a folder
-    unless the caller names one)."""
+    unless the caller names one). ``input_shape`` is what an ``.onnx`` file with dynamic axes is converted at."""
     from .models import LoadedModel, load_model
 
     if isinstance(source, LoadedModel):
         return source
     if isinstance(source, (str, Path)):
-        return load_model(str(source), weights=weights, allow_pickle=allow_pickle, trust_code=trust_code)
+        return load_model(str(source), weights=weights, allow_pickle=allow_pickle, trust_code=trust_code,
+                          input_shape=input_shape)
     from torch import nn
 
     if isinstance(source, nn.Module):
@@ -75,7 +76,10 @@ def prune(model: Any, input_shape: Sequence[int] | None = None, config=None, *, 
     ``nn.Module``. A model that fails on ``input_shape`` is one clear error naming the module that rejected
     it. ``latency_table``, ``on_estimate`` and ``on_progress`` serve ``target_latency`` (see
     :func:`trt_prune.pruning.prune`). Returns the :class:`~trt_prune.pruning.PruneResult` (its
-    ``folder`` set when written)."""
+    ``folder`` set when written). An ONNX model (``model.onnx`` spec, or one loaded from it) also gets
+    ``model.onnx`` in ``out``: the pruned body exported at the source's opset with the source's
+    post-processing tail stitched back (:func:`trt_prune.onnx_import.prune_onnx`); ``result.report["onnx"]``
+    says what was checked."""
     from .models import check_runs
     from .pruning import PruneConfig
     from .pruning import prune as prune_model
@@ -87,7 +91,7 @@ def prune(model: Any, input_shape: Sequence[int] | None = None, config=None, *, 
                              f"{', '.join(f.name for f in dataclasses.fields(PruneConfig))}")
         setattr(config, key, value)
     config.validate()
-    loaded = load(model)
+    loaded = load(model, input_shape=input_shape)
     if loaded.meta.recipe:
         raise PruneError(f"'{loaded.spec}' is already pruned; prune its source '{loaded.source}' again with a "
                          "higher ratio instead (recipes do not stack yet)")
@@ -104,9 +108,24 @@ def prune(model: Any, input_shape: Sequence[int] | None = None, config=None, *, 
         check_runs(loaded.model, shape, PruneError)
         raise
     if out is not None:
-        folder = save_model_folder(out, result.model, dataclasses.replace(meta, recipe=result.recipe))
-        write_json(folder / "recipe.json", result.recipe)
-        result.folder = folder
+        with tempfile.TemporaryDirectory() as staging:
+            onnx_out = None
+            if loaded.onnx is not None:  # staged first: a failure leaves no folder behind
+                from .onnx_import import prune_onnx
+
+                onnx_out = prune_onnx(loaded.onnx, result.model, Path(staging) / "model.onnx")
+            folder = save_model_folder(out, result.model, dataclasses.replace(meta, recipe=result.recipe))
+            write_json(folder / "recipe.json", result.recipe)
+            result.folder = folder
+            if onnx_out is not None:
+                import shutil
+
+                path, parity, outputs = onnx_out
+                for staged in Path(staging).iterdir():  # model.onnx, and its .data file past protobuf's 2 GiB
+                    shutil.move(staged, folder / staged.name)
+                result.report["onnx"] = {"path": str(folder / "model.onnx"), "opset": loaded.onnx.opset,
+                                         "outputs": outputs, "export_parity_max_abs": parity,
+                                         "import": loaded.onnx.summary()}
     return result
 
 

@@ -1,7 +1,8 @@
 """Model specs: how a model is named on the command line and in the API, and how weights load.
 
-``builtin:NAME``, ``torchvision:NAME``, ``timm:NAME``, ``path/to/file.py:factory``, or a model folder written
-by ``prune``/``sparsify``. Weights load from ``.safetensors`` or from a state dict through
+``builtin:NAME``, ``torchvision:NAME``, ``timm:NAME``, ``path/to/file.py:factory``, ``path/to/model.onnx`` (its
+body converted to torch for pruning, :mod:`trt_prune.onnx_import`), or a model folder written by
+``prune``/``sparsify``. Weights load from ``.safetensors`` or from a state dict through
 ``torch.load(weights_only=True)``; a file that needs real unpickling is refused unless the caller opts in.
 """
 
@@ -61,6 +62,7 @@ class LoadedModel:
     model: nn.Module
     spec: str  # what the user named
     meta: ModelMeta
+    onnx: object = None  # for an .onnx spec: the trt_prune.onnx_import.ImportedOnnx (its tail, opset, parity)
 
     @property
     def source(self) -> str:
@@ -78,7 +80,7 @@ class LoadedModel:
 
 SPEC_HELP = ("builtin:NAME (" + ", ".join(f"builtin:{n}" for n in sorted(BUILTINS)) + "), torchvision:NAME, "
              "core:NAME (a torchvision detector's backbone and head: " + ", ".join(CORE_NAMES) + "), timm:NAME, "
-             "path/to/file.py:factory, or a folder written by 'trt-prune prune' or 'sparsify'")
+             "path/to/file.py:factory, path/to/model.onnx, or a folder written by 'trt-prune prune' or 'sparsify'")
 
 
 def builtin_weights_path(name: str) -> Path | None:
@@ -174,8 +176,26 @@ def _from_file(spec: str) -> nn.Module:
     return model
 
 
-def _build(spec: str) -> tuple[nn.Module, tuple[int, ...], str]:
+def _load_onnx(spec: str, weights, input_shape) -> LoadedModel:
+    from ..onnx_import import import_onnx
+
+    if weights is not None:
+        raise ModelSpecError(f"'{spec}' is an ONNX file: its weights are inside it; drop --weights {weights}")
+    imported = import_onnx(spec, input_shape)
+    meta = ModelMeta(source=str(Path(spec).resolve()), input_shape=imported.input_shape, task=ONNX_TASK)
+    return LoadedModel(imported.module, spec, meta, onnx=imported)
+
+
+ONNX_TASK = "onnx"
+
+
+def _build(spec: str, input_shape=None) -> tuple[nn.Module, tuple[int, ...], str]:
     """Build the architecture named by a non-folder spec, without weights."""
+    if spec.lower().endswith(".onnx"):
+        from ..onnx_import import import_onnx
+
+        imported = import_onnx(spec, input_shape, check=False)
+        return imported.module, imported.input_shape, ONNX_TASK
     kind, sep, name = spec.partition(":")
     if not sep or not name:
         raise ModelSpecError(f"unknown model spec '{spec}'; use {SPEC_HELP}")
@@ -224,7 +244,7 @@ def _load_folder(folder: Path, trust_code: bool) -> LoadedModel:
         raise ModelSpecError(f"the model folder '{folder}' is built by running '{runs}' (its {MODEL_JSON} names the "
                              f"source '{meta.source}'); loading it would execute that file. Pass --trust-code "
                              "(trust_code=True in Python) if you trust it")
-    model, _, _ = _build(meta.source)
+    model, _, _ = _build(meta.source, meta.input_shape if meta.task == ONNX_TASK else None)
     if meta.recipe:
         model = apply_recipe(model, meta.recipe)
     load_weights(model, folder / MODEL_WEIGHTS, allow_pickle=False)
@@ -232,13 +252,17 @@ def _load_folder(folder: Path, trust_code: bool) -> LoadedModel:
 
 
 def load_model(spec: str, weights: str | Path | None = None, allow_pickle: bool = False,
-               pretrained: bool = True, trust_code: bool = False) -> LoadedModel:
+               pretrained: bool = True, trust_code: bool = False, input_shape=None) -> LoadedModel:
     """Resolve ``spec`` to a model in eval mode.
 
     Built-in models come with their shipped weights unless ``weights`` is given or ``pretrained`` is False.
     A ``file.py:factory`` spec runs that file: naming it is the caller's choice. A model folder whose
     ``model.json`` names such a source would run a file the caller did not name, so it needs
     ``trust_code=True`` (``--trust-code``), as pickled weights need ``allow_pickle``.
+
+    An ``.onnx`` file is converted (:func:`trt_prune.onnx_import.import_onnx`: its body becomes the module,
+    checked against ONNX Runtime; ``input_shape`` is needed where its input has dynamic axes besides the
+    batch); its weights are the file's, so ``weights`` is refused.
     """
     if isinstance(spec, Path):
         spec = str(spec)
@@ -253,6 +277,8 @@ def load_model(spec: str, weights: str | Path | None = None, allow_pickle: bool 
         if weights is not None:
             load_weights(loaded.model, weights, allow_pickle)
         return loaded
+    if spec.lower().endswith(".onnx"):
+        return _load_onnx(spec, weights, input_shape)
     model, shape, task = _build(spec)
     meta = ModelMeta(source=spec, input_shape=tuple(shape), task=task)
     if weights is not None:

@@ -459,7 +459,7 @@ _UNARY = ("silu", "silu_", "relu", "relu_", "sigmoid", "sigmoid_", "hardswish", 
           "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
           "adaptive_max_pool2d", "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
           "upsample_bilinear2d", "upsample_bicubic2d", "_upsample_nearest_exact2d", "_to_copy", "to",
-          "type_as", "clamp", "clamp_", "clamp_min", "clamp_max", "pow", "sqrt", "rsqrt", "square")
+          "type_as", "clamp", "clamp_", "clamp_min", "clamp_max", "clip", "clip_", "pow", "sqrt", "rsqrt", "square")
 
 
 @register_channel_rule(*_UNARY)
@@ -1040,8 +1040,20 @@ def _opaque(state: TraceState, tracked: list[Channels], scope: str, why: str | N
 
 
 TRACERS = ("auto", "dispatch", "export")
-#: A model attribute ``{module path: reason}`` naming modules whose channels are fixed (see :func:`trace`).
-FIXED_SCOPES_ATTR = "trt_prune_fixed_scopes"
+#: A module attribute ``{input axis: reason}``: axes whose size the module stores (see :func:`trace`).
+FIXED_AXES_ATTR = "trt_prune_fixed_axes"
+
+
+def _check_fixed_axes(state: TraceState, node, args) -> None:
+    module = state.modules.get(_module_path(node))
+    axes = getattr(module, FIXED_AXES_ATTR, None) if module is not None else None
+    first = args[0] if args else None
+    if not axes or not isinstance(first, (Channels, Multi)):
+        return
+    dims = (first.dim,) if isinstance(first, Channels) else first.dims
+    hit = next((d for d in dims if d in axes), None)
+    if hit is not None:
+        raise KeepWhole(axes[hit])
 
 
 def _export_graph(model: nn.Module, example: torch.Tensor):
@@ -1066,16 +1078,17 @@ def _recorded_graph(model: nn.Module, example: torch.Tensor):
 
 
 def trace(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = (),
-          tracer: str = "auto", *, strict: bool = False, fixed: dict[str, str] | None = None) -> ChannelGraph:
+          tracer: str = "auto", *, strict: bool = False) -> ChannelGraph:
     """Trace ``model`` on ``example`` (batch of 1 is enough) and build its channel graph.
 
     Modules in ``ignore`` (paths; a container covers everything below it) are opaque: no rule runs inside
-    them, and every channel they read or write is pinned, with that reason in the report. ``fixed`` maps more
-    such module paths to the reason they are fixed (the ONNX importer's reshapes to constant shapes).
+    them, and every channel they read or write is pinned, with that reason in the report.
 
     An op whose rule cannot prune through it (:class:`KeepWhole`) keeps every channel it reads whole and
-    makes its output opaque; each such op is listed in ``ChannelGraph.kept_whole``. ``strict=True`` makes the
-    first of them an error instead. An op with no rule at all is always an error.
+    makes its output opaque; each such op is listed in ``ChannelGraph.kept_whole``. So does an op of a module
+    that declares, in its attribute ``trt_prune_fixed_axes`` (``{input axis: reason}``), input axes whose size it
+    stores (the ONNX importer's reshapes to constant shapes) when the channels arrive on one of them.
+    ``strict=True`` makes the first of them an error instead. An op with no rule at all is always an error.
 
     ``tracer``: ``dispatch`` records the ATen ops of one eager forward pass (fast, see :mod:`.record`),
     ``export`` uses ``torch.export`` (non-strict); both give the same op sequence on models export can trace.
@@ -1096,9 +1109,6 @@ def trace(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = (),
         model.train(was_training)
     state = TraceState(model, param_names)
     env = state.env
-    # modules a converter knows to be fixed (the ONNX importer's reshapes to constant shapes), then the caller's
-    fixed = {**getattr(model, FIXED_SCOPES_ATTR, {}), **(fixed or {})}
-    scopes = tuple(ignore) + tuple(k for k in fixed if k not in ignore)
     for node in graph.nodes:
         if node.op == "placeholder":
             if node.name in param_names:
@@ -1130,9 +1140,9 @@ def trace(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = (),
         name = packet.__name__ if packet is not None else getattr(node.target, "__name__", str(node.target))
         if name in _NON_TENSOR_OPS:
             continue
-        scope = _ignored_scope(node, scopes) if scopes else None
+        scope = _ignored_scope(node, ignore) if ignore else None
         if scope is not None:
-            env[node] = _opaque(state, flat_tracked, scope, fixed.get(scope))
+            env[node] = _opaque(state, flat_tracked, scope)
             continue
         if not flat_tracked and name in _PRODUCERS:
             env[node] = CHANNEL_RULES[name](state, node, args)  # fresh channels, even from fixed inputs
@@ -1148,6 +1158,7 @@ def trace(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = (),
                              f"ignore that module (ignore=['{_module_path(node)}'], CLI --ignore) or register a "
                              "rule with trt_prune.pruning.register_channel_rule")
         try:
+            _check_fixed_axes(state, node, args)
             if name not in _MULTI_AWARE and any(isinstance(a, Multi) for a in _flatten_list(args)):
                 args = _collapse_args(state, args, node)
             env[node] = rule(state, node, args)
