@@ -29,7 +29,15 @@ Usage:
 ``--json`` writes the records (after every pair) and, at the end, the table beside them as ``OUT.md``, both
 stamped with commit, date and machine by ``trt_prune.provenance.write_result``. ``--update`` starts from the
 records already in ``--json`` and replaces only the pairs run now (e.g. rerun ``--engines ours`` after adding
-channel rules).
+channel rules); the file's ``runs`` list keeps every run's command, commit and load average, and each record
+its own 1-min load average at start (``load_avg``).
+
+``TIMM_MORE``: twenty more timm families (efficient/linear attention, cross-covariance attention, metaformers,
+GRN, re-parameterisable blocks, LeViT, EfficientFormer, MobileNetV4, …), in a table of their own. For ours the
+records there also say what was kept whole (``kept_whole_ops``/``kept_whole_groups`` and their first lines: the
+ops our engine could not prune through, and the groups left unpruned for a reason other than an output, the
+input, or size) and ``coverage``: the fraction of the MACs that 50 % channel pruning removes on a fully prunable
+net (MACs× 0.25) actually removed, (1 - MACs×) / 0.75 capped at 1.
 """
 
 from __future__ import annotations
@@ -66,6 +74,7 @@ class Entry:
     shape: tuple[int, ...]
     ignore: Callable | None = None  # model -> module paths for Torch-Pruning; None: the classifier rule
     tp_fixup: Callable | None = None  # what a Torch-Pruning user runs after step()
+    table: str = "main"  # which table of the markdown it goes in: "main" or "timm_more"
 
 
 TORCHVISION = ("resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v2", "mobilenet_v3_large",
@@ -75,6 +84,31 @@ TORCHVISION = ("resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "mo
 # ten CNN families: ResNet-D, CSP, Ghost, ReXNet, DLA, HRNet, MobileViT (hybrid), RepVGG, Res2Net, DPN
 TIMM = {"resnet26d": 224, "cspdarknet53": 224, "ghostnet_100": 224, "rexnet_100": 224, "dla34": 224,
         "hrnet_w18_small": 224, "mobilevitv2_050": 256, "repvgg_a0": 224, "res2net50_26w_4s": 224, "dpn68": 224}
+# twenty more timm families (attention variants, metaformers, re-parameterisable blocks, mobile hybrids), each at
+# its default input size (timm 1.0.31 ``pretrained_cfg["input_size"]``): name -> (family, input side)
+TIMM_MORE = {
+    "efficientvit_b0": ("EfficientViT-MIT: ReLU linear attention", 224),
+    "efficientvit_m0": ("EfficientViT-MSRA: cascaded group attention", 224),
+    "xcit_nano_12_p16_224": ("XCiT: cross-covariance attention", 224),
+    "poolformer_s12": ("PoolFormer: metaformer, pooling mixer", 224),
+    "poolformerv2_s12": ("PoolFormerV2: metaformer, pooling, StarReLU, scales", 224),
+    "caformer_s18": ("CAFormer: metaformer, sep-conv + attention", 224),
+    "convnextv2_atto": ("ConvNeXt-V2: GRN", 224),
+    "fastvit_t8": ("FastViT: RepMixer, re-parameterisable", 256),
+    "mobileone_s0": ("MobileOne: re-parameterisable branches", 224),
+    "repghostnet_050": ("RepGhost: re-parameterised ghost modules", 224),
+    "levit_128s": ("LeViT: attention with BN linears, shrink attention", 224),
+    "efficientformer_l1": ("EfficientFormer: 4D pool + 3D attention", 224),
+    "efficientformerv2_s0": ("EfficientFormerV2: 4D attention, local conv", 224),
+    "mobilenetv4_conv_small": ("MobileNetV4: universal inverted bottleneck", 224),
+    "mobilenetv4_hybrid_medium": ("MobileNetV4 hybrid: mobile MQA", 256),
+    "edgenext_xx_small": ("EdgeNeXt: split depth-wise + transposed attention", 256),
+    "tiny_vit_5m_224": ("TinyViT: MBConv + window attention", 224),
+    "repvit_m1": ("RepViT: re-parameterised MobileNet-style ViT blocks", 224),
+    "inception_next_tiny": ("InceptionNeXt: split inception depth-wise conv", 224),
+    "fasternet_t0": ("FasterNet: partial convolution (channel split)", 224),
+}
+TIMM_MORE_TARGET = 0.25  # MACs× that 50 % channel pruning gives on a fully prunable net (both widths halved)
 
 
 def _torchvision(name: str):
@@ -124,7 +158,9 @@ def _demo_ignore(model) -> list[str]:
     return [f"head.{i}.{branch}.2" for i in range(len(model.head)) for branch in ("box", "cls")]
 
 
-def _registry() -> dict[str, Entry]:
+def _registry(more: bool = False) -> dict[str, Entry]:
+    """The benchmark models: the 35 of the main table, and with ``more`` the ``TIMM_MORE`` twenty after them
+    (off by default: other bench scripts, e.g. ``clean_vs_polygraphy.py``, iterate over the main 35)."""
     from trt_prune.models.cores import CORES
 
     models = {n: Entry("torchvision", _torchvision(n), (1, 3, 224, 224),
@@ -134,6 +170,8 @@ def _registry() -> dict[str, Entry]:
     models["builtin:demo-detector"] = Entry("builtin", _demo_detector, (1, 3, 320, 320), _demo_ignore)
     for n, size in TIMM.items():
         models[f"timm:{n}"] = Entry("timm", _timm(n), (1, 3, size, size))
+    for n, (family, size) in TIMM_MORE.items() if more else ():
+        models[f"timm:{n}"] = Entry(family, _timm(n), (1, 3, size, size), table="timm_more")
     return models
 
 
@@ -236,7 +274,84 @@ def _prune_ours(model, entry: Entry, record: dict, repeats: int):
     record["ours_graph_macs"] = [rep.get("macs_before"), rep.get("macs_after")]
     record["groups"] = {"total": rep.get("groups_total"), "pruned": rep.get("groups_pruned"),
                         "skipped": len(rep.get("skipped_groups", []))}
+    record.update(kept_whole_summary(rep))
     return res.model
+
+
+def where_it_fails(model, entry: Entry, example) -> dict | None:
+    """When our pruned model no longer runs: cut a copy without the check, run it, and name the innermost module
+    whose ``forward`` raised (path, class, source line), i.e. the module that computes a size the cut broke."""
+    import linecache
+
+    import torch
+    from torch import nn
+
+    from trt_prune.pruning import prune
+
+    try:
+        pruned = prune(model, entry.shape, ratio=RATIO, round_to=ROUND_TO, importance=IMPORTANCE, check=False).model
+    except Exception as exc:  # a diagnosis must not replace the recorded error
+        return {"error": _one_line(exc)}
+    paths = {id(m): p for p, m in pruned.named_modules()}
+    try:
+        with torch.no_grad():
+            pruned(example)
+        return None
+    except Exception as exc:  # the failure being diagnosed
+        found, tb = None, exc.__traceback__
+        while tb is not None:
+            owner = tb.tb_frame.f_locals.get("self")
+            if isinstance(owner, nn.Module) and paths.get(id(owner)):
+                code = tb.tb_frame.f_code
+                found = {"module": paths[id(owner)],
+                         "type": f"{type(owner).__module__}.{type(owner).__qualname__}",
+                         "line": f"{Path(code.co_filename).name}:{tb.tb_lineno}: "
+                                 f"{linecache.getline(code.co_filename, tb.tb_lineno).strip()}"}
+            tb = tb.tb_next
+        return {**(found or {}), "error": _one_line(exc, 200)}
+
+
+#: skipped-group reasons that are not "kept whole": what any pruner leaves alone by design
+_BY_DESIGN = (("output", lambda r: r == "coupled to a model output"),
+              ("input", lambda r: r == "input channels"),
+              ("small", lambda r: "not above round_to" in r),
+              ("ignored", lambda r: r.startswith("read or written by ignored module")))
+
+
+def _reason_kind(reason: str) -> str:
+    return next((kind for kind, match in _BY_DESIGN if match(reason)), "kept_whole")
+
+
+def kept_whole_summary(report: dict, first: int = 8) -> dict:
+    """What our engine kept whole, from its report: the ops it could not prune through (``kept_whole``: module,
+    op, reason) and the channel groups left unpruned for any reason other than the by-design ones (coupled to a
+    model output, input channels, too small to round, ignored). A group's reason joins every reason its channels
+    were pinned for (``; ``); it counts as kept whole when one of them is not by design."""
+    ops = report.get("kept_whole") or []
+    by_kind: dict[str, int] = {}
+    whole = []
+    for g in report.get("skipped_groups") or []:
+        kinds = {_reason_kind(r) for r in g["reason"].split("; ")}
+        kind = "kept_whole" if "kept_whole" in kinds else sorted(kinds)[0]
+        by_kind[kind] = by_kind.get(kind, 0) + 1
+        if kind == "kept_whole":
+            whole.append(g)
+    return {
+        "kept_whole_ops": len(ops),
+        "kept_whole_op_lines": [" ".join(f"{k['op']} in '{k['module']}': {k['reason']}".split())[:300]
+                                for k in ops[:first]],
+        "kept_whole_groups": len(whole),
+        "kept_whole_group_lines": [" ".join(f"{g['key']}: {g['reason']}".split())[:300] for g in whole[:first]],
+        "skipped_by_kind": by_kind,
+    }
+
+
+def coverage(macs_ratio: float | None, target: float = TIMM_MORE_TARGET) -> float | None:
+    """Fraction of the MACs that 50 % channel pruning removes on a fully prunable net (1 - ``target``) that were
+    actually removed: (1 - MACs×) / (1 - target), capped at 1."""
+    if macs_ratio is None:
+        return None
+    return max(0.0, min(1.0, (1.0 - macs_ratio) / (1.0 - target)))
 
 
 def _tp_once(model, entry: Entry, ignore: list[str], example, record: dict) -> tuple[float, float]:
@@ -286,7 +401,7 @@ def run_pair(name: str, engine: str, result_path: Path, mem_gib: float, repeats:
     import torch
 
     torch.manual_seed(0)
-    entry = _registry()[name]
+    entry = _registry(more=True)[name]
     model = entry.build().eval()
     ignore = [] if engine == "ours" else entry.ignore(model) if entry.ignore else classifier_ignore(model)
     example = torch.rand(entry.shape, generator=torch.Generator().manual_seed(0))
@@ -305,6 +420,11 @@ def run_pair(name: str, engine: str, result_path: Path, mem_gib: float, repeats:
     except Exception as exc:
         where = f"TP {record.pop('phase')}: " if "phase" in record else ""
         record.update(stage="done", pruned=False, error=where + _one_line(exc), error_type=type(exc).__name__)
+        if engine == "ours" and "no longer runs" in str(exc):
+            record["stage"] = "diagnose"
+            save()
+            record["failed_in"] = where_it_fails(model, entry, example)
+            record["stage"] = "done"
         save()
         return
     record.update(pruned=True, stage="forward")
@@ -335,6 +455,8 @@ def run_pair(name: str, engine: str, result_path: Path, mem_gib: float, repeats:
     if macs_before and macs_after is not None:
         record["macs_after"] = macs_after
         record["macs_ratio"] = macs_after / macs_before
+        if entry.table == "timm_more":
+            record["coverage"] = coverage(record["macs_ratio"])
     elif macs_error or err:
         record["macs_error"] = macs_error or err
     record["stage"] = "onnx"
@@ -459,31 +581,66 @@ def environment(provenance: bool = True) -> dict:
     return env
 
 
-def markdown(results: dict, env: dict, args_line: str) -> str:
+def table_of(name: str) -> str:
+    """The markdown table a result row goes in: "timm_more" for the twenty extra timm families, else "main"."""
+    return "timm_more" if name.startswith("timm:") and name[5:] in TIMM_MORE else "main"
+
+
+def _run_line(i: int, run: dict) -> str:
+    env = run.get("environment") or {}
+    prov = run.get("provenance") or {}
+    load = env.get("load_avg") or [None]
+    when = prov.get("date") or env.get("date") or "?"
+    commit = prov.get("commit") or env.get("commit") or "?"
+    n = len(run.get("models") or [])
+    engines = ",".join(run.get("engines") or ENGINES)
+    return (f"run {i}: {when}, commit {commit}, load average at start {_num(load[0], '.1f')}, {n} models x "
+            f"{engines}: `{run.get('command', '?')}`")
+
+
+def _loads(rows: list[dict]) -> str:
+    loads = [r["load_avg"][0] for r in rows if r and r.get("load_avg")]
+    return f"{min(loads):.1f}–{max(loads):.1f}" if loads else "—"
+
+
+def _kept(r: dict | None) -> str:
+    if not r or "kept_whole_ops" not in r:
+        return "—"
+    return f"{r['kept_whole_ops']} op / {r['kept_whole_groups']} gr"
+
+
+def markdown(results: dict, env: dict, args_line: str, runs: list[dict] | None = None) -> str:
     v = env["versions"]
+    runs = runs or [{"command": args_line, "environment": env, "models": list(results)}]
     lines = [
         "# Pruning coverage: trt_prune vs Torch-Pruning",
         "",
-        f"Machine: {env['cpu']}, {env['cpu_count']} cores ({env['usable_cores']} usable), {env['platform']}; "
-        f"load average at start {env['load_avg'][0]:.1f}. Python {env['python']}, torch {v['torch']}, "
+        f"Machine: {env['cpu']}, {env['cpu_count']} cores ({env['usable_cores']} usable), {env['platform']}. "
+        f"Python {env['python']}, torch {v['torch']}, "
         f"torchvision {v['torchvision']}, timm {v['timm']}, torch-pruning {v['torch-pruning']}, onnx {v['onnx']}, "
         f"onnxruntime {v['onnxruntime']}.",
+        "",
+        "Runs (the rows of a model/engine pair come from the last run that included it; `--update` keeps the "
+        "others): " + "; ".join(_run_line(i + 1, r) for i, r in enumerate(runs)) + ".",
         "",
         f"Settings: ratio {RATIO}, L1, round_to {ROUND_TO}, random weights; output layers left alone (TP: "
         "ignored_layers = classifier / detector output convs / attention out_proj; ours: pins output channels "
         "itself, no ignore list). "
         "MACs× and params× are pruned/dense, MACs counted with torch_pruning.utils.count_ops_and_params for both "
-        "engines. s: seconds to analyse + prune in place, fastest of the repeats (ours: prune(inplace=True, "
+        "engines (module hooks: functional matmuls such as attention scores are not counted). s: seconds to "
+        "analyse + prune in place, fastest of the repeats (ours: prune(inplace=True, "
         "check=False); TP: pruner construction + step(), which also cut in place and check nothing); s full: "
         "ours as users call it, prune() on a copy plus a run of the pruned model that checks its output shapes. "
+        "Seconds were measured on a shared 2-core machine while other work ran on it: compare them within a run. "
         "ok = pruned, runs, same output shapes, ONNX Runtime matches the pruned torch model (max abs shown). "
-        "unaligned: Conv/Linear layers whose output width changed to a non-multiple of 8 (ours/TP). "
-        f"Command: `{args_line}`",
+        "unaligned: Conv/Linear layers whose output width changed to a non-multiple of 8 (ours/TP).",
         "",
         "| model | ours | params× | MACs× | s | s full | TP | params× | MACs× | s | unaligned |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, per in results.items():
+    main_rows = {n: per for n, per in results.items() if table_of(n) == "main"}
+    more_rows = {n: per for n, per in results.items() if table_of(n) == "timm_more"}
+    for name, per in main_rows.items():
         o, t = per.get("ours"), per.get("tp")
         cells = [name]
         for r in (o, t):
@@ -493,7 +650,71 @@ def markdown(results: dict, env: dict, args_line: str) -> str:
                 cells.append(_num((r or {}).get("seconds_full"), ".2f"))
         cells.append("/".join(_num((r or {}).get("unaligned"), "d") for r in (o, t)))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", summary(results)]
+    lines += ["", summary(main_rows)]
+    if more_rows:
+        rows = [r for per in more_rows.values() for r in per.values()]
+        lines += [
+            "",
+            "## Twenty more timm families",
+            "",
+            "Same settings and columns, each model at its default timm input size (input shape in the JSON); TP "
+            "ignores the classifier layers (every Linear/conv writing 1000 classes, distillation heads included) as "
+            "in the table above. 1-min load average at the start of each pair: " + _loads(rows) + ". "
+            "kept whole (ours): `ops / gr` = ops our engine could not prune through and so kept the channels they "
+            "read whole (report `kept_whole`), / channel groups left unpruned for a reason other than the by-design "
+            "ones (coupled to a model output, input channels, too small to round, ignored), i.e. kept whole by "
+            "those ops or by fixed slices/concats (report `skipped_groups`); the JSON records list them "
+            "(`kept_whole_op_lines`, `kept_whole_group_lines`, `skipped_by_kind`). coverage (ours): fraction of "
+            f"MACs actually removed toward the 50 %-channel target, (1 − MACs×) / (1 − {TIMM_MORE_TARGET}) capped at "
+            f"1, where MACs× {TIMM_MORE_TARGET} is what halving every width gives on a fully prunable net "
+            "(conv/linear MACs scale with input × output channels); module-hook MACs, so attention matmuls are not "
+            "in either side. Why ours stops or keeps channels whole on these models, with minimal reproductions: "
+            "`prune_coverage_timm_more_notes.md` beside this file.",
+            "",
+            "| model | family | ours | params× | MACs× | s | s full | kept whole | coverage | TP | params× | MACs× | s "
+            "| unaligned |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, per in more_rows.items():
+            o, t = per.get("ours"), per.get("tp")
+            family = (o or t or {}).get("family") or TIMM_MORE.get(name[5:], ("",))[0]
+            cells = [name, family.replace("|", "/"), _status(o), _num((o or {}).get("params_ratio"), ".2f"),
+                     _num((o or {}).get("macs_ratio"), ".2f"), _num((o or {}).get("seconds"), ".2f"),
+                     _num((o or {}).get("seconds_full"), ".2f"), _kept(o),
+                     _num(coverage((o or {}).get("macs_ratio")), ".2f"),
+                     _status(t), _num((t or {}).get("params_ratio"), ".2f"), _num((t or {}).get("macs_ratio"), ".2f"),
+                     _num((t or {}).get("seconds"), ".2f"),
+                     "/".join(_num((r or {}).get("unaligned"), "d") for r in (o, t))]
+            lines.append("| " + " | ".join(cells) + " |")
+        stops = []
+        for name, per in more_rows.items():
+            o = per.get("ours") or {}
+            if green(o):
+                continue
+            f = o.get("failed_in") or {}
+            if f.get("module"):
+                stops.append(f"- {name}: the pruned model fails in `{f['module']}` ({f['type']}), "
+                             f"`{f['line']}`: {f.get('error', '')}".replace("|", "/"))
+            elif o.get("error"):
+                stops.append(f"- {name}: {o['error']}".replace("|", "/"))
+        big = []
+        for name, per in more_rows.items():
+            for engine, r in per.items():
+                if (r.get("output_absmax") or 0) > 1e3:
+                    onnx = r.get("onnx") or {}
+                    parity = (f"ONNX max abs {onnx['max_abs']:.1e} = max rel {onnx['max_rel']:.1e}" if onnx.get("ok")
+                              else f"ONNX check: {onnx.get('error', 'not run')[:160]}")
+                    big.append(f"- {name} ({engine}): outputs reach {r['output_absmax']:.1e} with random weights "
+                               f"(no pretrained weights, nothing normalises the logits); {parity}".replace("|", "/"))
+        if big:
+            lines += ["", "Large outputs (read the ONNX max abs against them):", "", *big]
+        if stops:
+            lines += ["", "Where ours stops (for a pruned model that no longer runs: the innermost module whose "
+                      "forward raised, found by pruning again without the check):", "", *stops]
+        covs = [coverage((per.get("ours") or {}).get("macs_ratio")) for per in more_rows.values()]
+        low = [n for n, c in zip(more_rows, covs, strict=True) if c is None or c < 0.5]
+        lines += ["", summary(more_rows) + f" Ours coverage ≥ 0.5 on {len(more_rows) - len(low)}/{len(more_rows)}"
+                  + (f"; below 0.5 or failed: {', '.join(low)}." if low else ".")]
     return "\n".join(lines) + "\n"
 
 
@@ -536,7 +757,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.update and not (args.json and args.json.is_file()):
         p.error("--update needs --json naming an existing results file")
 
-    registry = _registry()
+    registry = _registry(more=True)
     names = list(registry) if not args.models else [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [n for n in names if n not in registry]
     if unknown:
@@ -555,28 +776,38 @@ def main(argv: list[str] | None = None) -> None:
           f"{v['torch-pruning']}, onnx {v['onnx']}, onnxruntime {v['onnxruntime']}, commit {provenance['commit']}")
     args_line = "python bench/prune_coverage.py " + " ".join(argv)
     results: dict[str, dict] = {}
+    runs: list[dict] = []  # every run whose rows the file holds, oldest first (--update appends)
+    settings = {"ratio": RATIO, "round_to": ROUND_TO, "importance": IMPORTANCE,
+                "timeout_s": args.timeout, "repeats": args.repeats, "mem_gib": args.mem_gib}
     if args.update:
         try:
-            results = json.loads(args.json.read_text())["results"]
+            previous = json.loads(args.json.read_text())
+            results = previous["results"]
         except (OSError, json.JSONDecodeError, KeyError) as exc:
             p.error(f"--update: cannot read results from {args.json} ({exc})")
+        runs = previous.get("runs") or [{  # a file from before the run history: its one run
+            key: previous.get(key) for key in ("provenance", "environment", "command", "settings")}
+            | {"models": list(results), "engines": list(ENGINES)}]
+    runs.append({"provenance": provenance, "environment": env, "command": args_line, "settings": settings,
+                 "models": names, "engines": engines})
+
     def record_of(results: dict) -> dict:
-        return {"provenance": provenance, "environment": env, "command": args_line,
-                "settings": {"ratio": RATIO, "round_to": ROUND_TO, "importance": IMPORTANCE,
-                             "timeout_s": args.timeout, "repeats": args.repeats, "mem_gib": args.mem_gib},
-                "results": results}
+        return {"provenance": provenance, "environment": env, "command": args_line, "settings": settings,
+                "runs": runs, "results": results}
 
     with tempfile.TemporaryDirectory(prefix="prune_coverage_") as tmp:
         for name in names:
             results.setdefault(name, {})
             for engine in engines:
+                load = os.getloadavg()  # the machine is shared: what else ran shows in the seconds
                 record = _spawn(name, engine, args.timeout, args.mem_gib, args.repeats, Path(tmp))
                 record["run_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+                record["load_avg"] = [round(x, 2) for x in load]
                 results[name][engine] = record
                 print(f"{name:32s} {engine:4s} {_status(record)}  [{record['wall_s']} s]", flush=True)
                 if args.json:  # after every pair: a run cut short keeps what it measured
                     save(args.json, record_of(results))
-    text = markdown(results, env, args_line)
+    text = markdown(results, env, args_line, runs)
     if args.json:
         save(args.json, record_of(results), text)
     print()

@@ -8,10 +8,13 @@ beyond ``num_detections``:
 - ``detection_scores [B, K]`` float32, sigmoid probabilities, sorted by decreasing score
 - ``detection_classes [B, K]`` int32, 0-based class indices
 
-Which models: ``builtin:demo-detector`` (and folders pruned from it), decoded here, and the cores of
+Which models: ``builtin:demo-detector`` (and folders pruned from it), decoded here, the cores of
 torchvision's RetinaNet, FCOS, SSD300 and SSDlite (``core:NAME``), decoded by
-:mod:`trt_prune.detection.torchvision_decode` with the detector's own anchors, box coder and settings;
-:func:`decode_plan` says which, and refuses the rest.
+:mod:`trt_prune.detection.torchvision_decode` with the detector's own anchors, box coder and settings, and any
+model whose output is already decoded as YOLOv8's exported head is, ``[B, 4 + C, A]`` (boxes in input pixels,
+then class probabilities), when it says so in its attribute ``trt_prune_decoded_boxes = "xyxy"`` or ``"xywh"``
+(:data:`DECODED_BOXES_ATTR`; the graph then only converts, clips and selects). :func:`decode_plan` says which,
+and refuses the rest.
 
 How it is built. The detector plus box decoding (for the demo: anchor points, ``softplus(raw) * stride``, clipping)
 and the score activation are a torch module (:class:`DetectorDecode`, or ``CoreDecode``), exported by
@@ -121,6 +124,11 @@ class NMSConfig:
 
 # --------------------------------------------------------------------------------------------- torch side
 PRE_NMS_SCOPES = ("image", "level", "class")
+#: A model attribute saying its output is already decoded, ``[B, 4 + C, A]`` as YOLOv8's exported head: per anchor
+#: a box in input pixels, ``"xyxy"`` (x1, y1, x2, y2) or ``"xywh"`` (centre x, centre y, width, height), then
+#: ``C`` class probabilities in [0, 1] (after the sigmoid). ``--nms`` then needs no knowledge of the head.
+DECODED_BOXES_ATTR = "trt_prune_decoded_boxes"
+BOX_FORMATS = ("xyxy", "xywh")
 
 
 @dataclass
@@ -162,14 +170,19 @@ def decode_plan(model, input_shape, opset: int | None = None) -> DecodePlan:
 
     if opset is not None and int(opset) < MIN_OPSET:
         raise ExportError(f"--nms needs opset {MIN_OPSET} or later, got {opset}")
-    if not isinstance(model, (DemoDetector, DetectionCore)):
+    box_format = getattr(model, DECODED_BOXES_ATTR, None)
+    if box_format is None and not isinstance(model, (DemoDetector, DetectionCore)):
         raise ExportError(f"--nms needs a known box decoder; it has one for builtin:demo-detector (and folders "
                           "pruned from it) and for core:retinanet_resnet50_fpn, core:fcos_resnet50_fpn, "
                           f"core:ssd300_vgg16, core:ssdlite320_mobilenet_v3_large; not for {type(model).__name__}. "
-                          "Export without --nms and decode outside the graph")
+                          "A model whose output is already decoded ([B, 4 + C, A]: boxes in input pixels, then "
+                          f"class probabilities, as YOLOv8's exported head) can say so: {DECODED_BOXES_ATTR} = "
+                          "'xyxy' or 'xywh'. Otherwise export without --nms and decode outside the graph")
     if len(input_shape) != 4 or input_shape[1] != 3:
         raise ExportError(f"--nms needs an image input shape Bx3xHxW, got {'x'.join(map(str, input_shape))}")
     h, w = int(input_shape[2]), int(input_shape[3])
+    if box_format is not None:
+        return _decoded_plan(model, box_format, (h, w))
     if isinstance(model, DemoDetector):
         if h % 32 or w % 32:
             raise ExportError(f"the demo detector needs H and W that are multiples of 32, got {h}x{w}")
@@ -227,6 +240,57 @@ class DetectorDecode(nn.Module):
         boxes = torch.cat((self.points - dist[..., :2], self.points + dist[..., 2:]), -1)
         boxes = torch.minimum(boxes.clamp(min=0.0), self.upper)
         return boxes, pred[..., 4:].sigmoid()
+
+
+class DecodedOutput(nn.Module):
+    """``images -> (boxes [B, A, 4] xyxy pixels clipped to the image, scores [B, A, C])`` for a model whose output
+    is already decoded (:data:`DECODED_BOXES_ATTR`): ``xywh`` boxes become corners, scores pass as they are."""
+
+    def __init__(self, model: nn.Module, input_hw, box_format: str):
+        super().__init__()
+        if box_format not in BOX_FORMATS:
+            raise ExportError(f"{type(model).__name__}.{DECODED_BOXES_ATTR} is {box_format!r}; it must be one of "
+                              f"{', '.join(BOX_FORMATS)}")
+        self.model = model
+        self.box_format = box_format
+        h, w = int(input_hw[0]), int(input_hw[1])
+        self.input_hw = (h, w)
+        device = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
+        self.register_buffer("upper", torch.tensor([w, h, w, h], dtype=torch.float32, device=device),
+                             persistent=False)
+
+    def forward(self, images):
+        pred = self.model(images).transpose(1, 2)
+        boxes = pred[..., :4]
+        if self.box_format == "xywh":
+            half = boxes[..., 2:] / 2
+            boxes = torch.cat((boxes[..., :2] - half, boxes[..., :2] + half), -1)
+        return torch.minimum(boxes.clamp(min=0.0), self.upper), pred[..., 4:]
+
+
+def _decoded_plan(model, box_format, input_hw) -> DecodePlan:
+    """The plan for a model that declares its output decoded: checked once on a blank image (a ``[B, 4 + C, A]``
+    tensor, scores in [0, 1]); its reference is :func:`nms_reference` on the same conversion in torch."""
+    h, w = input_hw
+    wrapper = DecodedOutput(model, (h, w), box_format)
+    with torch.no_grad():
+        raw = model(torch.zeros(1, 3, h, w, device=wrapper.upper.device))
+    if not isinstance(raw, torch.Tensor) or raw.dim() != 3 or raw.shape[1] < 5:
+        shape = tuple(raw.shape) if isinstance(raw, torch.Tensor) else type(raw).__name__
+        raise ExportError(f"{type(model).__name__} declares {DECODED_BOXES_ATTR}={box_format!r} but its output is "
+                          f"{shape}, not [B, 4 + num_classes, anchors]")
+    scores = raw[:, 4:]
+    if not bool(((scores >= 0) & (scores <= 1)).all()):
+        raise ExportError(f"{type(model).__name__} declares {DECODED_BOXES_ATTR}={box_format!r} but its class scores "
+                          f"span [{float(scores.min()):.3g}, {float(scores.max()):.3g}]; they must be probabilities "
+                          "in [0, 1] (apply the sigmoid in the model)")
+
+    def reference(images, config):
+        with torch.no_grad():
+            boxes, scores = wrapper(images.to(wrapper.upper.device))
+        return nms_reference(boxes, scores, (h, w), config)
+
+    return DecodePlan(wrapper, int(raw.shape[1]) - 4, int(raw.shape[2]), (h, w), reference=reference)
 
 
 def _candidates(flat_scores, threshold: float, k: int):
