@@ -243,8 +243,7 @@ def _body_model(model: onnx.ModelProto, body: list[onnx.NodeProto], outputs: lis
         out_values.append(value)
     new = onnx.helper.make_graph(nodes, f"{graph.name}_body", [i for i in graph.input if i.name in used],
                                  out_values, [t for t in graph.initializer if t.name in used])
-    body = onnx.helper.make_model(new, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    return body
+    return onnx.helper.make_model(new, opset_imports=list(model.opset_import), ir_version=model.ir_version)
 
 
 def _check_convertible(body: onnx.ModelProto, opset: int, path) -> None:
@@ -372,7 +371,7 @@ def stitch(imported: ImportedOnnx, body: onnx.ModelProto) -> onnx.ModelProto:
         if copy.name and copy.name in taken:
             copy.name = allocate(copy.name)
         nodes.append(copy)
-    original = onnx_io_model_inputs(imported)
+    original = _source_inputs(imported)
     outputs = [onnx.ValueInfoProto() for _ in source.output]
     for value, out in zip(outputs, source.output, strict=True):
         value.CopyFrom(out)
@@ -384,7 +383,7 @@ def stitch(imported: ImportedOnnx, body: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def onnx_io_model_inputs(imported: ImportedOnnx) -> list[onnx.ValueInfoProto]:
+def _source_inputs(imported: ImportedOnnx) -> list[onnx.ValueInfoProto]:
     """The graph input as the pruned file declares it: the source's, with a symbolic batch kept symbolic."""
     value = onnx.ValueInfoProto()
     value.CopyFrom(next(i for i in imported.model.graph.input if i.name == imported.input_name))
