@@ -265,7 +265,9 @@ def _conv(state: TraceState, node, args):
         state.compute.append(ComputeNode(module, macs, inp.elements if inp else None, out,
                                          in_shape=_shape(node.args[0])))
         return Channels(1, out)
-    if c_in == k_out and inp is not None:
+    if inp is None:  # output channel i is input channel i (or a multiple of it): as fixed as the input
+        return None
+    if c_in == k_out:
         return _grouped_in_place(state, module, inp, groups, macs, _shape(node.args[0]))
     raise KeepWhole(f"grouped convolution '{module}' (groups={groups}, in={c_in}, out={k_out}) has no pruning "
                      "rule yet")
@@ -693,7 +695,7 @@ def _distinct_rows(emap: np.ndarray) -> list[list[int]]:
     return rows[np.sort(first)].tolist()
 
 
-@register_channel_rule("flatten", "unflatten", "view", "reshape", "_unsafe_view")
+@register_channel_rule("flatten", "unflatten", "view", "reshape", "_unsafe_view", "reshape_as", "view_as")
 def _reshape(state: TraceState, node, args):
     inp = args[0]
     if inp is None:
@@ -727,6 +729,9 @@ def _matmul(state: TraceState, node, args):
         return Channels(ro - 2, list(a.elements))
     if isinstance(b, Channels) and b.dim == rb - 1 and not isinstance(a, Channels):
         return Channels(ro - 1, list(b.elements))
+    if isinstance(a, Channels) and isinstance(b, Channels) and not contracted_a and not contracted_b:
+        raise KeepWhole(f"matmul in '{_module_path(node)}' puts channels of both operands on its result's axes "
+                         "(a channel-by-channel map, as cross-covariance attention's q·kᵀ) and has no rule for it")
     raise KeepWhole(f"matmul in '{_module_path(node)}' contracts pruned channels with a fixed tensor")
 
 
@@ -804,9 +809,55 @@ def _reduce(state: TraceState, node, args):
         return None
     dims = [_norm_dim(d, rank) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
     if inp.dim in dims:
-        raise KeepWhole(f"reduction over the channel axis in '{_module_path(node)}' has no pruning rule")
+        # a statistic over the channels (GRN's channel mean, CBAM's channel max): one value per position, taken
+        # over the kept channels after pruning, the way a LayerNorm's mean is; nothing to couple
+        return None
     shift = 0 if keepdim else sum(1 for d in dims if d < inp.dim)
     return Channels(inp.dim - shift, list(inp.elements))
+
+
+@register_channel_rule("addcmul", "addcmul_", "addcdiv", "addcdiv_", "lerp", "lerp_", "where")
+def _ternary(state: TraceState, node, args):
+    """Element-wise ops of three tensors (``input + value·t1·t2``, ``lerp``, ``where``): every operand with the
+    full channel extent is the same channel; fixed operands broadcast or are parameters pruned with them
+    (GRN's ``addcmul(bias, weight, x)``)."""
+    rank = len(_shape(node))
+    operands = [(i, n) for i, n in enumerate(node.args[:3]) if isinstance(n, _NODE_TYPES)]
+    wide = [(i, args[i]) for i, _ in operands
+            if isinstance(args[i], Channels) and len(args[i].elements) > 1]
+    if not wide:
+        narrow = [args[i] for i, _ in operands if isinstance(args[i], Channels)]
+        if not narrow:
+            return None
+        i = next(i for i, _ in operands if isinstance(args[i], Channels))
+        return Channels(args[i].dim + rank - len(_shape(node.args[i])), list(args[i].elements))
+    i0, first = wide[0]
+    out_dim = first.dim + rank - len(_shape(node.args[i0]))
+    for i, ch in wide[1:]:
+        if ch.dim + rank - len(_shape(node.args[i])) != out_dim:
+            raise KeepWhole(f"'{node.target}' in '{_module_path(node)}' combines tensors whose channels sit on "
+                             "different dims")
+        state.unify(first.elements, ch.elements, f"'{node.target}' in '{_module_path(node)}'")
+    for i, n in operands:
+        if not isinstance(args[i], Channels):
+            state.bind_fixed(node, n, state.env.get(n), out_dim, first.elements)
+    return Channels(out_dim, list(first.elements))
+
+
+@register_channel_rule("repeat")
+def _repeat(state: TraceState, node, args):
+    """Tiling that leaves the channel axis alone (a position embedding repeated over the batch) passes the
+    channels through; tiling the channels themselves would repeat pruned ones."""
+    inp = args[0]
+    if inp is None:
+        return None
+    if isinstance(inp, Multi):
+        raise KeepWhole(f"repeat in '{_module_path(node)}' tiles a tensor whose channels span several dims")
+    repeats = list(node.args[1])
+    out_dim = inp.dim + len(repeats) - len(_shape(node.args[0]))
+    if repeats[out_dim] != 1:
+        raise KeepWhole(f"repeat in '{_module_path(node)}' tiles the channel axis {repeats[out_dim]} times")
+    return Channels(out_dim, list(inp.elements))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -823,6 +874,15 @@ def _param_view(node, ref: ParamRef) -> ParamRef | None:
         return ParamRef(ref.name, (None,) * (out_rank - len(ref.axes)) + ref.axes)
     if name == "expand_as":
         return ParamRef(ref.name, (None,) * (out_rank - len(ref.axes)) + ref.axes)
+    if name == "repeat":
+        # tiling axes of size 1 (a position embedding repeated over the batch) is a broadcast; tiling a
+        # parameter's own axis is not a view of it
+        reps = list(node.args[1])
+        src = (1,) * (len(reps) - len(ref.axes)) + _shape(node.args[0])
+        axes = (None,) * (len(reps) - len(ref.axes)) + ref.axes
+        if any(r != 1 and n != 1 for r, n in zip(reps, src, strict=True)):
+            return None
+        return ParamRef(ref.name, tuple(None if r != 1 else a for r, a in zip(reps, axes, strict=True)))
     if name == "unsqueeze":
         d = _norm_dim(node.args[1], out_rank)
         return ParamRef(ref.name, ref.axes[:d] + (None,) + ref.axes[d:])
@@ -1146,7 +1206,8 @@ def trace(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = (),
             continue
         if not flat_tracked and name in _PRODUCERS:
             env[node] = CHANNEL_RULES[name](state, node, args)  # fresh channels, even from fixed inputs
-            continue
+            if env[node] is not None:
+                continue
         if not flat_tracked:
             opaque = next((env[n] for n in node.all_input_nodes if isinstance(env.get(n), Opaque)), None)
             ref = args[0] if args and isinstance(args[0], ParamRef) else None
@@ -1178,8 +1239,8 @@ def trace(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = (),
 
 _PRODUCERS = {"conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
               "conv_transpose3d", "linear", "embedding"}
-_MULTI_AWARE = {"flatten", "unflatten", "view", "reshape", "_unsafe_view", "permute", "transpose", "transpose_",
-                "swapaxes", "swapdims", *_UNARY}
+_MULTI_AWARE = {"flatten", "unflatten", "view", "reshape", "_unsafe_view", "reshape_as", "view_as", "permute",
+                "transpose", "transpose_", "swapaxes", "swapdims", *_UNARY}
 
 
 def _collapse_args(state: TraceState, args, node):

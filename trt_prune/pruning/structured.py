@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import PruneError
 from . import record
-from .graph import ChannelGraph, ChannelGroup, trace
+from .graph import ChannelGraph, ChannelGroup, KeptWhole, trace
 from .importance import get_importance
 from .surgery import cut_axis, fix_sizes
 
@@ -254,6 +254,28 @@ def output_shapes(out) -> object:
     return None
 
 
+class _NoLongerRuns(PruneError):
+    """The cut model raised: ``modules`` are the model's modules whose ``forward`` was running, innermost first."""
+
+    def __init__(self, message: str, modules: list[str]):
+        super().__init__(message)
+        self.modules = modules
+
+
+def _failing_modules(model: nn.Module, exc: BaseException) -> list[str]:
+    """Paths of ``model``'s modules whose ``forward`` frames ``exc`` passed through, innermost first."""
+    paths = {id(m): p for p, m in model.named_modules()}
+    found: list[str] = []
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        path = paths.get(id(owner)) if isinstance(owner, nn.Module) else None
+        if path and path not in found:
+            found.append(path)
+        tb = tb.tb_next
+    return found[::-1]
+
+
 def _check_runs(model: nn.Module, example: torch.Tensor, expected) -> None:
     """The pruned model must run and keep its output shapes; checked on meta tensors (shapes only, which is
     all that is compared) where the model allows, else on the real example."""
@@ -263,12 +285,30 @@ def _check_runs(model: nn.Module, example: torch.Tensor, expected) -> None:
         try:
             out = record.run(model, example, meta=False)
         except Exception as exc:
-            raise PruneError(f"the pruned model no longer runs ({type(exc).__name__}: {exc}); a module computes "
-                             "channel counts from stored sizes: ignore it and prune again") from exc
+            where = _failing_modules(model, exc)
+            inside = f" in '{where[0]}'" if where else ""
+            raise _NoLongerRuns(f"the pruned model no longer runs{inside} ({type(exc).__name__}: {exc}); a module "
+                                "computes channel counts from stored sizes: ignore it and prune again",
+                                where) from exc
     shapes = output_shapes(out)
     if shapes != expected:
         raise PruneError(f"pruning changed the output shapes from {expected} to {shapes}; ignore the output "
                          "layers and prune again")
+
+
+MAX_RETRIES = 32  # modules kept whole after the cut model failed in them, before giving up
+
+
+def _retry_scope(exc: _NoLongerRuns, config: PruneConfig, inplace: bool, tries: int) -> str | None:
+    """The module to keep whole after the cut model failed inside it: the innermost one not already ignored
+    (a module reading a size it stored before the cut: a metaformer layer scale, an attention's key_dim). None:
+    give up with the error (``strict``, an in-place cut that cannot be redone, too many tries)."""
+    if config.strict or inplace or tries >= MAX_RETRIES:
+        return None
+    for path in exc.modules:
+        if not any(path == p or path.startswith(p + ".") for p in config.ignore):
+            return path
+    return None
 
 
 def _layer_report(before: ChannelGraph, plan: dict[str, list[int]], skipped: dict[str, str],
@@ -361,20 +401,32 @@ def prune(model: nn.Module, input_shape=(1, 3, 320, 320), config: PruneConfig | 
     config.validate()
     importance = get_importance(config.importance)
     importance.prepare(model, data=data, loss_fn=loss_fn)  # before any copy or cut: the user's model
-    pruned = model if inplace else copy.deepcopy(model)
-    example = _example(pruned, input_shape)
-    graph = trace(pruned, example, config.ignore, strict=config.strict)
-    expected = output_shapes(_reference_outputs(graph, example)) if check else None
-    latency = None
-    if config.target_latency is not None:
-        latency = _latency_model(pruned, graph, input_shape, config, latency_table, on_estimate, on_progress)
-    plan, skipped, ratio = _plan(graph, config, importance, latency)
-    macs_before, macs_after = graph.macs(), graph.macs(graph.kept_mask(plan))
-    params_before = count_params(pruned)
-    layers = _layer_report(graph, plan, skipped, config.ignore)
-    _apply(graph, plan)
-    if check:
-        _check_runs(pruned, example, expected)
+    retried: list[KeptWhole] = []
+    while True:
+        pruned = model if inplace else copy.deepcopy(model)
+        example = _example(pruned, input_shape)
+        graph = trace(pruned, example, config.ignore, strict=config.strict)
+        expected = output_shapes(_reference_outputs(graph, example)) if check else None
+        latency = None
+        if config.target_latency is not None:
+            latency = _latency_model(pruned, graph, input_shape, config, latency_table, on_estimate, on_progress)
+        plan, skipped, ratio = _plan(graph, config, importance, latency)
+        macs_before, macs_after = graph.macs(), graph.macs(graph.kept_mask(plan))
+        params_before = count_params(pruned)
+        layers = _layer_report(graph, plan, skipped, config.ignore)
+        _apply(graph, plan)
+        if not check:
+            break
+        try:
+            _check_runs(pruned, example, expected)
+            break
+        except _NoLongerRuns as exc:
+            scope = _retry_scope(exc, config, inplace, len(retried))
+            if scope is None:
+                raise
+            retried.append(KeptWhole(scope, "forward", f"the cut module no longer ran ({exc.__cause__}); kept "
+                                                       "whole and pruned again"))
+            config = dataclasses.replace(config, ignore=(*config.ignore, scope))
     group_sizes = {g.key: g.size for g in graph.groups}
     recipe = {
         "format": RECIPE_FORMAT,
@@ -393,7 +445,7 @@ def prune(model: nn.Module, input_shape=(1, 3, 320, 320), config: PruneConfig | 
         "effective_ratio": ratio,
         "groups_total": len(graph.groups), "groups_pruned": len(plan),
         "skipped_groups": [{"key": k, "reason": v} for k, v in sorted(skipped.items())],
-        "kept_whole": [dataclasses.asdict(k) for k in graph.kept_whole],
+        "kept_whole": [dataclasses.asdict(k) for k in (*graph.kept_whole, *retried)],
         "layers": layers,
     }
     if latency is not None:

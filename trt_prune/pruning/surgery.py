@@ -177,6 +177,54 @@ def _timm_res2net_sizes(module, path):
     module.width = int(module.conv1.out_channels) // module.scale
 
 
+def _width(module: nn.Module, side: str) -> int:
+    """Input (``"in"``) or output (``"out"``) width of the first conv or linear inside ``module`` (a timm
+    ConvNorm, a projection Sequential…)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            return int(m.in_features if side == "in" else m.out_features)
+        if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, _CONV_TRANSPOSE):
+            return int(m.in_channels if side == "in" else m.out_channels)
+    raise PruneError(f"no conv or linear inside {type(module).__name__} to read its width from")
+
+
+def _timm_scale_sizes(module, path):
+    """timm metaformer's ``Scale`` multiplies by ``scale.view(self.shape)`` with the width stored in ``shape``."""
+    module.shape = (module.scale.numel(), *module.shape[1:])
+
+
+def _timm_metaformer_attention_sizes(module, path):
+    module.head_dim = _width(module.qkv, "out") // (3 * module.num_heads)
+    module.attention_dim = module.head_dim * module.num_heads
+
+
+def _timm_tiny_vit_attention_sizes(module, path):
+    """TinyViT splits each head's qkv as ``[key_dim, key_dim, val_dim]`` (the scale stays the trained one)."""
+    module.val_dim = _width(module.proj, "in") // module.num_heads
+    module.key_dim = (_width(module.qkv, "out") // module.num_heads - module.val_dim) // 2
+    module.out_dim = module.val_dim * module.num_heads
+
+
+def _timm_efficientformer_v2_attention_sizes(module, path):
+    module.dh = _width(module.v, "out")
+    module.d = module.dh // module.num_heads
+    module.key_dim = _width(module.k, "out") // module.num_heads
+
+
+def _timm_mqa_sizes(module, path):
+    """MobileNetV4's multi-query attention reshapes q into ``key_dim`` channels per head and k, v into one."""
+    module.key_dim = _width(module.key.proj, "out")
+    module.value_dim = _width(module.value.proj, "out")
+
+
+for _name, _fn in {
+        "timm.models.metaformer.Scale": _timm_scale_sizes,
+        "timm.models.metaformer.Attention": _timm_metaformer_attention_sizes,
+        "timm.models.tiny_vit.Attention": _timm_tiny_vit_attention_sizes,
+        "timm.models.efficientformer_v2.Attention2d": _timm_efficientformer_v2_attention_sizes,
+        "timm.models.efficientformer_v2.Attention2dDownsample": _timm_efficientformer_v2_attention_sizes,
+        "timm.layers.attention2d.MultiQueryAttention2d": _timm_mqa_sizes}.items():
+    NAMED_FIXUPS[_name] = _fn
 NAMED_FIXUPS["torchvision.models.vision_transformer.VisionTransformer"] = _vit_sizes
 NAMED_FIXUPS["timm.models.cspnet.CrossStage"] = _timm_cross_stage_sizes
 NAMED_FIXUPS["timm.models.cspnet.CrossStage3"] = _timm_cross_stage_sizes
