@@ -287,24 +287,6 @@ def _check_conversion(module: nn.Module, body: onnx.ModelProto, input_name: str,
 
 
 # ------------------------------------------------------------------------------------- prune and stitch
-@dataclass
-class OnnxPruneResult:
-    imported: ImportedOnnx
-    prune: object  # trt_prune.pruning.PruneResult
-    onnx_path: str
-    export_parity: dict[str, float]
-    outputs: list[str]
-    seconds: dict[str, float]
-
-    def to_dict(self) -> dict:
-        report = self.prune.report
-        return {"import": self.imported.summary(), "onnx": self.onnx_path, "outputs": self.outputs,
-                "export_parity_max_abs": self.export_parity,
-                "macs_before": report["macs_before"], "macs_after": report["macs_after"],
-                "params_before": report["params_before"], "params_after": report["params_after"],
-                "kept_whole": report.get("kept_whole", []), "seconds": self.seconds}
-
-
 def prune_onnx(imported: ImportedOnnx, pruned: nn.Module, dst: str | Path, *, atol: float = 1e-4,
                rtol: float = 1e-3) -> tuple[str, dict[str, float], list[str]]:
     """Export the pruned body ``pruned`` of ``imported`` at the source's opset, stitch the tail back and write

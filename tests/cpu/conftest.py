@@ -32,7 +32,7 @@ def _kill(model, graph, fraction=0.5, pick=None):
             if kind.startswith("param:"):  # a tensor cut along one axis (transposed conv, embedding, layer scale)
                 _, name, axis = kind.split(":")
                 getattr(m, name).index_fill_(int(axis), torch.tensor(idx), 0)
-            elif kind in ("out", "depthwise", "grouped"):
+            elif kind in ("out", "depthwise", "grouped", "multiplier"):
                 m.weight[idx] = 0
                 if m.bias is not None:
                     m.bias[idx] = 0

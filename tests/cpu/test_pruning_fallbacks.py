@@ -245,3 +245,65 @@ def test_timm_stored_sizes_follow_the_cut(name, size, block, exact, kill_channel
         assert cut.shape[0] == cut.scale.numel() < dense.shape[0]
     else:
         assert cut.key_dim == cut.key.proj.out_channels < dense.key_dim
+
+
+class PaddedChannels(nn.Module):
+    """Constant channels padded onto a feature map (EfficientViT's linear attention pads v with ones)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = _bn_relu(3, 32)
+        self.b = _bn_relu(35, 16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = nn.functional.pad(self.a(x), (0, 0, 0, 0, 1, 2), value=1.0)
+        return self.head(self.b(x))
+
+
+def test_constant_pad_of_the_channel_axis_prunes_the_rest_exactly(kill_channels):
+    model = _randomise(PaddedChannels())
+    shape = (1, 3, 16, 16)
+    graph = trace(model, torch.rand(shape))
+    assert not graph.kept_whole
+    kill_channels(model, graph)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    result = prune(model, shape, ratio=0.5, round_to=8)
+    m = result.model
+    assert (m.a[0].out_channels, m.b[0].in_channels, m.b[0].out_channels) == (16, 19, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class Multiplier(nn.Module):
+    """A depthwise conv with a channel multiplier of 2 (MobileOne/FastViT downsampling): input c writes outputs
+    2c and 2c+1, so they are pruned with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = _bn_relu(3, 32)
+        self.dw = nn.Conv2d(32, 64, 3, stride=2, padding=1, groups=32)
+        self.bn = nn.BatchNorm2d(64)
+        self.b = _bn_relu(64, 32)
+        self.head = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.b(torch.relu(self.bn(self.dw(self.a(x))))))
+
+
+def test_depthwise_with_channel_multiplier_prunes_exactly(kill_channels):
+    model = _randomise(Multiplier())
+    shape = (1, 3, 16, 16)
+    graph = trace(model, torch.rand(shape))
+    assert not graph.kept_whole
+    kill_channels(model, graph)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    result = prune(model, shape, ratio=0.5, round_to=8)
+    dw = result.model.dw
+    assert (dw.in_channels, dw.groups, dw.out_channels, result.model.b[0].in_channels) == (16, 16, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), expected, rtol=1e-5, atol=1e-5)

@@ -71,7 +71,7 @@ def layer_uses(graph: ChannelGraph) -> tuple[list[LayerUse], list[str]]:
             c_in, c_out = (w[0], w[1] * m.groups) if transposed else (w[1] * m.groups, w[0])
             if m.groups == 1:
                 op = "conv_transpose" if transposed else "conv"
-            elif transposed:
+            elif transposed or c_out != c_in:  # grouped transposed, depthwise with a channel multiplier
                 uncovered.append(node.module)
                 continue
             else:

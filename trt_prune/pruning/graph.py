@@ -269,6 +269,14 @@ def _conv(state: TraceState, node, args):
         return None
     if c_in == k_out:
         return _grouped_in_place(state, module, inp, groups, macs, _shape(node.args[0]))
+    if groups == c_in and k_out % c_in == 0:
+        # depthwise with a channel multiplier (MobileOne/FastViT downsampling): outputs m·c … m·c+m-1 are
+        # computed from input c alone, so they are that channel m times over and go with it
+        m = k_out // c_in
+        out = [e for e in inp.elements for _ in range(m)]
+        state.record_slot(module, "multiplier", out)
+        state.compute.append(ComputeNode(module, macs, inp.elements, None, in_shape=_shape(node.args[0])))
+        return Channels(1, out)
     raise KeepWhole(f"grouped convolution '{module}' (groups={groups}, in={c_in}, out={k_out}) has no pruning "
                      "rule yet")
 
@@ -576,7 +584,20 @@ def _spatial_only(state: TraceState, node, args):
         pads = list(node.args[1])
         touched = {rank - 1 - i // 2 for i, p in enumerate(pads) if p}
     if inp.dim in touched:
-        raise KeepWhole(f"'{node.target}' in '{_module_path(node)}' pads or rolls the channel axis")
+        name = node.target._overloadpacket.__name__
+        mode = _arg(node, 2, "mode", "constant") if name == "pad" else "constant" if name == "constant_pad_nd" \
+            else name
+        i = 2 * (rank - 1 - inp.dim)
+        before, after = (int(p) for p in list(node.args[1])[i:i + 2]) if mode == "constant" else (-1, -1)
+        if min(before, after) < 0:
+            raise KeepWhole(f"'{node.target}' in '{_module_path(node)}' pads or rolls the channel axis")
+        # constant channels appended (EfficientViT's linear attention pads v with a ones channel): like a cat
+        # with a fixed tensor, they stay at their offsets and the others prune
+        why = f"constant channels padded in '{_module_path(node)}'"
+        added = state.fresh(before + after)
+        for e in added:
+            state.pinned[e] = why
+        return Channels(inp.dim, added[:before] + list(inp.elements) + added[before:])
     return Channels(inp.dim, list(inp.elements))
 
 

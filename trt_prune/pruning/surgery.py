@@ -48,6 +48,12 @@ def _conv(module, kind, keep):
         _cut(module, "weight", 0, keep)
         _cut(module, "bias", 0, keep)
         module.in_channels = module.out_channels = module.groups = n
+    elif kind == "multiplier":  # depthwise with m outputs per input: ``keep`` lists m rows per kept input
+        m = module.out_channels // module.in_channels
+        _cut(module, "weight", 0, keep)
+        _cut(module, "bias", 0, keep)
+        module.out_channels = n
+        module.in_channels = module.groups = n // m
     else:
         raise PruneError(f"convolution has no '{kind}' channel axis")
 
