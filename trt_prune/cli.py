@@ -290,8 +290,8 @@ def kept_whole_lines(report: dict, limit: int = 8) -> list[str]:
     ops = report.get("kept_whole") or []
     skipped = report.get("skipped_groups") or []
     lines = [f"{report['groups_pruned']} of {report['groups_total']} channel groups pruned, {len(skipped)} kept "
-             f"whole (--json lists each with its reason); {len(ops)} op(s) the engine cannot prune through kept "
-             "the channels they read whole (--strict makes that an error)"]
+             f"whole (--json lists each with its reason); {len(ops)} op(s) or module(s) the engine cannot prune "
+             "through kept the channels they read whole (--strict makes that an error)"]
     lines += [f"  kept whole: {k['op']} in '{k['module']}': {k['reason']}" for k in ops[:limit]]
     if len(ops) > limit:
         lines.append(f"  … and {len(ops) - limit} more")

@@ -615,3 +615,20 @@ def _pad18(node, graph):
     if len(node.input_values) > 3 and node.input_values[3]:
         raise NotImplementedError("Pad with axes")
     return get_converter("Pad", 13)(node, graph)
+
+
+@_own("Clip", 11, 12, 13)
+def _clip(node, graph):
+    """onnx2torch reads an omitted optional bound (an empty input name, as the TorchScript exporter writes
+    ``clamp(min=eps)``) as a computed one and refuses it; here an empty name is no bound."""
+    from onnx2torch.node_converters.clip import _create_torch_module
+    from onnx2torch.utils.common import OperationConverterResult
+
+    bounds = []
+    for i in (1, 2):
+        name = node.input_values[i] if len(node.input_values) > i else ""
+        value = _const(name, graph) if name else None
+        if name and value is None:
+            raise NotImplementedError("Clip with a computed bound")
+        bounds.append(None if value is None else float(value))
+    return OperationConverterResult(torch_module=_create_torch_module(*bounds), onnx_mapping=_mapping(node))

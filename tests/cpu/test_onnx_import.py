@@ -114,6 +114,37 @@ def test_dynamo_opset18_split_and_reduce_mean_convert_and_prune(tmp_path):
     assert max(result.report["onnx"]["export_parity_max_abs"].values()) <= 1e-4
 
 
+class _L2Norm(nn.Module):
+    """SSD's L2Norm: the TorchScript exporter writes ``clamp(min=eps)`` as Clip with an omitted max input."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.scale = nn.Parameter(torch.full((16,), 20.0))
+        self.mid = nn.Conv2d(16, 16, 3, padding=1)
+        self.out = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x / x.norm(dim=1, keepdim=True).clamp(min=1e-10) * self.scale.view(1, -1, 1, 1)
+        return self.out(torch.relu(self.mid(x)))
+
+
+def test_clip_with_an_omitted_bound_converts(tmp_path):
+    from trt_prune.exporter import export_onnx
+
+    src = tmp_path / "l2norm.onnx"
+    torch.manual_seed(0)
+    export_onnx(_L2Norm().eval(), src, (1, 3, 8, 8), exporter="torchscript", opset=17, dynamic_batch=False)
+    clip = next(n for n in onnx.load(str(src)).graph.node if n.op_type == "Clip")
+    assert len(clip.input) == 3 and clip.input[2] == ""  # what onnx2torch refused
+    imported = import_onnx(src)
+    assert "Clip" in imported.own_converters and max(imported.parity.values()) <= 1e-4
+    result = prune(str(src), ratio=0.5, round_to=4, out=tmp_path / "p")
+    assert result.report["groups_pruned"] >= 2
+    assert max(result.report["onnx"]["export_parity_max_abs"].values()) <= 1e-4
+
+
 class _Heads(nn.Module):
     """Tokens split into heads by a reshape: in ONNX its sizes are constants that cannot follow pruning."""
 
