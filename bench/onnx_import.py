@@ -32,10 +32,13 @@ def _source(name: str, folder: Path) -> tuple[Path, str]:
     """Write the source ONNX file; returns (path, how it was made)."""
     path = folder / f"{name}.onnx"
     if name in ("resnet50", "mobilenet_v3_large"):
+        import torch
+
         from trt_prune.stages import export
 
+        torch.manual_seed(0)  # the same random weights every run
         export(f"torchvision:{name}", path, exporter="torchscript", opset=13, dynamic_batch=False)
-        return path, "torchvision, random weights, TorchScript exporter, opset 13"
+        return path, "torchvision, random weights (seed 0), TorchScript exporter, opset 13"
     if name == "demo-detector-nms":
         from trt_prune.stages import export_nms
 
