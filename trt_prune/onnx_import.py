@@ -297,10 +297,17 @@ def prune_onnx(imported: ImportedOnnx, pruned: nn.Module, dst: str | Path, *, at
 
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "body.onnx"
-        result = export_onnx(pruned, staged, imported.input_shape, exporter="torchscript", opset=imported.opset,
-                             dynamic_batch=imported.dynamic_batch, input_names=(imported.input_name,),
-                             output_names=tuple(imported.body_outputs), atol=atol, rtol=rtol)
+        # the exporter refuses some ONNX value names (TorchScript's numeric ones, '1137'): export under names of
+        # our own, then give the body's outputs the names the tail reads
+        safe = [f"trt_prune_body_output_{i}" for i in range(len(imported.body_outputs))]
+        with _export_opset_visible():
+            result = export_onnx(pruned, staged, imported.input_shape, exporter="torchscript", opset=imported.opset,
+                                 dynamic_batch=imported.dynamic_batch, input_names=(imported.input_name,),
+                                 output_names=tuple(safe), atol=atol, rtol=rtol)
         body = onnx_io.load_onnx(staged, error=OnnxImportError)
+        _rename_outputs(body.graph, dict(zip(safe, imported.body_outputs, strict=True)))
+        result.parity = {imported.body_outputs[safe.index(k)] if k in safe else k: v
+                         for k, v in (result.parity or {}).items()}
     if onnx_io.default_opset(body) != imported.opset:
         raise OnnxImportError(f"the pruned body was exported at opset {onnx_io.default_opset(body)}, the tail needs "
                               f"{imported.opset}; nothing was written")
@@ -320,6 +327,51 @@ def prune_onnx(imported: ImportedOnnx, pruned: nn.Module, dst: str | Path, *, at
     written = onnx_io.save_onnx(whole, dst)
     parity = {k: v["max_abs"] for k, v in result.parity.items()} if isinstance(result.parity, dict) else {}
     return str(written), parity, [o.name for o in whole.graph.output]
+
+
+@contextlib.contextmanager
+def _export_opset_visible() -> Iterator[None]:
+    """onnx2torch's modules that export themselves as their ONNX op (Gather, Expand, Slice, Unsqueeze…) read the
+    opset being exported from ``torch.onnx.symbolic_helper.GLOBALS``, which torch 2.9+ moved to the TorchScript
+    exporter's own module; make it visible there while the body is exported."""
+    from torch.onnx import symbolic_helper
+
+    if hasattr(symbolic_helper, "GLOBALS"):
+        yield
+        return
+    try:
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:  # a torch without it: the modules fail with their own error
+        yield
+        return
+    symbolic_helper.GLOBALS = GLOBALS
+    try:
+        yield
+    finally:
+        del symbolic_helper.GLOBALS
+
+
+def _rename_outputs(graph: onnx.GraphProto, names: dict[str, str]) -> None:
+    """Rename the values ``names`` maps (graph outputs of ``graph``) in place; a value of the graph that already
+    has one of the new names is renamed out of the way first."""
+    used = {o for n in graph.node for o in n.output} | {t.name for t in graph.initializer} | \
+        {i.name for i in graph.input} | set(names)
+    allocate = onnx_io.name_allocator(used | set(names.values()))
+    rename = {}
+    for new in names.values():
+        if new in used and new not in names:
+            rename[new] = allocate(new)
+    rename.update(names)
+
+    def fix(values):
+        values[:] = [rename.get(v, v) for v in values]
+
+    for node in graph.node:
+        fix(node.input)
+        fix(node.output)
+    for collection in (graph.initializer, graph.input, graph.output, graph.value_info):
+        for item in collection:
+            item.name = rename.get(item.name, item.name)
 
 
 def stitch(imported: ImportedOnnx, body: onnx.ModelProto) -> onnx.ModelProto:
@@ -395,9 +447,11 @@ def _converters() -> Iterator[set[str]]:
             used.add(_op)
             return _fn(node, graph)
         table[key] = wrapped
+    _THEIRS.update({(k.operation_type, k.version): fn for k, fn in saved.items() if fn is not None})
     try:
         yield used
     finally:
+        _THEIRS.clear()
         for key, fn in saved.items():
             if fn is None:
                 table.pop(key, None)
@@ -406,6 +460,15 @@ def _converters() -> Iterator[set[str]]:
 
 
 _OWN: dict[tuple[str, int], object] = {}
+_THEIRS: dict[tuple[str, int], object] = {}  # onnx2torch's converters ours replace, while _converters() runs
+
+
+def _theirs(node, graph, version: int):
+    """Convert ``node`` with onnx2torch's own converter for its op at ``version`` (where ours declines)."""
+    from onnx2torch.node_converters.registry import get_converter
+
+    fn = _THEIRS.get((node.operation_type, version)) or get_converter(node.operation_type, version)
+    return fn(node, graph)
 
 
 def _own(op: str, *versions: int):
@@ -632,3 +695,59 @@ def _clip(node, graph):
             raise NotImplementedError("Clip with a computed bound")
         bounds.append(None if value is None else float(value))
     return OperationConverterResult(torch_module=_create_torch_module(*bounds), onnx_mapping=_mapping(node))
+
+
+def _initializer(name: str, graph) -> torch.Tensor | None:
+    """The float initializer (or Constant) ``name`` as a tensor, or None when it is computed or not float."""
+    value = _const(name, graph) if name else None
+    return value if isinstance(value, torch.Tensor) and value.is_floating_point() else None
+
+
+@_own("MatMul", 1, 9, 13)
+def _matmul(node, graph):
+    """A MatMul by a 2-D weight (how the TorchScript exporter writes a Linear over tokens, without Gemm) becomes
+    an ``nn.Linear``, so the pruner cuts its weight like any other layer's; onnx2torch keeps the weight as a
+    buffer operand, which pins the channels it meets."""
+    from onnx2torch.utils.common import OperationConverterResult
+
+    weight = _initializer(node.input_values[1], graph)
+    if weight is None or weight.dim() != 2 or _initializer(node.input_values[0], graph) is not None:
+        return _theirs(node, graph, 13)
+    linear = nn.Linear(int(weight.shape[0]), int(weight.shape[1]), bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight.t())
+    return OperationConverterResult(torch_module=linear, onnx_mapping=_mapping(node))
+
+
+class ConstOperand(nn.Module):
+    """An element-wise Add/Sub/Mul/Div of an activation and a constant tensor (a Linear's bias after a MatMul,
+    a layer scale), the constant held as a parameter so that the pruner cuts it with the channels it meets."""
+
+    OPS = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}
+
+    def __init__(self, op: str, value: torch.Tensor, constant_first: bool):
+        super().__init__()
+        self.op = op
+        self.constant_first = constant_first
+        self.value = nn.Parameter(value.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fn = self.OPS[self.op]
+        return fn(self.value, x) if self.constant_first else fn(x, self.value)
+
+
+@_own("Add", 7, 13, 14)
+@_own("Sub", 7, 13, 14)
+@_own("Mul", 7, 13, 14)
+@_own("Div", 7, 13, 14)
+def _binary_const(node, graph):
+    from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
+
+    a, b = node.input_values[:2]
+    ca, cb = _initializer(a, graph), _initializer(b, graph)
+    if (ca is None) == (cb is None) or (ca if ca is not None else cb).numel() < 2:
+        return _theirs(node, graph, 14)
+    module = ConstOperand(node.operation_type, ca if ca is not None else cb, constant_first=ca is not None)
+    x = b if ca is not None else a
+    return OperationConverterResult(torch_module=module,
+                                    onnx_mapping=OnnxMapping(inputs=(x,), outputs=node.output_values))

@@ -145,6 +145,48 @@ def test_clip_with_an_omitted_bound_converts(tmp_path):
     assert max(result.report["onnx"]["export_parity_max_abs"].values()) <= 1e-4
 
 
+class _TinyViT(nn.Module):
+    """What the TorchScript exporter writes for a small ViT: Linear layers over tokens as MatMul + Add of
+    initializers, GELU as Erf, the class token read with Gather, GroupNorm(1) as InstanceNormalization between
+    reshapes, and numeric value names ('123') for the outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 32, 4, stride=4)
+        self.norm = nn.GroupNorm(1, 32)
+        self.cls = nn.Parameter(torch.randn(1, 1, 32) * 0.1)
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        t = self.norm(self.embed(x)).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1)
+        t = t + self.fc2(nn.functional.gelu(self.fc1(t)))
+        return self.head(t[:, 0])
+
+
+def test_tokens_model_from_the_torchscript_exporter_prunes_its_mlp(tmp_path):
+    src = tmp_path / "vit.onnx"
+    torch.manual_seed(0)
+    torch.onnx.export(_TinyViT().eval(), torch.rand(1, 3, 16, 16), str(src), dynamo=False, opset_version=17)
+    source = onnx.load(str(src))
+    assert {"MatMul", "Erf", "Gather", "InstanceNormalization"} <= {n.op_type for n in source.graph.node}
+    name = source.graph.output[0].name
+    assert name.isdigit()  # a name the exporter refuses to be given
+    imported = import_onnx(src)
+    assert {"MatMul", "Add"} <= set(imported.own_converters) and max(imported.parity.values()) <= 1e-4
+    result = prune(str(src), ratio=0.5, round_to=8, out=tmp_path / "p")
+    keep = {g["key"]: len(g["keep"]) for g in result.recipe["groups"]}
+    assert 32 in keep.values()  # the MLP's hidden 64 channels, now a Linear the pruner cuts
+    assert result.report["macs_after"] < result.report["macs_before"]
+    assert max(result.report["onnx"]["export_parity_max_abs"].values()) <= 1e-4
+    pruned = onnx.load(str(tmp_path / "p" / "model.onnx"))
+    assert [o.name for o in pruned.graph.output] == [name]
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    assert _run(pruned, x)[name].shape == (1, 5)
+
+
 class _Heads(nn.Module):
     """Tokens split into heads by a reshape: in ONNX its sizes are constants that cannot follow pruning."""
 

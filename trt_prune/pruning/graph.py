@@ -462,6 +462,28 @@ def _group_norm(state: TraceState, node, args):
     return Channels(1, list(inp.elements))
 
 
+@register_channel_rule("instance_norm")
+def _instance_norm(state: TraceState, node, args):
+    """Each (sample, dim-1 slice) normalised over the other axes: channels on dim 1 pass through with the
+    affine parameters cut with them; channels on another axis (GroupNorm(1) as ONNX writes it, a reshape to
+    (B, 1, C·H·W) first) are part of the statistic, taken over the kept ones as a LayerNorm's is."""
+    inp = args[0]
+    if inp is None or isinstance(inp, Multi) or inp.dim != 1:
+        return inp
+    for idx in (3, 4):  # running statistics stored per channel: nothing cuts them
+        if len(node.args) > idx and isinstance(node.args[idx], _NODE_TYPES):
+            raise KeepWhole(f"instance_norm in '{_module_path(node)}' uses stored running statistics")
+    for idx in (1, 2):
+        ref = state.env.get(node.args[idx]) if len(node.args) > idx and isinstance(node.args[idx], _NODE_TYPES) \
+            else None
+        if isinstance(ref, ParamRef):
+            path, _, attr = ref.name.rpartition(".")
+            state.record_slot(path, f"param:{attr}:0", inp.elements)
+        elif len(node.args) > idx and isinstance(node.args[idx], _NODE_TYPES):
+            raise KeepWhole(f"instance_norm in '{_module_path(node)}' has a computed affine parameter")
+    return Channels(1, list(inp.elements))
+
+
 _UNARY = ("silu", "silu_", "relu", "relu_", "sigmoid", "sigmoid_", "hardswish", "hardswish_", "hardsigmoid",
           "hardsigmoid_", "gelu", "tanh", "tanh_", "leaky_relu", "leaky_relu_", "elu", "elu_", "relu6",
           "hardtanh", "hardtanh_", "mish", "mish_", "dropout", "dropout_", "clone", "contiguous", "alias",
@@ -469,7 +491,8 @@ _UNARY = ("silu", "silu_", "relu", "relu_", "sigmoid", "sigmoid_", "hardswish", 
           "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
           "adaptive_max_pool2d", "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
           "upsample_bilinear2d", "upsample_bicubic2d", "_upsample_nearest_exact2d", "_to_copy", "to",
-          "type_as", "clamp", "clamp_", "clamp_min", "clamp_max", "clip", "clip_", "pow", "sqrt", "rsqrt", "square")
+          "type_as", "clamp", "clamp_", "clamp_min", "clamp_max", "clip", "clip_", "pow", "sqrt", "rsqrt", "square",
+          "erf", "reciprocal", "log", "log1p", "sign", "floor", "ceil", "round", "sin", "cos")
 
 
 @register_channel_rule(*_UNARY)
@@ -888,6 +911,8 @@ def _repeat(state: TraceState, node, args):
 def _param_view(node, ref: ParamRef) -> ParamRef | None:
     """Follow a parameter through ops that only add or broadcast axes; anything else loses the link."""
     name = node.target._overloadpacket.__name__ if hasattr(node.target, "_overloadpacket") else ""
+    if not hasattr(node.meta.get("val"), "shape"):  # a split of a parameter into a list, a size: the link ends
+        return None
     out_rank = len(_shape(node))
     if name in ("clone", "to", "_to_copy", "alias", "detach", "contiguous", "type_as"):
         return ref
@@ -1261,7 +1286,7 @@ def trace(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = (),
 _PRODUCERS = {"conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
               "conv_transpose3d", "linear", "embedding"}
 _MULTI_AWARE = {"flatten", "unflatten", "view", "reshape", "_unsafe_view", "reshape_as", "view_as", "permute",
-                "transpose", "transpose_", "swapaxes", "swapdims", *_UNARY}
+                "transpose", "transpose_", "swapaxes", "swapdims", "instance_norm", *_UNARY}
 
 
 def _collapse_args(state: TraceState, args, node):
