@@ -1,4 +1,4 @@
-"""Pruning coverage and speed: our engine and Torch-Pruning side by side, one model at a time.
+"""Pruning coverage and speed: our engine and Torch-Pruning side by side (and ours on ONNX imports), per model.
 
 For each model and engine: 50% of the channels of every prunable group, L1 magnitude, counts rounded to 8, the
 output layers left alone. Torch-Pruning gets them as ``ignored_layers`` the way its users (and its own torchvision
@@ -22,8 +22,23 @@ because this 2-core machine is shared and single timings are noisy.
 Every model/engine pair runs in its own subprocess under a wall-clock timeout and an address-space cap
 (``RLIMIT_AS``), so a blow-up is recorded as a failure instead of taking the machine down.
 
+Engine ``onnx`` (issue 18; not in the default ``--engines``, main table only: ``--engines onnx`` runs the 35
+main-table models and skips ``TIMM_MORE``): the model as a user who has only its ONNX file would prune it. The
+dense model (same seed and input) is exported with the TorchScript exporter at opset ``ONNX_OPSET`` (17) with the
+static input shape; :func:`trt_prune.onnx_import.import_onnx` converts it back (body to torch, checked against
+ONNX Runtime; the record keeps the convert max abs, seconds, body/tail node counts); our engine prunes the
+converted body with the settings of ``ours`` and no ignore list (MACs counted on the converted body before and
+the pruned one after, same counter; params×; ops kept whole); :func:`trt_prune.onnx_import.prune_onnx`
+re-exports it at the source opset and stitches the tail back. Parity, the criterion of ours' ONNX column:
+``prune_onnx``'s export check passes (every element ``|onnx - torch| <= 1e-4 + 1e-3 * |torch|``, pruned ONNX
+body vs pruned torch module, seeded input) and ONNX Runtime runs the whole stitched graph with the dense model's
+outputs and shapes; the record also keeps the max abs and, because random weights leave some outputs tiny
+(MobileNetV3 logits ~1e-11, where any atol passes), ``rel``: max abs over the pruned torch output's largest
+magnitude. A record has a part per stage (``export``, ``convert``, ``prune``, ``parity``) with ``ok``, seconds
+and, on failure, the one-line error; the first stage that failed is listed under the table.
+
 Usage:
-    python bench/prune_coverage.py [--models resnet18,swin_t] [--engines ours,tp] [--timeout 600]
+    python bench/prune_coverage.py [--models resnet18,swin_t] [--engines ours,tp[,onnx]] [--timeout 600]
         [--mem-gib 12] [--repeats 3] [--json OUT.json] [--update]
 
 ``--json`` writes the records (after every pair) and, at the end, the table beside them as ``OUT.md``, both
@@ -57,7 +72,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIO, ROUND_TO, IMPORTANCE = 0.5, 8, "l1"
-ENGINES = ("ours", "tp")
+ENGINES = ("ours", "tp")  # the default --engines, side by side in every table
+ALL_ENGINES = (*ENGINES, "onnx")  # "onnx": ONNX-import column of the main table (see the module docstring)
+ONNX_OPSET, ONNX_ATOL, ONNX_RTOL = 17, 1e-4, 1e-3
 TIMING_MODELS = ("resnet50", "densenet121", "retinanet_resnet50_fpn")
 
 
@@ -387,6 +404,141 @@ def _prune_tp(model, entry: Entry, ignore: list[str], example, record: dict, rep
     return model
 
 
+def _onnx_fail(part: dict, exc: BaseException, started: float) -> None:
+    part.update(ok=False, error=_one_line(exc), error_type=type(exc).__name__,
+                seconds=round(time.perf_counter() - started, 2))
+
+
+def run_onnx(name: str, record: dict, save: Callable[[], None]) -> None:
+    """Worker body of engine "onnx" (main table only): export the dense model with the TorchScript exporter at
+    opset ``ONNX_OPSET`` (static input shape), convert it back with :func:`trt_prune.onnx_import.import_onnx`,
+    prune the converted body with our engine (same settings as "ours", no ignore list), and re-export it with
+    the tail stitched back by :func:`trt_prune.onnx_import.prune_onnx`, whose check is the parity verdict.
+    ``record`` gets a part per stage (``export``, ``convert``, ``prune``, ``parity``) and is saved after each."""
+    import torch
+
+    from trt_prune.exporter import export_onnx
+    from trt_prune.onnx_import import import_onnx, prune_onnx
+    from trt_prune.pruning import prune
+
+    entry = _registry(more=True)[name]
+    if entry.table != "main":
+        record.update(stage="done", error=f"engine onnx covers the main table only; {name} is in {entry.table}")
+        save()
+        return
+    torch.manual_seed(0)
+    model = entry.build().eval()
+    example = torch.rand(entry.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense_shapes = _flat_shapes(model(example))
+    n_out = len(dense_shapes)
+    names = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
+    record.update(family=entry.family, input_shape=list(entry.shape), output_shapes=dense_shapes,
+                  params_dense=sum(p.numel() for p in model.parameters()), stage="export")
+    save()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "source.onnx"
+        part = record["export"] = {"exporter": "torchscript", "opset": ONNX_OPSET}
+        started = time.perf_counter()
+        try:
+            export_onnx(model, src, entry.shape, exporter="torchscript", opset=ONNX_OPSET, dynamic_batch=False,
+                        output_names=names, check_parity=False)
+            import onnx
+
+            part.update(ok=True, nodes=len(onnx.load(str(src), load_external_data=False).graph.node),
+                        seconds=round(time.perf_counter() - started, 2))
+        except Exception as exc:
+            _onnx_fail(part, exc, started)
+            record["stage"] = "done"
+            save()
+            return
+        del model
+        record["stage"] = "convert"
+        save()
+
+        part = record["convert"] = {}
+        started = time.perf_counter()
+        try:
+            imported = import_onnx(src, entry.shape)
+        except Exception as exc:
+            _onnx_fail(part, exc, started)
+            record["stage"] = "done"
+            save()
+            return
+        summary = imported.summary()
+        part.update(ok=True, max_abs=max(imported.parity.values(), default=None),
+                    seconds=round(time.perf_counter() - started, 2),
+                    seconds_detail={k: round(v, 2) for k, v in imported.seconds.items()},
+                    body_nodes=summary["body_nodes"], tail_nodes=summary["tail_nodes"],
+                    tail_ops=summary["tail_ops"], own_converters=imported.own_converters,
+                    fixed_modules=len(imported.fixed))
+        record["stage"] = "prune"
+        save()
+
+        body = imported.module.eval()
+        part = record["prune"] = {}
+        params_before = sum(p.numel() for p in body.parameters())
+        macs_before, macs_error = _count(body, example)
+        part.update(params_before=params_before, macs_before=macs_before)
+        started = time.perf_counter()
+        try:
+            res = prune(body, entry.shape, ratio=RATIO, round_to=ROUND_TO, importance=IMPORTANCE)
+        except Exception as exc:
+            _onnx_fail(part, exc, started)
+            record["stage"] = "done"
+            save()
+            return
+        part["seconds"] = round(time.perf_counter() - started, 2)
+        pruned = res.model.eval()
+        rep = res.report
+        part.update(ok=True, params_after=sum(p.numel() for p in pruned.parameters()),
+                    ours_graph_macs=[rep.get("macs_before"), rep.get("macs_after")],
+                    groups={"total": rep.get("groups_total"), "pruned": rep.get("groups_pruned"),
+                            "skipped": len(rep.get("skipped_groups", []))},
+                    kept_whole=len(rep.get("kept_whole") or []), **kept_whole_summary(rep))
+        part["params_ratio"] = part["params_after"] / params_before
+        macs_after, err = _count(pruned, example)
+        if macs_before and macs_after is not None:
+            part.update(macs_after=macs_after, macs_ratio=macs_after / macs_before)
+        elif macs_error or err:
+            part["macs_error"] = macs_error or err
+        try:
+            with torch.no_grad():
+                out = pruned(example)
+            # random weights can make outputs tiny or huge: the scale says what a max abs means
+            part["output_absmax"] = max((float(t.abs().max()) for t in _flat_tensors(out)), default=None)
+        except Exception as exc:  # prune() checked it runs; a failure here is recorded, not fatal
+            part["forward_error"] = _one_line(exc)
+        record["stage"] = "parity"
+        save()
+
+        part = record["parity"] = {"atol": ONNX_ATOL, "rtol": ONNX_RTOL}
+        started = time.perf_counter()
+        try:
+            written, parity, outputs = prune_onnx(imported, pruned, Path(tmp) / "pruned.onnx", atol=ONNX_ATOL,
+                                                  rtol=ONNX_RTOL)
+        except Exception as exc:
+            _onnx_fail(part, exc, started)
+            record["stage"] = "done"
+            save()
+            return
+        part.update(ok=True, max_abs=max(parity.values(), default=None), outputs=outputs,
+                    seconds=round(time.perf_counter() - started, 2))
+        scale = record["prune"].get("output_absmax")
+        if scale and part["max_abs"] is not None:
+            part["rel"] = part["max_abs"] / scale
+        try:  # the whole pruned graph, tail included, keeps the dense model's outputs and their shapes
+            from trt_prune.onnx_io import run_onnxruntime
+
+            got = run_onnxruntime(written, {imported.input_name: example.numpy()})
+            part["shapes_unchanged"] = outputs == names and [list(got[n].shape) for n in outputs] == dense_shapes
+        except Exception as exc:
+            part.update(shapes_unchanged=False, shapes_error=_one_line(exc))
+    record["stage"] = "done"
+    save()
+
+
 def run_pair(name: str, engine: str, result_path: Path, mem_gib: float, repeats: int = 1) -> None:
     """Worker: prune ``name`` with ``engine``, writing ``result_path`` after every stage (a timeout keeps what
     was reached)."""
@@ -398,6 +550,9 @@ def run_pair(name: str, engine: str, result_path: Path, mem_gib: float, repeats:
         result_path.write_text(json.dumps(record, indent=1))
 
     save()
+    if engine == "onnx":
+        run_onnx(name, record, save)
+        return
     import torch
 
     torch.manual_seed(0)
@@ -555,6 +710,72 @@ def _status(r: dict | None) -> str:
     return "✗ " + (why if len(why) <= 110 else why[:107] + "...")
 
 
+ONNX_STAGES = ("export", "convert", "prune", "parity")
+
+
+def onnx_marks(r: dict | None) -> dict[str, bool]:
+    """Engine "onnx": which of convert (export and import both), prune and parity a record passed. Parity: the
+    pruned ONNX graph, tail stitched back, matches the pruned torch module (``prune_onnx``'s check, elementwise
+    ``|onnx - torch| <= ONNX_ATOL + ONNX_RTOL * |torch|``, the check behind ours' ONNX column) and ONNX Runtime
+    gives the dense model's outputs with their shapes."""
+    r = r or {}
+    ok = {stage: bool((r.get(stage) or {}).get("ok")) for stage in ONNX_STAGES}
+    convert = ok["export"] and ok["convert"]
+    prune = convert and ok["prune"]
+    return {"convert": convert, "prune": prune,
+            "parity": prune and ok["parity"] and bool(r["parity"].get("shapes_unchanged"))}
+
+
+def onnx_failure(r: dict | None) -> str | None:
+    """Where and why an "onnx" record stopped, one line (``None`` when all its stages passed)."""
+    if r is None or onnx_marks(r)["parity"]:
+        return None
+    for stage in ONNX_STAGES:
+        part = r.get(stage)
+        if part is None:
+            break
+        if not part.get("ok"):
+            return f"{stage}: {part.get('error', 'failed')}"
+    if (r.get("parity") or {}).get("ok"):
+        part = r["parity"]
+        return "parity: " + part.get("shapes_error", f"pruned graph outputs {part.get('outputs')} differ from the "
+                                                     f"dense {r.get('output_shapes')}")
+    return r.get("error") or f"stopped at {r.get('stage')}"
+
+
+def _onnx_cell(r: dict | None) -> str:
+    if r is None:
+        return "—"
+    marks = onnx_marks(r)
+    cell = " / ".join("✓" if marks[k] else "✗" for k in ("convert", "prune", "parity"))
+    if not marks["parity"]:
+        stage = next((s for s in ONNX_STAGES if not (r.get(s) or {}).get("ok")), "parity")
+        cell += f" ({stage})"
+    return cell
+
+
+def _onnx_status(r: dict) -> str:
+    why = onnx_failure(r)
+    return f"{_onnx_cell(r)}" + (f": {why[:150]}" if why else
+                                 f" (MACs× {_num((r.get('prune') or {}).get('macs_ratio'), '.2f')}, max abs "
+                                 f"{_num((r.get('parity') or {}).get('max_abs'), '.1e')})")
+
+
+def onnx_summary(results: dict) -> str:
+    """The ONNX-import line under the main table: how many of the models with an "onnx" record convert, prune
+    and keep parity."""
+    rows = [per["onnx"] for per in results.values() if "onnx" in per]
+    n = len(rows)
+    marks = [onnx_marks(r) for r in rows]
+    kept = [r["parity"] for r, m in zip(rows, marks, strict=True) if m["parity"]]
+    worst = max((p.get("max_abs") for p in kept if p.get("max_abs") is not None), default=None)
+    worst_rel = max((p["rel"] for p in kept if p.get("rel") is not None), default=None)
+    return (f"ONNX import: {sum(m['convert'] for m in marks)}/{n} convert, {sum(m['prune'] for m in marks)}/{n} "
+            f"prune, {sum(m['parity'] for m in marks)}/{n} keep parity (pruned ONNX vs pruned torch within "
+            f"{ONNX_ATOL:g} + {ONNX_RTOL:g}·|torch| elementwise, outputs and shapes kept; worst max abs "
+            f"{_num(worst, '.1e')}, worst max abs / output scale {_num(worst_rel, '.1e')}).")
+
+
 def _num(v, fmt: str) -> str:
     return "—" if v is None else format(v, fmt)
 
@@ -633,10 +854,18 @@ def markdown(results: dict, env: dict, args_line: str, runs: list[dict] | None =
         "ours as users call it, prune() on a copy plus a run of the pruned model that checks its output shapes. "
         "Seconds were measured on a shared 2-core machine while other work ran on it: compare them within a run. "
         "ok = pruned, runs, same output shapes, ONNX Runtime matches the pruned torch model (max abs shown). "
-        "unaligned: Conv/Linear layers whose output width changed to a non-multiple of 8 (ours/TP).",
+        "unaligned: Conv/Linear layers whose output width changed to a non-multiple of 8 (ours/TP). "
+        f"ONNX in (engine onnx): the dense model exported with the TorchScript exporter at opset {ONNX_OPSET}, "
+        "static shape, then ✓/✗ for convert (trt_prune.onnx_import.import_onnx: body converted to torch, "
+        "matching ONNX Runtime), prune (ours on the converted body, same settings, no ignore list) and parity "
+        "(prune_onnx: pruned body re-exported at the source opset, tail stitched back, ONNX Runtime within "
+        f"{ONNX_ATOL:g} + {ONNX_RTOL:g}·|torch| elementwise of the pruned torch module, same outputs and shapes); "
+        "the stage that failed in brackets. Its MACs× is the pruned over the converted body, same counter; "
+        "max abs: pruned ONNX vs pruned torch (the JSON also has it over the output scale, `parity.rel`).",
         "",
-        "| model | ours | params× | MACs× | s | s full | TP | params× | MACs× | s | unaligned |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | ours | params× | MACs× | s | s full | TP | params× | MACs× | s | unaligned "
+        "| ONNX in: convert / prune / parity | MACs× | max abs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     main_rows = {n: per for n, per in results.items() if table_of(n) == "main"}
     more_rows = {n: per for n, per in results.items() if table_of(n) == "timm_more"}
@@ -649,8 +878,17 @@ def markdown(results: dict, env: dict, args_line: str, runs: list[dict] | None =
             if r is o:
                 cells.append(_num((r or {}).get("seconds_full"), ".2f"))
         cells.append("/".join(_num((r or {}).get("unaligned"), "d") for r in (o, t)))
+        x = per.get("onnx")
+        cells += [_onnx_cell(x), _num(((x or {}).get("prune") or {}).get("macs_ratio"), ".2f"),
+                  _num(((x or {}).get("parity") or {}).get("max_abs"), ".1e")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", summary(main_rows)]
+    if any("onnx" in per for per in main_rows.values()):
+        lines += ["", onnx_summary(main_rows)]
+        fails = [f"- {name}: {why}".replace("|", "/") for name, per in main_rows.items()
+                 if (why := onnx_failure(per.get("onnx")))]
+        if fails:
+            lines += ["", "Where ONNX import stops (stage: error):", "", *fails]
     if more_rows:
         rows = [r for per in more_rows.values() for r in per.values()]
         lines += [
@@ -745,7 +983,8 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", help="comma-separated subset (default: all); e.g. resnet50,timm:dla34")
-    p.add_argument("--engines", default="ours,tp", help="comma-separated: ours, tp")
+    p.add_argument("--engines", default="ours,tp",
+                   help="comma-separated: ours, tp, onnx (onnx: main-table models only, the others are skipped)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per model/engine pair")
     p.add_argument("--mem-gib", type=float, default=12.0, help="address-space cap per pair, GiB")
     p.add_argument("--repeats", type=int, default=3, help="timed pruning runs per pair (the fastest is shown)")
@@ -763,8 +1002,10 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         p.error(f"unknown model(s) {unknown}; valid: {', '.join(registry)}")
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    if not engines or any(e not in ENGINES for e in engines):
-        p.error(f"--engines takes a comma-separated subset of {', '.join(ENGINES)}, got {args.engines!r}")
+    if not engines or any(e not in ALL_ENGINES for e in engines):
+        p.error(f"--engines takes a comma-separated subset of {', '.join(ALL_ENGINES)}, got {args.engines!r}")
+    if engines == ["onnx"]:  # the ONNX-import column exists for the main table only
+        names = [n for n in names if registry[n].table == "main"]
 
     from _common import save, stamp
 
@@ -799,12 +1040,15 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             results.setdefault(name, {})
             for engine in engines:
+                if engine == "onnx" and registry[name].table != "main":
+                    continue
                 load = os.getloadavg()  # the machine is shared: what else ran shows in the seconds
                 record = _spawn(name, engine, args.timeout, args.mem_gib, args.repeats, Path(tmp))
                 record["run_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
                 record["load_avg"] = [round(x, 2) for x in load]
                 results[name][engine] = record
-                print(f"{name:32s} {engine:4s} {_status(record)}  [{record['wall_s']} s]", flush=True)
+                status = _onnx_status(record) if engine == "onnx" else _status(record)
+                print(f"{name:32s} {engine:4s} {status}  [{record['wall_s']} s]", flush=True)
                 if args.json:  # after every pair: a run cut short keeps what it measured
                     save(args.json, record_of(results))
     text = markdown(results, env, args_line, runs)
