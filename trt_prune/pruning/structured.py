@@ -385,7 +385,10 @@ def prune(model: nn.Module, input_shape=(1, 3, 320, 320), config: PruneConfig | 
     ``overrides`` set :class:`PruneConfig` fields (``ratio=0.3, round_to=16, target_macs=0.5`` …).
     ``inplace``: cut ``model`` itself instead of a copy (saves the copy's memory and time on big models).
     ``check``: run the pruned model once and compare its output shapes with the dense model's (on shape-only
-    tensors where the model allows); turning it off only saves that run.
+    tensors where the model allows); turning it off saves that run and the fallback: when it fails inside a module
+    (one that reshapes by a width it stored), that module is kept whole and the model pruned again from a fresh
+    copy (``report["kept_whole"]``, op ``forward``; the recipe's ``ignore`` lists it); with ``strict`` or
+    ``inplace`` the failure is the error.
     ``data`` and ``loss_fn(model, batch) -> loss``: the batches and loss gradient-based importance
     (``taylor``) needs.
     ``latency_table``: a :class:`~trt_prune.latency.LatencyTable` for ``target_latency`` (default: the one in
