@@ -254,7 +254,7 @@ def output_shapes(out) -> object:
     return None
 
 
-class _NoLongerRuns(PruneError):
+class NoLongerRuns(PruneError):
     """The cut model raised: ``modules`` are the model's modules whose ``forward`` was running, innermost first."""
 
     def __init__(self, message: str, modules: list[str]):
@@ -287,7 +287,7 @@ def _check_runs(model: nn.Module, example: torch.Tensor, expected) -> None:
         except Exception as exc:
             where = _failing_modules(model, exc)
             inside = f" in '{where[0]}'" if where else ""
-            raise _NoLongerRuns(f"the pruned model no longer runs{inside} ({type(exc).__name__}: {exc}); a module "
+            raise NoLongerRuns(f"the pruned model no longer runs{inside} ({type(exc).__name__}: {exc}); a module "
                                 "computes channel counts from stored sizes: ignore it and prune again",
                                 where) from exc
     shapes = output_shapes(out)
@@ -299,7 +299,7 @@ def _check_runs(model: nn.Module, example: torch.Tensor, expected) -> None:
 MAX_RETRIES = 32  # modules kept whole after the cut model failed in them, before giving up
 
 
-def _retry_scope(exc: _NoLongerRuns, config: PruneConfig, inplace: bool, tries: int) -> str | None:
+def _retry_scope(exc: NoLongerRuns, config: PruneConfig, inplace: bool, tries: int) -> str | None:
     """The module to keep whole after the cut model failed inside it: the innermost one not already ignored
     (a module reading a size it stored before the cut: a metaformer layer scale, an attention's key_dim). None:
     give up with the error (``strict``, an in-place cut that cannot be redone, too many tries)."""
@@ -423,7 +423,7 @@ def prune(model: nn.Module, input_shape=(1, 3, 320, 320), config: PruneConfig | 
         try:
             _check_runs(pruned, example, expected)
             break
-        except _NoLongerRuns as exc:
+        except NoLongerRuns as exc:
             scope = _retry_scope(exc, config, inplace, len(retried))
             if scope is None:
                 raise
