@@ -159,6 +159,18 @@ def export_onnx(model, path, input_shape=(1, 3, 320, 320), *, exporter: str = "d
     )
 
 
+def _fixed_dynamic_axes(model, input_names: list[str], axes: dict[int, str]) -> str | None:
+    """The first requested dynamic axis the exported ``model`` has as a fixed size, as text, or None."""
+    for value in model.graph.input:
+        if value.name not in input_names:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for axis, name in axes.items():
+            if axis < len(dims) and dims[axis].HasField("dim_value"):
+                return f"axis {axis} ({name}) of input '{value.name}' to {dims[axis].dim_value}"
+    return None
+
+
 def _is_shape(value) -> bool:
     return isinstance(value, Sequence) and all(isinstance(d, int) and not isinstance(d, bool) for d in value)
 
@@ -196,13 +208,21 @@ def _export(model, example, staged: Path, exporter: str, opset: int, axes: dict[
                 torch.onnx.export(model, example, str(staged), dynamo=True, opset_version=opset,
                                   input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
                                   external_data=big, optimize=True, verbose=False)
-            written = default_opset(load_onnx(staged, load_external_data=False))
-            if written == opset:
+            exported = load_onnx(staged, load_external_data=False)
+            written = default_opset(exported)
+            fixed = _fixed_dynamic_axes(exported, input_names, axes)
+            if written == opset and not fixed:
                 return "dynamo", None, []
-            # below 18 torch's dynamo exporter may keep its native opset when ONNX's down-conversion fails,
-            # without an error: the file would not be what was asked for, so TorchScript writes it instead
-            fallback_reason = (f"the dynamo exporter wrote opset {written} for the requested {opset} (it converts "
-                               "down only where ONNX's version converter can)")
+            if fixed:
+                # torch.export specialises an axis the model's code fixes (a reshape to a constant batch) without
+                # an error: the file would not take the sizes asked for
+                fallback_reason = (f"the dynamo exporter fixed {fixed} (the model's code specialises it, e.g. a "
+                                   "reshape to a constant batch)")
+            else:
+                # below 18 torch's dynamo exporter may keep its native opset when ONNX's down-conversion fails,
+                # without an error: the file would not be what was asked for, so TorchScript writes it instead
+                fallback_reason = (f"the dynamo exporter wrote opset {written} for the requested {opset} (it "
+                                   "converts down only where ONNX's version converter can)")
         except Exception as exc:  # any dynamo failure is a reason to try TorchScript, whatever its type
             fallback_reason = _reason(model, exc, example)
         for leftover in staged.parent.iterdir():

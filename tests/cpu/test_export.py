@@ -139,6 +139,31 @@ def test_dynamo_failure_falls_back_to_torchscript(tmp_path):
     assert os.listdir(tmp_path) == ["branchy.onnx"]
 
 
+class BatchOne(torch.nn.Module):
+    """Flattens with a constant batch of 1: torch.export fixes the batch axis without an error."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).reshape(1, -1))
+
+
+def test_batch_the_exporter_fixes_is_not_written_as_dynamic(tmp_path):
+    """Asked for a dynamic batch, dynamo writes batch 1 silently; the export must not pass that off: the
+    TorchScript file is tried and fails its batch-2 check, naming the axis dynamo fixed, and nothing is written."""
+    with pytest.raises(ExportError, match=r"at input 2x3x8x8 .*dynamo exporter fixed axis 0 \(batch\) of input "
+                                          r"'images' to 1"):
+        export_onnx(BatchOne().eval(), tmp_path / "one.onnx", (1, 3, 8, 8))
+    assert os.listdir(tmp_path) == []
+    result = export_onnx(BatchOne().eval(), tmp_path / "one.onnx", (1, 3, 8, 8), dynamic_batch=False)
+    assert result.exporter == "dynamo" and result.fallback_reason is None
+    dims = onnx.load(str(tmp_path / "one.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [1, 3, 8, 8]
+
+
 def test_fallback_reason_recorded_when_dynamo_call_raises(tmp_path, monkeypatch):
     real = torch.onnx.export
 
