@@ -31,6 +31,21 @@ def _randomise(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def _prune_dead_exactly(model: nn.Module, shape, kill) -> nn.Module:
+    """Nothing kept whole; half of every group's channels made dead, pruned at 50 %: the outputs stay the same.
+    Returns the pruned model."""
+    graph = trace(model, torch.rand(shape))
+    assert not graph.kept_whole
+    kill(model, graph)
+    x = torch.rand(2, *shape[1:])
+    with torch.no_grad():
+        expected = model(x)
+    result = prune(model, shape, ratio=0.5, round_to=8)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), expected, rtol=1e-5, atol=1e-5)
+    return result.model
+
+
 class GRNNet(nn.Module):
     """ConvNeXt-V2's global response normalisation: an L2 norm over the positions, divided by its mean over the
     channels, applied with ``addcmul(beta, gamma, x * n)``; then a channel statistic (a sum) gating the features."""
@@ -111,16 +126,8 @@ class GRNSumNet(GRNNet):
 
 
 def test_addcmul_and_channel_sum_are_exact(kill_channels):
-    model = _randomise(GRNSumNet())
-    shape = (1, 3, 16, 16)
-    kill_channels(model, trace(model, torch.rand(shape)))
-    x = torch.rand(2, 3, 16, 16)
-    with torch.no_grad():
-        expected = model(x)
-    result = prune(model, shape, ratio=0.5, round_to=8)
-    assert result.model.gamma.numel() == result.model.beta.numel() == result.model.a[0].out_channels == 16
-    with torch.no_grad():
-        torch.testing.assert_close(result.model(x), expected, rtol=1e-5, atol=1e-5)
+    m = _prune_dead_exactly(_randomise(GRNSumNet()), (1, 3, 16, 16), kill_channels)
+    assert m.gamma.numel() == m.beta.numel() == m.a[0].out_channels == 16
 
 
 def test_repeat_over_the_channel_axis_is_kept_whole():
@@ -262,19 +269,8 @@ class PaddedChannels(nn.Module):
 
 
 def test_constant_pad_of_the_channel_axis_prunes_the_rest_exactly(kill_channels):
-    model = _randomise(PaddedChannels())
-    shape = (1, 3, 16, 16)
-    graph = trace(model, torch.rand(shape))
-    assert not graph.kept_whole
-    kill_channels(model, graph)
-    x = torch.rand(2, 3, 16, 16)
-    with torch.no_grad():
-        expected = model(x)
-    result = prune(model, shape, ratio=0.5, round_to=8)
-    m = result.model
+    m = _prune_dead_exactly(_randomise(PaddedChannels()), (1, 3, 16, 16), kill_channels)
     assert (m.a[0].out_channels, m.b[0].in_channels, m.b[0].out_channels) == (16, 19, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
 
 
 class Multiplier(nn.Module):
@@ -294,16 +290,5 @@ class Multiplier(nn.Module):
 
 
 def test_depthwise_with_channel_multiplier_prunes_exactly(kill_channels):
-    model = _randomise(Multiplier())
-    shape = (1, 3, 16, 16)
-    graph = trace(model, torch.rand(shape))
-    assert not graph.kept_whole
-    kill_channels(model, graph)
-    x = torch.rand(2, 3, 16, 16)
-    with torch.no_grad():
-        expected = model(x)
-    result = prune(model, shape, ratio=0.5, round_to=8)
-    dw = result.model.dw
-    assert (dw.in_channels, dw.groups, dw.out_channels, result.model.b[0].in_channels) == (16, 16, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(result.model(x), expected, rtol=1e-5, atol=1e-5)
+    m = _prune_dead_exactly(_randomise(Multiplier()), (1, 3, 16, 16), kill_channels)
+    assert (m.dw.in_channels, m.dw.groups, m.dw.out_channels, m.b[0].in_channels) == (16, 16, 32, 32)
