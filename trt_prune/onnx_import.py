@@ -299,15 +299,14 @@ def prune_onnx(imported: ImportedOnnx, pruned: nn.Module, dst: str | Path, *, at
         staged = Path(tmp) / "body.onnx"
         # the exporter refuses some ONNX value names (TorchScript's numeric ones, '1137'): export under names of
         # our own, then give the body's outputs the names the tail reads
-        safe = [f"trt_prune_body_output_{i}" for i in range(len(imported.body_outputs))]
+        back = {f"trt_prune_body_output_{i}": name for i, name in enumerate(imported.body_outputs)}
         with _export_opset_visible():
             result = export_onnx(pruned, staged, imported.input_shape, exporter="torchscript", opset=imported.opset,
                                  dynamic_batch=imported.dynamic_batch, input_names=(imported.input_name,),
-                                 output_names=tuple(safe), atol=atol, rtol=rtol)
+                                 output_names=tuple(back), atol=atol, rtol=rtol)
         body = onnx_io.load_onnx(staged, error=OnnxImportError)
-        _rename_outputs(body.graph, dict(zip(safe, imported.body_outputs, strict=True)))
-        result.parity = {imported.body_outputs[safe.index(k)] if k in safe else k: v
-                         for k, v in (result.parity or {}).items()}
+        _rename_outputs(body.graph, back)
+        result.parity = {back.get(k, k): v for k, v in (result.parity or {}).items()}
     if onnx_io.default_opset(body) != imported.opset:
         raise OnnxImportError(f"the pruned body was exported at opset {onnx_io.default_opset(body)}, the tail needs "
                               f"{imported.opset}; nothing was written")

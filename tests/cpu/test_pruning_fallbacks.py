@@ -292,3 +292,10 @@ class Multiplier(nn.Module):
 def test_depthwise_with_channel_multiplier_prunes_exactly(kill_channels):
     m = _prune_dead_exactly(_randomise(Multiplier()), (1, 3, 16, 16), kill_channels)
     assert (m.dw.in_channels, m.dw.groups, m.dw.out_channels, m.b[0].in_channels) == (16, 16, 32, 32)
+
+
+def test_instance_norm_is_cut_with_its_channels(kill_channels):
+    model = _randomise(nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.InstanceNorm2d(32, affine=True), nn.ReLU(),
+                                     nn.Conv2d(32, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 1)))
+    m = _prune_dead_exactly(model, (1, 3, 16, 16), kill_channels)
+    assert m[1].weight.numel() == m[1].bias.numel() == m[1].num_features == m[0].out_channels == 16

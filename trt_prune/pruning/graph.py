@@ -470,17 +470,15 @@ def _instance_norm(state: TraceState, node, args):
     inp = args[0]
     if inp is None or isinstance(inp, Multi) or inp.dim != 1:
         return inp
-    for idx in (3, 4):  # running statistics stored per channel: nothing cuts them
-        if len(node.args) > idx and isinstance(node.args[idx], _NODE_TYPES):
-            raise KeepWhole(f"instance_norm in '{_module_path(node)}' uses stored running statistics")
-    for idx in (1, 2):
-        ref = state.env.get(node.args[idx]) if len(node.args) > idx and isinstance(node.args[idx], _NODE_TYPES) \
-            else None
-        if isinstance(ref, ParamRef):
-            path, _, attr = ref.name.rpartition(".")
-            state.record_slot(path, f"param:{attr}:0", inp.elements)
-        elif len(node.args) > idx and isinstance(node.args[idx], _NODE_TYPES):
+    given = {idx: a for idx, a in enumerate(node.args[1:5], 1) if isinstance(a, _NODE_TYPES)}
+    if 3 in given or 4 in given:  # running statistics stored per channel: nothing cuts them
+        raise KeepWhole(f"instance_norm in '{_module_path(node)}' uses stored running statistics")
+    for arg in given.values():  # weight, bias
+        ref = state.env.get(arg)
+        if not isinstance(ref, ParamRef):
             raise KeepWhole(f"instance_norm in '{_module_path(node)}' has a computed affine parameter")
+        path, _, attr = ref.name.rpartition(".")
+        state.record_slot(path, f"param:{attr}:0", inp.elements)
     return Channels(1, list(inp.elements))
 
 
@@ -608,11 +606,10 @@ def _spatial_only(state: TraceState, node, args):
         touched = {rank - 1 - i // 2 for i, p in enumerate(pads) if p}
     if inp.dim in touched:
         name = node.target._overloadpacket.__name__
-        mode = _arg(node, 2, "mode", "constant") if name == "pad" else "constant" if name == "constant_pad_nd" \
-            else name
+        constant = name == "constant_pad_nd" or (name == "pad" and _arg(node, 2, "mode", "constant") == "constant")
         i = 2 * (rank - 1 - inp.dim)
-        before, after = (int(p) for p in list(node.args[1])[i:i + 2]) if mode == "constant" else (-1, -1)
-        if min(before, after) < 0:
+        before, after = (int(p) for p in list(node.args[1])[i:i + 2]) if constant else (-1, -1)
+        if min(before, after) < 0:  # a roll, a reflecting pad, a crop
             raise KeepWhole(f"'{node.target}' in '{_module_path(node)}' pads or rolls the channel axis")
         # constant channels appended (EfficientViT's linear attention pads v with a ones channel): like a cat
         # with a fixed tensor, they stay at their offsets and the others prune
@@ -869,12 +866,10 @@ def _ternary(state: TraceState, node, args):
     operands = [(i, n) for i, n in enumerate(node.args[:3]) if isinstance(n, _NODE_TYPES)]
     wide = [(i, args[i]) for i, _ in operands
             if isinstance(args[i], Channels) and len(args[i].elements) > 1]
-    if not wide:
-        narrow = [args[i] for i, _ in operands if isinstance(args[i], Channels)]
-        if not narrow:
-            return None
-        i = next(i for i, _ in operands if isinstance(args[i], Channels))
-        return Channels(args[i].dim + rank - len(_shape(node.args[i])), list(args[i].elements))
+    if not wide:  # at most one-wide tracked operands (a per-position gate): they broadcast
+        i = next((i for i, _ in operands if isinstance(args[i], Channels)), None)
+        return None if i is None else Channels(args[i].dim + rank - len(_shape(node.args[i])),
+                                               list(args[i].elements))
     i0, first = wide[0]
     out_dim = first.dim + rank - len(_shape(node.args[i0]))
     for i, ch in wide[1:]:

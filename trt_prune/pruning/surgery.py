@@ -157,6 +157,12 @@ def _mha_sizes(module, path):
     module.head_dim = embed // module.num_heads
 
 
+@register_fixup(nn.modules.instancenorm._InstanceNorm)
+def _instance_norm_sizes(module, path):
+    if module.weight is not None:
+        module.num_features = int(module.weight.numel())
+
+
 # Fix-ups for classes of optional or heavy packages, by qualified name, so this module imports none of them.
 NAMED_FIXUPS: dict[str, Callable[[nn.Module, str], None]] = {}
 
